@@ -1,0 +1,139 @@
+"""Lightning callbacks for a fold's records, and the cross-validation summary of a run.
+
+Per fold folder: history.csv + curve.png (each epoch), oof.csv (and oof_tta.csv with -a y)
+from the best epoch. Checkpoints go through AtomicCheckpointIO: written aside, then renamed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from transform import tta_views
+from util import atomic_write, probs_frame, scores, write_csv, write_json
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """A killed process leaves the previous checkpoint intact, never half of a new one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        save = super().save_checkpoint
+        atomic_write(path, lambda tmp: save(checkpoint, tmp, storage_options))
+
+
+def plot_curves(history: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric in zip(axes, ("loss", "acc", "f1")):
+        for stage, style in (("train", "o-"), ("val", "s-")):
+            col = f"{stage}_{metric}"
+            if col in history:
+                ax.plot(history.epoch, history[col], style, ms=3, label=stage)
+        ax.set_title(metric)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+class History(Callback):
+    """history.csv (epoch, lr, train/val loss, acc, f1, seconds) and curve.png, every epoch.
+    On resume the rows of epochs already done are kept."""
+
+    COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "train_acc", "val_acc", "train_f1",
+               "val_f1", "seconds"]
+
+    def __init__(self, folder: str | Path, title: str = ""):
+        self.folder, self.title, self._t0 = Path(folder), title, time.time()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0 = time.time()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {c: m.get(c, np.nan) for c in self.COLUMNS}
+        row.update(epoch=trainer.current_epoch, lr=trainer.optimizers[0].param_groups[0]["lr"],
+                   seconds=round(time.time() - self._t0, 2))
+        path = self.folder / "history.csv"
+        old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=self.COLUMNS)
+        hist = pd.concat([old[old.epoch < trainer.current_epoch], pd.DataFrame([row])])
+        write_csv(hist, path)
+        plot_curves(hist, self.folder / "curve.png", self.title)
+
+
+class OOFWriter(Callback):
+    """oof.csv from the epoch with the best validation accuracy (the epoch best.ckpt holds):
+    row, path, fold, label, then one probability column per class; oof_tta.csv likewise
+    with the TTA views averaged, when `tta`."""
+
+    def __init__(self, folder: str | Path, val_table: pd.DataFrame, classes: list[str],
+                 tta: bool = False):
+        self.folder, self.classes, self.tta = Path(folder), classes, tta
+        self.table = val_table.set_index("row")
+        self.best = -1.0
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.tta_views = tta_views(True) if self.tta else None
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not pl_module._val:
+            return
+        rows, y, probs, tta = (t.cpu().numpy() for t in pl_module.gathered_val())
+        acc = float((probs.argmax(1) == y).mean())
+        if not trainer.is_global_zero or acc <= self.best:
+            return
+        self.best = acc
+        t = self.table.loc[rows]
+        meta = dict(row=rows, fold=t.fold.to_numpy(), label=t.label.to_numpy())
+        write_csv(probs_frame(t.path, probs, self.classes, key="path", **meta),
+                  self.folder / "oof.csv")
+        if self.tta:
+            write_csv(probs_frame(t.path, tta, self.classes, key="path", **meta),
+                      self.folder / "oof_tta.csv")
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state):
+        self.best = state["best"]
+
+
+def cv_summary(run_dir: str | Path, classes: list[str], folds: list[int]) -> dict | None:
+    """Per-fold and overall OOF accuracy and macro-F1 (and with TTA where every fold has it),
+    written to run_dir/cv.json; None while a fold has no oof.csv yet."""
+    run_dir = Path(run_dir)
+    out = {}
+    for name in ("oof", "oof_tta"):
+        paths = [run_dir / f"fold{k}" / f"{name}.csv" for k in folds]
+        if not all(p.is_file() for p in paths):
+            continue
+        oof = pd.concat([pd.read_csv(p, keep_default_na=False) for p in paths])
+        pred = oof[classes].to_numpy().argmax(1)
+        true = oof.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+        key = "tta" if name == "oof_tta" else "plain"
+        out[key] = dict(overall=scores(true, pred, len(classes)), clips=len(oof), folds={
+            int(k): scores(true[oof.fold == k], pred[oof.fold == k], len(classes)) for k in folds})
+    if "plain" not in out:
+        return None
+    out["accuracy"] = out["plain"]["overall"]["acc"]
+    write_json(out, run_dir / "cv.json")
+    return out
+
+
+def read_cv(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / "cv.json"
+    return json.loads(path.read_text()) if path.is_file() else None
