@@ -6,6 +6,7 @@ per sample and comes from torch's global RNG, so `torch.manual_seed` (or Lightni
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -240,7 +241,10 @@ class Frontend(nn.Module):
         self.spec_aug = SpecAugment(cfg.spec_masks, cfg.spec_width, cfg.p_spec)
 
     def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
-        with torch.autocast(wave.device.type, enabled=False):
+        dev = wave.device.type
+        no_amp = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) \
+            else contextlib.nullcontext()
+        with no_amp:
             x = wave.float() / 32768.0 if not wave.is_floating_point() else wave.float()
             x = self.wave_aug(x)
             if view is not None:

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny generated dataset, its WORK folder, and one tiny trained run
+made by the real scripts (the end-to-end test checks it; other tests reuse its checkpoints)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+TINY = ["-m", "resnet18", "-t", "32", "-e", "1", "-b", "32"]
+
+
+def run_script(script: str, *args: str, check: bool = True, timeout: int = 600):
+    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    import demo
+
+    out = tmp_path_factory.mktemp("data") / "demo"
+    demo.make_dataset(out, speakers=8, seed=1, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory, demo_data) -> dict:
+    """demo data -> preprocess.py (2 folds) -> train.py -f all -> inference.py -f 2 -a y."""
+    work = tmp_path_factory.mktemp("work")
+    steps = {
+        "preprocess": run_script("preprocess.py", "--data", demo_data, "--work", work,
+                                 "--folds", 2),
+        "train": run_script("train.py", "--work", work, *TINY, "-f", "all", "-g", "cpu,cpu",
+                            "-a", "y"),
+        "inference": run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32,
+                                "-f", 2, "-a", "y", "--solution", demo_data / "solution.csv"),
+    }
+    return dict(work=work, data=demo_data, run=work / "runs" / "resnet18_32", steps=steps)

@@ -1,0 +1,147 @@
+import librosa
+import numpy as np
+import pytest
+import torch
+
+from arg import Config
+from transform import (LogMel, SpecAugment, WaveAugment, add_at_snr, gain, mixup, rms,
+                       time_shift, tta_views, Frontend)
+
+
+def speech_like(n=4, seed=0):
+    """Chirps with silence around them, at different levels: enough structure for parity."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(16000) / 16000
+    x = np.zeros((n, 16000))
+    for i in range(n):
+        on = slice(3000 + 500 * i, 11000 + 300 * i)
+        x[i, on] = 0.3 * (i + 1) / n * np.sin(2 * np.pi * (200 + 2000 * t[on]) * t[on])
+        x[i] += 1e-3 * rng.standard_normal(16000)
+    return x
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-3), (torch.float32, 2e-3)])
+@pytest.mark.parametrize("n_mels", [64, 224])
+def test_logmel_matches_librosa(dtype, tol, n_mels):
+    x = speech_like()
+    m = LogMel(n_fft=2048, hop=512, n_mels=n_mels, norm="none")
+    ours = m.db(torch.from_numpy(x).to(dtype)).double().numpy()
+    ref = np.stack([librosa.power_to_db(librosa.feature.melspectrogram(
+        y=y.astype(np.float64 if dtype == torch.float64 else np.float32), sr=16000,
+        n_mels=n_mels)) for y in x])
+    assert ours.shape == ref.shape == (4, n_mels, 32)
+    assert np.abs(ours - ref).max() < tol
+
+
+@pytest.mark.parametrize("size", [64, 128, 224])
+def test_native_shapes(size):
+    m = LogMel(size=size)
+    out = m(torch.randn(3, 16000))
+    assert out.shape == (3, 1, size, size)
+    # per-sample standardisation
+    assert torch.allclose(out.mean((1, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert LogMel(size=size, chans=3)(torch.randn(2, 16000)).shape == (2, 3, size, size)
+
+
+def test_seed_resize_mode():
+    m = LogMel(size=64, resize=True)
+    assert m.hop == 512 and m.frames == 32
+    out = m(torch.from_numpy(speech_like()).float())
+    assert out.shape == (4, 1, 64, 64)
+    assert out.amin() > -0.2 and out.amax() < 1.2  # min-max then bicubic (slight overshoot)
+
+
+def test_gain_scales_energy_by_db():
+    x = torch.randn(4, 16000)
+    y = gain(x, torch.tensor([6.0, -6.0, 0.0, 20.0]))
+    ratio_db = 20 * torch.log10(rms(y) / rms(x)).squeeze()
+    assert torch.allclose(ratio_db, torch.tensor([6.0, -6.0, 0.0, 20.0]), atol=1e-4)
+
+
+def test_shift_moves_onset_and_zero_fills():
+    x = torch.zeros(2, 1000)
+    x[:, 300:400] = 1.0
+    y = time_shift(x, torch.tensor([0.1, -0.25]))
+    assert torch.nonzero(y[0]).min() == 400 and torch.nonzero(y[1]).min() == 50
+    assert y.sum() == x.sum()  # nothing but a move
+    z = time_shift(torch.ones(1, 1000), 0.1)
+    assert z[0, :100].abs().sum() == 0 and z[0, 100:].eq(1).all()
+
+
+def test_noise_hits_requested_snr():
+    torch.manual_seed(0)
+    x = torch.from_numpy(speech_like(4)).float()
+    snr = torch.tensor([0.0, 10.0, 20.0, 30.0])
+    noise = torch.randn_like(x)
+    y = add_at_snr(x, noise, snr)
+    got = 20 * torch.log10(rms(x) / rms(y - x)).squeeze()
+    assert (got - snr).abs().max() < 0.5
+    assert torch.equal(add_at_snr(x, noise, float("inf")), x)
+
+
+def test_background_noise_from_bank_hits_snr():
+    torch.manual_seed(1)
+    bank = torch.randn(50000) * 0.05
+    aug = WaveAugment(p_shift=0, p_gain=0, p_noise=0, p_bg=1.0, bg_snr=(12.0, 12.0), noise=bank)
+    x = torch.from_numpy(speech_like(4)).float()
+    y = aug.train()(x)
+    got = 20 * torch.log10(rms(x) / rms(y - x)).squeeze()
+    assert (got - 12.0).abs().max() < 0.5
+    assert torch.equal(aug.eval()(x), x)  # eval mode: untouched
+
+
+def test_specaugment_zeroes_bands_only():
+    torch.manual_seed(0)
+    s = torch.randn(8, 1, 64, 64) + 5.0  # nothing is 0 before masking
+    out = SpecAugment(masks=2, width=0.2, p=1.0).train()(s)
+    zero = out == 0
+    assert zero.any()
+    assert torch.equal(out[~zero], s[~zero])  # the rest is untouched
+    for b in range(8):
+        z = zero[b, 0]
+        full_rows, full_cols = z.all(1), z.all(0)
+        # every zero lies in a fully masked frequency row or time column
+        assert torch.equal(z, full_rows[:, None] | full_cols[None, :])
+        assert full_rows.sum() <= 2 * int(0.2 * 64) and full_cols.sum() <= 2 * int(0.2 * 64)
+    assert torch.equal(SpecAugment(p=1.0).eval()(s), s)
+
+
+def test_same_seed_same_batch():
+    cfg = Config(size=64, p_shift=1, p_gain=1, p_noise=1, p_bg=1, p_spec=1)
+    front = Frontend(cfg, noise=torch.randn(40000) * 0.1).train()
+    x = (torch.from_numpy(speech_like(4)) * 32767).short()
+    torch.manual_seed(7)
+    a = front(x)
+    torch.manual_seed(7)
+    b = front(x)
+    torch.manual_seed(8)
+    c = front(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mixup_soft_targets():
+    torch.manual_seed(0)
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 2, 2).clone()
+    y = torch.nn.functional.one_hot(torch.arange(8), 8).float()
+    xm, ym = mixup(x, y, 0.4)
+    assert torch.allclose(ym.sum(1), torch.ones(8))
+    assert (ym.max(1).values >= 0.5).all()  # each sample keeps the larger share of itself
+    # the input mix uses the same weights as the targets
+    assert torch.allclose(xm[:, 0, 0, 0], ym @ torch.arange(8.0), atol=1e-5)
+
+
+def test_tta_views_are_deterministic_and_distinct():
+    x = torch.from_numpy(speech_like(2)).float()
+    views = tta_views(True)
+    assert list(views) == ["identity", "shift-10%", "shift+10%", "gain+5dB", "gain-5dB"]
+    outs = [v(x) for v in views.values()]
+    assert all(torch.equal(v(x), o) for v, o in zip(views.values(), outs))
+    for o in outs[1:]:
+        assert not torch.allclose(o, outs[0])
+    assert list(tta_views(False)) == ["identity"]
+
+
+def test_runs_on_meta_device():
+    front = Frontend(Config(size=64)).to("meta").train()
+    out = front(torch.zeros(4, 16000, dtype=torch.int16, device="meta"))
+    assert out.shape == (4, 1, 64, 64) and out.device.type == "meta"
