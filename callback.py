@@ -5,7 +5,6 @@ from the best epoch. Checkpoints go through AtomicCheckpointIO: written aside, t
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -112,28 +111,39 @@ class OOFWriter(Callback):
         self.best = state["best"]
 
 
-def cv_summary(run_dir: str | Path, classes: list[str], folds: list[int]) -> dict | None:
-    """Per-fold and overall OOF accuracy and macro-F1 (and with TTA where every fold has it),
-    written to run_dir/cv.json; None while a fold has no oof.csv yet."""
-    run_dir = Path(run_dir)
-    out = {}
-    for name in ("oof", "oof_tta"):
-        paths = [run_dir / f"fold{k}" / f"{name}.csv" for k in folds]
+def load_oof(run_dirs: list[Path], folds: list[int], name: str, classes: list[str],
+             weights=None) -> tuple[pd.DataFrame, np.ndarray] | None:
+    """The OOF table (path, row, fold, label) of `folds` and its probabilities, averaged over
+    runs with `weights`; None when a fold of a run has no `name`.csv."""
+    tables = []
+    for d in run_dirs:
+        paths = [Path(d) / f"fold{k}" / f"{name}.csv" for k in folds]
         if not all(p.is_file() for p in paths):
+            return None
+        tables.append(pd.concat([pd.read_csv(p, keep_default_na=False) for p in paths])
+                      .sort_values("row").reset_index(drop=True))
+    probs = np.average(np.stack([t[classes].to_numpy() for t in tables]), axis=0, weights=weights)
+    return tables[0][["path", "row", "fold", "label"]], probs
+
+
+def cv_summary(run_dirs: list[Path], classes: list[str], folds: list[int], out: Path,
+               weights=None) -> dict | None:
+    """Per-fold and overall OOF accuracy and macro-F1 of the (blended) runs, plain and with
+    TTA where every fold has it, written to out/cv.json; None while a fold lacks oof.csv."""
+    result = {}
+    for name, key in (("oof", "plain"), ("oof_tta", "tta")):
+        got = load_oof(run_dirs, folds, name, classes, weights)
+        if got is None:
             continue
-        oof = pd.concat([pd.read_csv(p, keep_default_na=False) for p in paths])
-        pred = oof[classes].to_numpy().argmax(1)
-        true = oof.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
-        key = "tta" if name == "oof_tta" else "plain"
-        out[key] = dict(overall=scores(true, pred, len(classes)), clips=len(oof), folds={
-            int(k): scores(true[oof.fold == k], pred[oof.fold == k], len(classes)) for k in folds})
-    if "plain" not in out:
+        table, probs = got
+        pred = probs.argmax(1)
+        true = table.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+        fold = table.fold.to_numpy()
+        result[key] = dict(overall=scores(true, pred, len(classes)), clips=len(table), folds={
+            int(k): scores(true[fold == k], pred[fold == k], len(classes)) for k in folds})
+    if "plain" not in result:
         return None
-    out["accuracy"] = out["plain"]["overall"]["acc"]
-    write_json(out, run_dir / "cv.json")
-    return out
-
-
-def read_cv(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / "cv.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    result.update(accuracy=result["plain"]["overall"]["acc"], folds=folds,
+                  runs=[Path(d).name for d in run_dirs])
+    write_json(result, Path(out) / "cv.json")
+    return result

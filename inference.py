@@ -114,48 +114,31 @@ def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch
 # ----------------------------------------------------------------------------- reports
 def cv_report(runs_dir: Path, runs: list[str], weights, folds: list[int], classes: list[str],
               out: Path) -> None:
-    """cv.json per run, then for the (blended) OOF: report.txt, confusion.png, top confusions."""
+    """cv.json of the (blended) runs' OOF, then report.txt, confusion.png and the most
+    confused pairs for the TTA OOF where there is one, else the plain one."""
     from sklearn.metrics import classification_report
 
-    from callback import cv_summary
+    from callback import cv_summary, load_oof
     from util import most_confused, plot_confusion
 
-    blended = {}
-    for name in ("oof", "oof_tta"):
-        tables = []
-        for r in runs:
-            paths = [runs_dir / r / f"fold{k}" / f"{name}.csv" for k in folds]
-            if not all(p.is_file() for p in paths):
-                break
-            tables.append(pd.concat([pd.read_csv(p, keep_default_na=False) for p in paths])
-                          .sort_values("row").reset_index(drop=True))
-        if len(tables) == len(runs):
-            probs = np.stack([t[classes].to_numpy() for t in tables])
-            blended[name] = (tables[0], ensemble(probs, "soft", weights)[0])
-    for r in runs:
-        cv_summary(runs_dir / r, classes, folds)
-    if not blended:
-        log.warning("no oof.csv for folds %s: no CV report", folds)
+    run_dirs = [runs_dir / r for r in runs]
+    cv = cv_summary(run_dirs, classes, folds, out, weights)
+    if cv is None:
+        log.warning("no oof.csv for every fold %s of %s: no CV report", folds, "+".join(runs))
         return
-    result = {}
-    for name, (table, pred) in blended.items():
-        true = table.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
-        key = "tta" if name == "oof_tta" else "plain"
-        result[key] = dict(overall=scores(true, pred, len(classes)), folds={
-            int(k): scores(true[table.fold == k], pred[table.fold == k], len(classes))
-            for k in folds})
-    write_json(dict(result, runs=runs, folds=folds, accuracy=result["plain"]["overall"]["acc"]),
-               out / "cv.json")
-    table, pred = blended.get("oof_tta", blended["oof"])
+    table, probs = (load_oof(run_dirs, folds, "oof_tta", classes, weights)
+                    or load_oof(run_dirs, folds, "oof", classes, weights))
     true = table.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    pred = probs.argmax(1)
     report = classification_report(true, pred, labels=range(len(classes)), target_names=classes,
                                    digits=4, zero_division=0)
     (out / "report.txt").write_text(report)
-    acc = float((true == pred).mean())
     plot_confusion(true, pred, classes, out / "confusion.png",
-                   f"{'+'.join(runs)}: OOF accuracy {acc:.4f} ({len(true)} clips)")
-    for k, v in result.items():
-        log.info("CV %s: accuracy %.4f, macro-F1 %.4f", k, v["overall"]["acc"], v["overall"]["f1"])
+                   f"{'+'.join(runs)}: OOF accuracy {(true == pred).mean():.4f} ({len(true)} clips)")
+    for key in ("plain", "tta"):
+        if key in cv:
+            o = cv[key]["overall"]
+            log.info("CV %s: accuracy %.4f, macro-F1 %.4f", key, o["acc"], o["f1"])
     pairs = most_confused(true, pred, classes)
     if pairs:
         log.info("most confused (true -> predicted: count): %s",
@@ -280,6 +263,10 @@ def main(argv=None) -> int:
                  len(folds), len(runs), "TTA" if args.tta == "y" else "no TTA",
                  f", {args.solution}" if args.solution else "")
     cv_report(work / "runs", runs, weights, folds, classes, out)
+    made = [f for f in ("submission.csv", "test_probs.csv", "test_score.json", "cv.json",
+                        "report.txt", "confusion.png") if (out / f).is_file()]
+    log.info("outputs in %s: %s; learning curves: %s", out, ", ".join(made),
+             ", ".join(str(work / "runs" / r / "fold*" / "curve.png") for r in runs))
     return 0
 
 

@@ -104,7 +104,8 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
     # best.ckpt: weights of the best epoch; last.ckpt: everything --resume needs
     best = ModelCheckpoint(dirpath=fold_dir, filename="best", monitor="val_acc", mode="max",
                            save_top_k=1, save_weights_only=True, enable_version_counter=False)
-    last = ModelCheckpoint(dirpath=fold_dir, save_top_k=0, save_last=True)
+    last = ModelCheckpoint(dirpath=fold_dir, filename="last", save_top_k=1,
+                           enable_version_counter=False)  # no monitor: the newest epoch
     callbacks = [best, last, History(fold_dir, f"{cfg.run_name} fold {fold}"),
                  OOFWriter(fold_dir, data.val_table, data.classes, tta=cfg.tta == "y")]
     if progress:
@@ -125,7 +126,7 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
         log.info("fold %d: best val_acc %.4f, %d epochs in %.0f s -> %s", fold, result["val_acc"],
                  result["epochs"], seconds, fold_dir)
         folds = sorted(data.table.fold.unique().tolist())
-        cv = cv_summary(run_dir, data.classes, folds)
+        cv = cv_summary([run_dir], data.classes, folds, run_dir)
         if cv:
             log.info("all %d folds done: CV accuracy %.4f -> %s", len(folds), cv["accuracy"],
                      run_dir / "cv.json")

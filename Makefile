@@ -1,0 +1,44 @@
+# uac: `make test` and `make demo` work on a fresh machine (they make .venv first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+DEMO_DATA ?= data/demo
+DEMO_WORK ?= work/demo
+# the CPU recipe fits 2 cores in ~10 minutes; the GPU recipe is the contest's model
+CPU_RECIPE ?= -m resnet18 -t 64 -e 8 -b 64 --aug seed -g cpu
+GPU_RECIPE ?= -m res2next50 -t 224 -e 20 -b 64
+
+.PHONY: install test demo bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(BIN)/python demo.py --out $(DEMO_DATA)
+	$(BIN)/python preprocess.py --data $(DEMO_DATA) --work $(DEMO_WORK)
+	@n=$$($(BIN)/python -c "import torch; print(torch.cuda.device_count())"); \
+	if [ "$$n" -gt 0 ]; then \
+	  recipe="$(GPU_RECIPE) -g $$(seq -s, 0 $$((n - 1)))"; \
+	  echo "== $$n GPU(s): the contest recipe ($$recipe)"; \
+	else \
+	  recipe="$(CPU_RECIPE)"; echo "== no GPU: the CPU recipe ($$recipe)"; \
+	fi; \
+	$(BIN)/python train.py --work $(DEMO_WORK) --run demo -a y -f all $$recipe && \
+	$(BIN)/python inference.py --work $(DEMO_WORK) --run demo -f 5 -a y \
+	  --solution $(DEMO_DATA)/solution.csv
+
+bench: $(STAMP)
+	$(BIN)/python bench.py --work $(DEMO_WORK) -t 224
+
+clean:
+	rm -rf $(VENV) data/demo work/demo

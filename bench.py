@@ -1,0 +1,176 @@
+"""Feature throughput: the original per-sample pipeline vs this project's batched one.
+
+    python bench.py --work WORK [-t 224] [--clips 512] [--device cpu|cuda]
+
+(a) seed: per clip in 2 DataLoader workers, as the original ran: librosa.load -> shift, gain,
+    Gaussian noise -> melspectrogram (hop 512) -> power_to_db -> min-max -> bicubic resize
+    to t x t -> 3 channels;
+(b) this project making the same features: cached int16 -> batched augment -> LogMel
+    hop 512 -> min-max -> resize -> 3 channels, on --device;
+(c) this project's default: native t frames, background noise, SpecAugment.
+Then the share of a training step spent in augment + features (default mode) for resnet18
+at t=64 and res2next50 at t=224. The last line is `feature_speedup <(b)/(a)>`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from arg import Config
+from dataset import load_noise, read_table
+from transform import Frontend
+
+
+class SeedClips(Dataset):
+    """The original recipe's per-sample feature pipeline (numpy + librosa per clip)."""
+
+    def __init__(self, paths: list[str], size: int, seed: int = 0):
+        self.paths, self.size, self.seed = paths, size, seed
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import librosa
+
+        rng = np.random.default_rng([self.seed, i])
+        y, sr = librosa.load(self.paths[i], sr=16000)
+        y = np.pad(y, (0, max(0, 16000 - len(y))))[:16000]
+        s = int(rng.uniform(-0.1, 0.1) * len(y))  # shift, zero fill
+        y = np.roll(y, s)
+        if s > 0:
+            y[:s] = 0
+        elif s < 0:
+            y[s:] = 0
+        y = y * 10 ** (rng.uniform(-5, 5) / 20)  # gain
+        y = y + rng.standard_normal(len(y)).astype(np.float32) * np.sqrt(np.mean(y ** 2)) \
+            / 10 ** (rng.uniform(10, 40) / 20)  # Gaussian noise at an SNR
+        m = librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=sr, n_mels=self.size))
+        m = (m - m.min()) / (m.max() - m.min() + 1e-6)
+        img = F.interpolate(torch.from_numpy(m)[None, None], size=(self.size, self.size),
+                            mode="bicubic", align_corners=False)[0]
+        return img.expand(3, -1, -1).contiguous()
+
+
+def rate(fn, n: int, repeat: int = 1) -> float:
+    """samples/s of fn() processing n samples, best of `repeat` after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_seed(paths, size, batch, workers) -> float:
+    dl = DataLoader(SeedClips(paths, size), batch_size=batch, num_workers=workers)
+
+    def run():
+        for _ in dl:
+            pass
+    return rate(run, len(paths))
+
+
+def bench_batched(waves, cfg: Config, batch, device, chans=1) -> float:
+    front = Frontend(cfg, chans=chans, noise=load_noise(cfg.work)).to(device).train()
+
+    def run():
+        for i in range(0, len(waves), batch):
+            front(torch.from_numpy(np.array(waves[i:i + batch])).to(device))
+        sync(device)
+    return rate(run, len(waves), repeat=2)
+
+
+def step_share(cfg: Config, waves, batch, device) -> tuple[float, float, float]:
+    """(features s, fwd+bwd s, share) for one training step at the default augmentation."""
+    import timm
+
+    front = Frontend(cfg, noise=load_noise(cfg.work)).to(device).train()
+    net = timm.create_model(cfg.model, num_classes=30, in_chans=1).to(device)
+    net = net.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(net.parameters())
+    wave = torch.from_numpy(np.array(waves[:batch])).to(device)
+    y = torch.randint(0, 30, (batch,), device=device)
+    amp = dict(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+    def feats():
+        x = front(wave)
+        sync(device)
+        return x
+
+    def step(x):
+        with torch.autocast(**amp):
+            loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    x = feats()
+    step(x)
+    t_feat, t_step = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x = feats()
+        t1 = time.perf_counter()
+        step(x)
+        t_feat.append(t1 - t0)
+        t_step.append(time.perf_counter() - t1)
+    f, s = min(t_feat), min(t_step)
+    return f, s, f / (f + s)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="work", help="a WORK folder made by preprocess.py")
+    p.add_argument("-t", "--size", type=int, default=224)
+    p.add_argument("--clips", type=int, default=512, help="clips per pipeline")
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for (a)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-steps", action="store_true", help="no training-step shares")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    table = read_table(Path(args.work) / "train.csv")
+    n = min(args.clips, len(table))
+    waves = np.load(Path(args.work) / "train_wave.npy", mmap_mode="r")[:n]
+    paths = list(table.path[:n])
+    print(f"# {n} clips, t={args.size}, batch {args.batch_size}, {os.cpu_count()} CPU cores, "
+          f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"torch {torch.__version__}")
+
+    base = Config(work=args.work, size=args.size)
+    seed_cfg = dataclasses.replace(base, aug="seed", resize=True, norm="minmax")
+    a = bench_seed(paths, args.size, args.batch_size, args.workers)
+    print(f"(a) seed per-sample, librosa, {args.workers} workers : {a:9.1f} samples/s")
+    b = bench_batched(waves, seed_cfg, args.batch_size, device, chans=3)
+    print(f"(b) batched, same seed features          : {b:9.1f} samples/s")
+    c = bench_batched(waves, base, args.batch_size, device)
+    print(f"(c) batched, default native {args.size}x{args.size}      : {c:9.1f} samples/s")
+    if not args.skip_steps:
+        for model, size, batch in (("resnet18", 64, 64), ("res2next50", 224, 16 if device.type == "cpu" else 128)):
+            f, s, share = step_share(dataclasses.replace(base, model=model, size=size), waves,
+                                     batch, device)
+            print(f"step share {model}@{size} batch {batch}: augment+features {f * 1e3:.1f} ms, "
+                  f"fwd+bwd {s * 1e3:.1f} ms -> {100 * share:.1f} % of the step")
+    print(f"feature_speedup {b / a:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

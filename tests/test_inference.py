@@ -1,0 +1,117 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import run_script
+from inference import InferenceError, check_compatible, ensemble, parse_folds
+from model import load_checkpoint
+from transform import tta_views
+
+
+def test_soft_and_hard_voting_on_hand_made_probs():
+    # 3 members, 2 clips, 3 classes
+    p = np.array([[[0.6, 0.3, 0.1], [0.4, 0.35, 0.25]],
+                  [[0.1, 0.5, 0.4], [0.1, 0.45, 0.45]],
+                  [[0.2, 0.45, 0.35], [0.2, 0.3, 0.5]]])
+    soft_pred, soft = ensemble(p, "soft")
+    assert np.allclose(soft, p.mean(0)) and list(soft_pred) == [1, 2]
+    hard_pred, votes = ensemble(p, "hard")
+    # clip 0: votes 0,1,1 -> class 1; clip 1: votes 0,1|2 (tie 1 vs 2 at .45 -> argmax picks 1), 2
+    assert list(votes[0]) == pytest.approx([1 / 3, 2 / 3, 0])
+    assert hard_pred[0] == 1
+    # a three-way tie is broken by the mean probability
+    tie = np.array([[[0.5, 0.3, 0.2]], [[0.1, 0.6, 0.3]], [[0.2, 0.3, 0.5]]])
+    assert ensemble(tie, "hard")[0][0] == np.argmax(tie.mean(0)[0]) == 1
+    # soft and hard can disagree: one confident member outweighs two lukewarm ones
+    dis = np.array([[[0.98, 0.02]], [[0.45, 0.55]], [[0.45, 0.55]]])
+    assert ensemble(dis, "soft")[0][0] == 0 and ensemble(dis, "hard")[0][0] == 1
+    # weights count: the first member alone decides when it weighs more than the others
+    assert ensemble(dis, "hard", [3, 1, 1])[0][0] == 0
+
+
+def test_parse_folds_keeps_the_seed_meaning():
+    assert parse_folds("5") == [0, 1, 2, 3, 4]
+    assert parse_folds("1") == [0]
+    assert parse_folds("0,2") == [0, 2] and parse_folds("3,") == [3]
+
+
+def test_submission_has_every_sample_row_in_order(e2e):
+    sub_sample = pd.read_csv(e2e["data"] / "submission.csv")
+    sub = pd.read_csv(e2e["run"] / "submission.csv")
+    classes = json.loads((e2e["work"] / "classes.json").read_text())
+    assert list(sub.columns) == ["file_name", "label"]
+    assert list(sub.file_name) == list(sub_sample.file_name)
+    assert sub.label.isin(classes).all()
+    probs = pd.read_csv(e2e["run"] / "test_probs.csv")
+    assert list(probs.file_name) == list(sub.file_name)
+    assert list(probs.columns[1:]) == classes
+    assert (probs[classes].to_numpy().argmax(1) == sub.label.map(classes.index)).all()
+
+
+def test_tta_views_differ_and_their_mean_is_used(e2e):
+    model = load_checkpoint(e2e["run"] / "fold0" / "best.ckpt")
+    waves = torch.from_numpy(np.load(e2e["work"] / "test_wave.npy")[:16])
+    per_view = model.predict_views(waves, tta_views(True))
+    assert per_view.shape == (5, 16, len(model.classes))
+    assert not torch.allclose(per_view[1], per_view[0])  # a shifted view changes the output
+    assert not torch.allclose(per_view[2], per_view[0])
+    from inference import predict_waves
+
+    probs, _ = predict_waves([e2e["run"] / "fold0" / "best.ckpt"], waves.numpy(), True,
+                             torch.device("cpu"), 8)
+    assert np.allclose(probs[0], per_view.mean(0).numpy(), atol=1e-5)
+    plain, _ = predict_waves([e2e["run"] / "fold0" / "best.ckpt"], waves.numpy(), False,
+                             torch.device("cpu"), 8)
+    assert np.allclose(plain[0], per_view[0].numpy(), atol=1e-5)
+
+
+def test_mismatched_checkpoints_are_refused(e2e, tmp_path):
+    src = e2e["run"] / "fold0" / "best.ckpt"
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["config"]["norm"] = "minmax"
+    torch.save(ckpt, tmp_path / "norm.ckpt")
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["classes"] = list(reversed(ckpt["hyper_parameters"]["classes"]))
+    torch.save(ckpt, tmp_path / "classes.ckpt")
+    ref = load_checkpoint(src)
+    for name, match in (("norm.ckpt", "norm standard vs minmax"), ("classes.ckpt", "class lists")):
+        other = load_checkpoint(tmp_path / name)
+        with pytest.raises(InferenceError, match=match) as err:
+            check_compatible([ref, other], [src, tmp_path / name])
+        assert str(src) in str(err.value) and name in str(err.value)
+
+
+def test_missing_checkpoints_named_with_train_command(e2e):
+    proc = run_script("inference.py", "--work", e2e["work"], "-m", "resnet18", "-t", 32, "-f", 4,
+                      check=False)
+    assert proc.returncode == 2
+    assert "2 of 4 fold checkpoints are missing" in proc.stderr
+    assert "fold2/best.ckpt" in proc.stderr and "fold3/best.ckpt" in proc.stderr
+    assert "python train.py" in proc.stderr and "-f 3" in proc.stderr
+
+
+def test_predict_wav_and_flac_of_another_rate(e2e, tmp_path):
+    src = sorted((e2e["data"] / "test").glob("*.wav"))[0]
+    y, sr = sf.read(src)
+    shutil.copy(src, tmp_path / "a.wav")
+    import librosa
+
+    sf.write(tmp_path / "b.flac", librosa.resample(y, orig_sr=sr, target_sr=44100), 44100)
+    (tmp_path / "c.wav").write_text("not audio")
+    proc = run_script("inference.py", "--work", e2e["work"], "-m", "resnet18", "-t", 32, "-f", 2,
+                      "-a", "y", "--predict", tmp_path / "a.wav", tmp_path / "b.flac",
+                      tmp_path / "c.wav", check=False)
+    assert proc.returncode == 1  # one file could not be read
+    assert "c.wav: skipped" in proc.stderr
+    lines = {l.split(":")[0].split("/")[-1]: l for l in proc.stdout.splitlines() if ": " in l}
+    assert set(lines) == {"a.wav", "b.flac"}
+    for line in lines.values():
+        parts = line.split(": ", 1)[1].split()
+        assert len(parts) == 6 and all(0 <= float(p) <= 1 for p in parts[1::2])
+    # the same clip at another rate gets the same top label
+    assert lines["a.wav"].split()[1] == lines["b.flac"].split()[1]
