@@ -1,7 +1,6 @@
 """Lightning callbacks for a fold's records, and the cross-validation summary of a run.
 
-Per fold folder: history.csv + curve.png (each epoch), oof.csv (and oof_tta.csv with -a y)
-from the best epoch. Checkpoints go through AtomicCheckpointIO: written aside, then renamed.
+Per fold folder: history.csv + curve.png (each epoch), oof.csv from the best epoch. Checkpoints go through AtomicCheckpointIO: written aside, then renamed.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from transform import tta_views
 from util import atomic_write, probs_frame, scores, write_csv, write_json
 
 
@@ -76,22 +74,17 @@ class History(Callback):
 
 class OOFWriter(Callback):
     """oof.csv from the epoch with the best validation accuracy (the epoch best.ckpt holds):
-    row, path, fold, label, then one probability column per class; oof_tta.csv likewise
-    with the TTA views averaged, when `tta`."""
+    path, row, fold, label, then one probability column per class."""
 
-    def __init__(self, folder: str | Path, val_table: pd.DataFrame, classes: list[str],
-                 tta: bool = False):
-        self.folder, self.classes, self.tta = Path(folder), classes, tta
+    def __init__(self, folder: str | Path, val_table: pd.DataFrame, classes: list[str]):
+        self.folder, self.classes = Path(folder), classes
         self.table = val_table.set_index("row")
         self.best = -1.0
-
-    def setup(self, trainer, pl_module, stage):
-        pl_module.tta_views = tta_views(True) if self.tta else None
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not pl_module._val:
             return
-        rows, y, probs, tta = (t.cpu().numpy() for t in pl_module.gathered_val())
+        rows, y, probs = (t.cpu().numpy() for t in pl_module.gathered_val())
         acc = float((probs.argmax(1) == y).mean())
         if not trainer.is_global_zero or acc <= self.best:
             return
@@ -100,9 +93,6 @@ class OOFWriter(Callback):
         meta = dict(row=rows, fold=t.fold.to_numpy(), label=t.label.to_numpy())
         write_csv(probs_frame(t.path, probs, self.classes, key="path", **meta),
                   self.folder / "oof.csv")
-        if self.tta:
-            write_csv(probs_frame(t.path, tta, self.classes, key="path", **meta),
-                      self.folder / "oof_tta.csv")
 
     def state_dict(self):
         return {"best": self.best}

@@ -57,17 +57,29 @@ def parse_folds(spec: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- members
+def train_command(run_dir: Path, work: Path, fold: str) -> str:
+    """The command that trains `fold` of a run: another fold's command.txt with -f changed,
+    else one guessed from the run's MODEL_SIZE name."""
+    import shlex
+
+    from train import _strip
+
+    for cmd in sorted(run_dir.glob("fold*/command.txt")):
+        args = _strip(shlex.split(cmd.read_text())[2:], ("-f", "--fold"))
+        args = [a for a in args if a != "--no-progress"]
+        return shlex.join(["python", "train.py", *args, "-f", fold])
+    model, _, size = run_dir.name.rpartition("_")
+    if model and size.isdigit():
+        return f"python train.py --work {work} -m {model} -t {size} -f {fold} -g 0"
+    return f"python train.py --work {work} --run {run_dir.name} -m MODEL -t SIZE -f {fold} -g 0"
+
+
 def checkpoint_paths(work: Path, runs: list[str], folds: list[int]) -> list[Path]:
     paths = [work / "runs" / r / f"fold{k}" / "best.ckpt" for r in runs for k in folds]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        hints = []
-        for p in missing:
-            run, fold = p.parent.parent.name, p.parent.name[4:]
-            model, _, size = run.rpartition("_")
-            hints.append(f"  {p}\n    make it with: python train.py --work {work} "
-                         f"-m {model or run} -t {size if size.isdigit() else 224} -f {fold} -g 0"
-                         + ("" if size.isdigit() and model else f" --run {run}"))
+        hints = [f"  {p}\n    make it with: {train_command(p.parent.parent, work, p.parent.name[4:])}"
+                 for p in missing]
         raise InferenceError(f"{len(missing)} of {len(paths)} fold checkpoints are missing:\n"
                              + "\n".join(hints))
     return paths
@@ -90,25 +102,25 @@ def check_compatible(models: list, paths: list[Path]) -> None:
 def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch.device,
                   batch: int, desc: str = "") -> tuple[np.ndarray, list[str]]:
     """(M, N, C) probabilities, each member averaged over its views; models loaded one at a
-    time, once each. Returns the class list too."""
+    time, once each, and checked against the first. Returns the class list too."""
     from model import load_checkpoint
     from transform import tta_views
 
     views = tta_views(tta)
-    out, models = [], []
+    out, first = [], None
     amp = dict(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
     for path in tqdm(paths, desc=desc or "folds", unit="model", disable=None):
         model = load_checkpoint(path, device)
-        models.append(model)
-        check_compatible(models, paths[:len(models)])
+        if first is None:
+            first = model
+        check_compatible([first, model], [paths[0], path])
         probs = []
         with torch.no_grad(), torch.autocast(**amp):
             for i in range(0, len(waves), batch):
                 wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
                 probs.append(model.predict_views(wave, views).mean(0).cpu().numpy())
         out.append(np.concatenate(probs) if probs else np.zeros((0, len(model.classes))))
-        models[-1] = model.cpu()  # keep settings for the checks, free the device
-    return np.stack(out), models[0].classes
+    return np.stack(out), first.classes
 
 
 # ----------------------------------------------------------------------------- reports

@@ -65,7 +65,6 @@ class AudioClassifier(L.LightningModule):
         for stage in ("train", "val"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(n, average="micro"))
             setattr(self, f"{stage}_f1", MulticlassF1Score(n, average="macro"))
-        self.tta_views = None  # set by OOF writing (callback.OOFWriter) when -a y
         self._val = []
 
     def set_noise(self, noise: torch.Tensor | None) -> None:
@@ -121,18 +120,16 @@ class AudioClassifier(L.LightningModule):
         self.val_f1(logits, y)
         self.log_dict({"val_acc": self.val_acc, "val_f1": self.val_f1}, on_epoch=True,
                       prog_bar=True)
-        probs = logits.float().softmax(-1)
-        tta = self.predict_views(wave, self.tta_views).mean(0) if self.tta_views else probs
-        self._val.append((rows, y, probs, tta))
+        self._val.append((rows, y, logits.float().softmax(-1)))
 
     def gathered_val(self) -> tuple[torch.Tensor, ...]:
-        """(rows, labels, probs, tta_probs) of the epoch's validation, from every process,
-        each row once (DistributedSampler pads with repeats)."""
-        rows, y, probs, tta = (torch.cat(t) for t in zip(*self._val))
+        """(rows, labels, probs) of the epoch's validation, from every process, each row once
+        (DistributedSampler pads with repeats)."""
+        val = [torch.cat(t) for t in zip(*self._val)]
         if self.trainer.world_size > 1:
-            rows, y, probs, tta = (self.all_gather(t).flatten(0, 1) for t in (rows, y, probs, tta))
-        first = np.unique(rows.cpu().numpy(), return_index=True)[1]
-        return tuple(t[first] for t in (rows, y, probs, tta))
+            val = [self.all_gather(t).flatten(0, 1) for t in val]
+        first = np.unique(val[0].cpu().numpy(), return_index=True)[1]
+        return tuple(t[first] for t in val)
 
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2

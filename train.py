@@ -107,7 +107,7 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
     last = ModelCheckpoint(dirpath=fold_dir, filename="last", save_top_k=1,
                            enable_version_counter=False)  # no monitor: the newest epoch
     callbacks = [best, last, History(fold_dir, f"{cfg.run_name} fold {fold}"),
-                 OOFWriter(fold_dir, data.val_table, data.classes, tta=cfg.tta == "y")]
+                 OOFWriter(fold_dir, data.val_table, data.classes)]
     if progress:
         callbacks.append(TQDMProgressBar(leave=True))
     trainer = L.Trainer(
@@ -123,6 +123,9 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
     result = dict(fold=fold, val_acc=float(best.best_model_score or float("nan")),
                   epochs=trainer.current_epoch, seconds=round(seconds, 1), device=accelerator)
     if trainer.is_global_zero:
+        if cfg.tta == "y":
+            device = torch.device(f"cuda:{devices[0]}" if accelerator == "gpu" else "cpu")
+            write_oof_tta(fold_dir, work, data.classes, device, cfg.batch_size * 2)
         log.info("fold %d: best val_acc %.4f, %d epochs in %.0f s -> %s", fold, result["val_acc"],
                  result["epochs"], seconds, fold_dir)
         folds = sorted(data.table.fold.unique().tolist())
@@ -131,6 +134,21 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
             log.info("all %d folds done: CV accuracy %.4f -> %s", len(folds), cv["accuracy"],
                      run_dir / "cv.json")
     return result
+
+
+def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch: int) -> None:
+    """oof_tta.csv: oof.csv's rows predicted by best.ckpt with the TTA views averaged (once,
+    after training, rather than at every validation)."""
+    import numpy as np
+
+    from inference import predict_waves
+    from util import write_csv
+
+    oof = pd.read_csv(fold_dir / "oof.csv", keep_default_na=False)
+    waves = np.load(work / "train_wave.npy", mmap_mode="r")[oof.row.to_numpy()]
+    probs = predict_waves([fold_dir / "best.ckpt"], waves, True, device, batch)[0][0]
+    oof[classes] = probs
+    write_csv(oof, fold_dir / "oof_tta.csv")
 
 
 def _strip(argv: list[str], names: tuple[str, ...]) -> list[str]:

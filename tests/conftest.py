@@ -35,6 +35,16 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
+def prepared(data: Path, tmp_path_factory, folds: int) -> Path:
+    """A WORK folder made from `data` by preprocess.prepare with `folds` folds."""
+    from arg import Config
+    from preprocess import prepare
+
+    work = tmp_path_factory.mktemp(f"work{folds}")
+    prepare(Config(data=str(data), work=str(work), folds=folds), workers=2)
+    return work
+
+
 @pytest.fixture(scope="session")
 def e2e(tmp_path_factory, demo_data) -> dict:
     """demo data -> preprocess.py (2 folds) -> train.py -f all -> inference.py -f 2 -a y."""

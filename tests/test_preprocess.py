@@ -8,15 +8,13 @@ import soundfile as sf
 
 import demo
 from arg import Config
-from conftest import run_script
+from conftest import prepared, run_script
 from preprocess import prepare, speaker_of
 
 
 @pytest.fixture(scope="module")
 def work(demo_data, tmp_path_factory):
-    work = tmp_path_factory.mktemp("prep")
-    prepare(Config(data=str(demo_data), work=str(work), folds=5), workers=2)
-    return work
+    return prepared(demo_data, tmp_path_factory, folds=5)
 
 
 def test_classes_sorted_and_complete(work):

@@ -9,15 +9,12 @@ import pytest
 import torch
 
 from arg import Config
-from conftest import ROOT, TINY, run_script
-from preprocess import prepare
+from conftest import ROOT, TINY, prepared, run_script
 
 
 @pytest.fixture(scope="module")
 def work(demo_data, tmp_path_factory):
-    work = tmp_path_factory.mktemp("trainwork")
-    prepare(Config(data=str(demo_data), work=str(work), folds=2), workers=2)
-    return work
+    return prepared(demo_data, tmp_path_factory, folds=2)
 
 
 def test_all_folds_write_records(e2e):
