@@ -67,7 +67,7 @@ def scores(y_true, y_pred, n_classes: int) -> dict:
     """Contest accuracy (micro) and macro-F1 with torchmetrics."""
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-    t, p = torch.as_tensor(np.asarray(y_true)), torch.as_tensor(np.asarray(y_pred))
+    t, p = torch.tensor(np.asarray(y_true)), torch.tensor(np.asarray(y_pred))
     return dict(acc=float(multiclass_accuracy(p, t, n_classes, average="micro")),
                 f1=float(multiclass_f1_score(p, t, n_classes, average="macro")))
 
