@@ -38,7 +38,8 @@ class Config:
     top_db: float = opt(80.0, "per-sample dynamic range floor in dB (librosa's top_db)", "features")
 
     # augmentation (probabilities p_*, ranges)
-    aug: str = opt("default", "preset: default, seed (the original's shift+gain+noise), none",
+    aug: str = opt("default", "preset: default (all below), seed (the original's shift, gain and "
+                   "Gaussian noise only), none; seed/none set the other p_* to 0",
                    "augmentation", choices=("default", "seed", "none"))
     shift: float = opt(0.1, "time shift, max fraction of the clip (zero fill)", "augmentation")
     p_shift: float = opt(0.5, "time shift probability", "augmentation")

@@ -115,3 +115,15 @@ def test_predict_wav_and_flac_of_another_rate(e2e, tmp_path):
         assert len(parts) == 6 and all(0 <= float(p) <= 1 for p in parts[1::2])
     # the same clip at another rate gets the same top label
     assert lines["a.wav"].split()[1] == lines["b.flac"].split()[1]
+
+
+def test_unreadable_test_row_still_gets_a_label(e2e, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("last.ckpt"))
+    test = pd.read_csv(work / "test.csv", keep_default_na=False)
+    test.loc[3, "status"] = "not readable audio (Format not recognised)"
+    test.to_csv(work / "test.csv", index=False)
+    proc = run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32, "-f", 2)
+    assert "1 test files could not be read" in proc.stderr and test.file_name[3] in proc.stderr
+    sub = pd.read_csv(work / "runs" / "resnet18_32" / "submission.csv", keep_default_na=False)
+    assert list(sub.file_name) == list(test.file_name) and (sub.label != "").all()

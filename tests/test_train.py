@@ -111,3 +111,20 @@ def test_config_flags_round_trip():
     assert cfg.channels_last is False and cfg.run_name == "resnet18_64"
     assert cfg.p_bg == cfg.p_spec == cfg.p_mixup == 0 and cfg.p_noise > 0  # the seed's three
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_same_seed_same_weights(work):
+    """Two runs with the same --seed end with identical weights (augmentation included)."""
+    states = []
+    for run in ("det_a", "det_b"):
+        run_script("train.py", "--work", work, *TINY, "-f", "0", "-g", "-1", "--no-progress",
+                   "--run", run, "--limit-batches", 3, "--p-bg", 1, "--p-spec", 1)
+        states.append(torch.load(work / "runs" / run / "fold0" / "last.ckpt", map_location="cpu",
+                                 weights_only=False)["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    run_script("train.py", "--work", work, *TINY, "-f", "0", "-g", "-1", "--no-progress",
+               "--run", "det_c", "--limit-batches", 3, "--seed", 1)
+    other = torch.load(work / "runs" / "det_c" / "fold0" / "last.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]
+    assert not all(torch.equal(states[0][k], other[k]) for k in other)
