@@ -1,6 +1,7 @@
 """Lightning callbacks for a fold's records, and the cross-validation summary of a run.
 
-Per fold folder: history.csv + curve.png (each epoch), oof.csv from the best epoch. Checkpoints go through AtomicCheckpointIO: written aside, then renamed.
+Per fold folder: history.csv + curve.png (each epoch), oof.csv from the best epoch.
+Checkpoints go through AtomicCheckpointIO: written aside, then renamed.
 """
 from __future__ import annotations
 

@@ -85,18 +85,16 @@ def checkpoint_paths(work: Path, runs: list[str], folds: list[int]) -> list[Path
     return paths
 
 
-def check_compatible(models: list, paths: list[Path]) -> None:
-    """Refuse members whose classes or feature settings differ from the first's."""
-    ref, ref_path = models[0], paths[0]
-    for m, p in zip(models[1:], paths[1:]):
-        if m.classes != ref.classes:
-            raise InferenceError(f"class lists differ: {ref_path} has {len(ref.classes)} classes, "
-                                 f"{p} has {len(m.classes)}; they cannot be blended")
-        a, b = ref.feature_settings(), m.feature_settings()
-        diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
-        if diff:
-            raise InferenceError(f"feature settings differ between {ref_path} and {p}: "
-                                 + ", ".join(f"{k} {x} vs {y}" for k, (x, y) in diff.items()))
+def check_compatible(ref, ref_path: Path, other, path: Path) -> None:
+    """Refuse a member whose classes or feature settings differ from the reference's."""
+    if other.classes != ref.classes:
+        raise InferenceError(f"class lists differ: {ref_path} has {len(ref.classes)} classes, "
+                             f"{path} has {len(other.classes)}; they cannot be blended")
+    a, b = ref.feature_settings(), other.feature_settings()
+    diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+    if diff:
+        raise InferenceError(f"feature settings differ between {ref_path} and {path}: "
+                             + ", ".join(f"{k} {x} vs {y}" for k, (x, y) in diff.items()))
 
 
 def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch.device,
@@ -113,13 +111,14 @@ def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch
         model = load_checkpoint(path, device)
         if first is None:
             first = model
-        check_compatible([first, model], [paths[0], path])
+        check_compatible(first, paths[0], model, path)
         probs = []
         with torch.no_grad(), torch.autocast(**amp):
             for i in range(0, len(waves), batch):
                 wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
                 probs.append(model.predict_views(wave, views).mean(0).cpu().numpy())
         out.append(np.concatenate(probs) if probs else np.zeros((0, len(model.classes))))
+        model.cpu()  # free the device; the first stays (on the CPU) as the reference
     return np.stack(out), first.classes
 
 

@@ -82,7 +82,7 @@ def test_mismatched_checkpoints_are_refused(e2e, tmp_path):
     for name, match in (("norm.ckpt", "norm standard vs minmax"), ("classes.ckpt", "class lists")):
         other = load_checkpoint(tmp_path / name)
         with pytest.raises(InferenceError, match=match) as err:
-            check_compatible([ref, other], [src, tmp_path / name])
+            check_compatible(ref, src, other, tmp_path / name)
         assert str(src) in str(err.value) and name in str(err.value)
 
 
