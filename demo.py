@@ -1,24 +1,35 @@
 """Synthesise a Speech-Commands-like dataset with espeak-ng, so the pipeline runs anywhere.
 
-    python demo.py --out data/demo [--speakers 160] [--seed 0]
+    python demo.py --out data/demo                      # the demo: 160 speakers, easy
+    python demo.py --preset hard --out data/hard        # the benchmark that ranks recipes
+    python demo.py --out data/yesno --words yes,no --speakers 40
 
-A "speaker" is one espeak-ng voice (English accent + variant) with its own pitch, pitch
-range and rate. Each clip places the word at a random offset in 1 s at 16 kHz with a
-random gain, and most clips get background noise (white/pink/brown/hum) at a random SNR;
-about 10 % are shorter than 1 s, as in the real data. The layout is the contest's:
+A "speaker" is one espeak-ng voice (accent + variant) with its own pitch, pitch range and
+rate. Each clip places the word at a random offset in 1 s at 16 kHz with a random gain;
+most clips get noise at a random SNR; some are shorter than 1 s, as in the real data.
+
+`--preset hard` (420 speakers, 2,520 test clips) adds what makes real keyword data hard:
+foreign accents and 104 voice variants of which a fifth are heard only in test, a wider
+pitch / rate / volume spread, room reverberation (synthetic impulse responses), band
+limiting (phone-like microphones), babble and music as well as coloured noise at SNRs down
+to 0 dB, 30 % of clips shorter than 1 s, and words cut at the clip edge. The
+`_background_noise_` files are other recordings of the same noise kinds, never the ones
+mixed into the clips. The layout is the contest's:
 
     OUT/train/<word>/<speaker>_nohash_<n>.wav     OUT/test/<id>.wav (unseen speakers)
     OUT/submission.csv (file_name,label empty)    OUT/solution.csv (the truth)
-    OUT/_background_noise_/*.wav
+    OUT/_background_noise_/*.wav                  OUT/meta.csv (how each clip was made)
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +45,43 @@ ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbc
            "en-gb-x-gbcwmd", "en-us-nyc")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
             "klatt", "klatt2", "klatt3", "croak", "adam", "belinda", "john", "linda")
-NOISES = ("white", "pink", "brown", "hum")
 SR = 16000
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How a dataset is spoken and degraded. Ranges are (low, high), drawn uniformly."""
+    speakers: int = 160
+    test_share: float = 1 / 6
+    accents: tuple = ACCENTS
+    variants: tuple = VARIANTS           # () = every variant espeak-ng ships
+    test_only_variants: float = 0.0      # share of variants heard only by test speakers
+    pitch: tuple = (20, 80)              # espeak-ng pitch, pitch range, words per minute [lo, hi)
+    prange: tuple = (20, 90)
+    rate: tuple = (120, 230)
+    gain_db: tuple = (-12.0, 3.0)
+    p_short: float = 0.1                 # clips shorter than 1 s, and their length in s
+    short: tuple = (0.55, 0.95)
+    p_cut: float = 0.0                   # word partly outside the clip, up to max_cut of it
+    max_cut: float = 0.4
+    p_noise: float = 0.8
+    snr: tuple = (5.0, 30.0)
+    noises: tuple = ("white", "pink", "brown", "hum")
+    p_reverb: float = 0.0
+    rt60: tuple = (0.15, 0.9)            # reverberation time in s
+    p_band: float = 0.0                  # band limiting: low-pass and high-pass corners in Hz
+    lowpass: tuple = (2500.0, 7000.0)
+    highpass: tuple = (80.0, 500.0)
+
+
+PRESETS = {
+    "demo": Preset(),
+    "hard": Preset(speakers=420, test_share=0.2, variants=(), test_only_variants=0.2,
+                   pitch=(0, 100), prange=(0, 100), rate=(100, 320), gain_db=(-30.0, 6.0),
+                   p_short=0.3, short=(0.4, 0.95), p_cut=0.05, max_cut=0.3, p_noise=0.85,
+                   snr=(0.0, 30.0), noises=("white", "pink", "brown", "hum", "babble", "music"),
+                   p_reverb=0.4, rt60=(0.1, 0.8), p_band=0.3),
+}
 
 # espeak-ng C API constants (speak_lib.h)
 _SYNCHRONOUS, _POS_CHARACTER, _RATE, _PITCH, _RANGE = 2, 1, 1, 3, 4
@@ -64,6 +110,13 @@ class Espeak:
         self._callback = _CALLBACK(collect)  # keep a reference: C holds the pointer
         self.lib.espeak_SetSynthCallback(self._callback)
 
+    @staticmethod
+    def variants() -> tuple[str, ...]:
+        import espeakng_loader
+
+        folder = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
+        return tuple(sorted(p.name for p in folder.iterdir() if " " not in p.name))
+
     def say(self, text: str, voice: str, pitch: int, prange: int, rate: int) -> np.ndarray:
         """float32 waveform at `self.sr` of `text` spoken by `voice` ("accent+variant")."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
@@ -77,20 +130,86 @@ class Espeak:
         return wav.astype(np.float32) / 32768.0
 
 
-def make_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Unit-RMS noise of `n` samples: white, pink (1/f), brown (1/f^2) or mains hum."""
+def unit_rms(x: np.ndarray) -> np.ndarray:
+    return (x / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
+
+
+def make_noise(kind: str, n: int, rng: np.random.Generator, espeak: Espeak | None = None,
+               voices: tuple = ()) -> np.ndarray:
+    """Unit-RMS noise of `n` samples: white, pink (1/f), brown (1/f^2), mains hum, music
+    (random chords with note envelopes) or babble (overlapping words of several voices)."""
+    t = np.arange(n) / SR
     if kind == "hum":
-        t = np.arange(n) / SR
         f0 = rng.choice([50.0, 60.0])
         x = sum(rng.uniform(0.2, 1.0) / k * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3))
                 for k in range(1, 6))
         x = x + 0.05 * rng.standard_normal(n)
+    elif kind == "music":
+        x = np.zeros(n)
+        for start in range(0, n, int(SR * 0.25)):  # a new note every 250 ms
+            f = 110 * 2 ** (rng.integers(0, 36) / 12)
+            seg = t[: min(n - start, int(SR * rng.uniform(0.3, 1.2)))]
+            note = sum(np.sin(2 * np.pi * f * h * seg) / h for h in (1, 2, 3))
+            x[start:start + len(seg)] += note * np.exp(-seg * rng.uniform(2, 8))
+    elif kind == "babble":
+        x = np.zeros(n)
+        for _ in range(6):  # six talkers, each a stream of random words
+            pos = int(rng.integers(-SR // 2, SR // 4))
+            voice = f"{rng.choice(ACCENTS)}+{rng.choice(voices or VARIANTS)}"
+            while pos < n:
+                w = espeak_at_sr(espeak, str(rng.choice(WORDS)), voice, rng)
+                lo = max(0, -pos)
+                seg = w[lo:n - pos] if pos + len(w) > 0 else w[:0]
+                x[max(pos, 0):max(pos, 0) + len(seg)] += seg
+                pos += len(w) + int(rng.integers(0, SR // 5))
     else:
         spec = np.fft.rfft(rng.standard_normal(n))
         f = np.maximum(np.fft.rfftfreq(n, 1 / SR), 20.0)
         spec *= {"white": 1.0, "pink": f ** -0.5, "brown": f ** -1.0}[kind]
         x = np.fft.irfft(spec, n)
-    return (x / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
+    return unit_rms(x)
+
+
+def espeak_at_sr(espeak: Espeak, word: str, voice: str, rng: np.random.Generator,
+                 pitch=None, prange=None, rate=None) -> np.ndarray:
+    """`word` said by `voice`, trimmed, resampled to SR (random prosody unless given)."""
+    import librosa
+
+    wav = trim(espeak.say(word, voice, int(rng.integers(20, 80)) if pitch is None else pitch,
+                          int(rng.integers(20, 90)) if prange is None else prange,
+                          int(rng.integers(140, 220)) if rate is None else rate))
+    return librosa.resample(wav, orig_sr=espeak.sr, target_sr=SR)
+
+
+def room_impulse(rt60: float, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic room impulse response: the direct path, then exponentially decaying noise
+    that falls 60 dB in `rt60` seconds, with a random direct-to-reverberant ratio."""
+    n = int(SR * rt60 * 1.1) + 1
+    tail = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / (SR * rt60))
+    tail[: int(SR * 0.002)] = 0  # the first reflections arrive a little after the direct path
+    drr = 10 ** (rng.uniform(-6, 6) / 20)
+    h = tail / np.sqrt(np.sum(tail ** 2)) / drr
+    h[0] = 1.0
+    return h
+
+
+def fft_filter(x: np.ndarray, response) -> np.ndarray:
+    """x filtered by a real magnitude response given as a function of frequency in Hz."""
+    n = len(x)
+    return np.fft.irfft(np.fft.rfft(x) * response(np.fft.rfftfreq(n, 1 / SR)), n)
+
+
+def band_limit(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """4th-order Butterworth-shaped band-pass between `low` and `high` Hz (magnitude only)."""
+    return fft_filter(x, lambda f: 1 / np.sqrt((1 + (f / high) ** 8)
+                                              * (1 + (low / np.maximum(f, 1.0)) ** 8)))
+
+
+def reverberate(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """x convolved with h by FFT, the tail kept, at x's RMS."""
+    n = len(x) + len(h) - 1
+    y = np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(h, n), n)
+    return y * np.sqrt(np.mean(x ** 2) / (np.mean(y[: len(x)] ** 2) + 1e-12))
 
 
 def trim(wav: np.ndarray, thresh: float = 0.01) -> np.ndarray:
@@ -98,88 +217,130 @@ def trim(wav: np.ndarray, thresh: float = 0.01) -> np.ndarray:
     return wav[loud[0]:loud[-1] + 1] if loud.size else wav
 
 
+def uniform(rng: np.random.Generator, lo_hi: tuple) -> float:
+    return float(rng.uniform(*lo_hi))
+
+
 _ESPEAK: Espeak | None = None
 
 
-def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray]]:
-    """All words of one speaker as (word, int16 clip) pairs; deterministic for (seed, idx)."""
+def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
+    """Every word of one speaker as (word, int16 clip, what was done to it); deterministic
+    for the job."""
     global _ESPEAK
-    seed, idx = job
+    seed, idx, preset, words, voices = job
     if _ESPEAK is None:
         _ESPEAK = Espeak()
-    import librosa
-
+    p: Preset = preset
     rng = np.random.default_rng([seed, idx])
-    voice = f"{rng.choice(ACCENTS)}+{rng.choice(VARIANTS)}"
-    pitch, prange, rate = int(rng.integers(20, 80)), int(rng.integers(20, 90)), int(rng.integers(120, 230))
+    voice = f"{rng.choice(p.accents)}+{rng.choice(voices)}"
+    prosody = dict(pitch=int(rng.integers(*p.pitch)), prange=int(rng.integers(*p.prange)),
+                   rate=int(rng.integers(*p.rate)))
     out = []
-    for word in WORDS:
-        wav = trim(_ESPEAK.say(word, voice, pitch, prange, rate))
-        wav = librosa.resample(wav, orig_sr=_ESPEAK.sr, target_sr=SR)
-        length = SR if rng.random() > 0.1 else int(rng.uniform(0.55, 0.95) * SR)
-        wav = wav[:length]
+    for word in words:
+        meta = dict(voice=voice, **prosody, rt60=0.0, cut=0.0, lowpass=0.0, noise="", snr=np.inf)
+        wav = espeak_at_sr(_ESPEAK, word, voice, rng, **prosody)
+        if p.p_reverb and rng.random() < p.p_reverb:
+            meta["rt60"] = uniform(rng, p.rt60)
+            wav = reverberate(wav, room_impulse(meta["rt60"], rng))
+        length = SR if rng.random() >= p.p_short else int(uniform(rng, p.short) * SR)
         clip = np.zeros(length, np.float32)
-        start = int(rng.integers(0, length - len(wav) + 1))
-        clip[start:start + len(wav)] = wav * 10 ** (rng.uniform(-12, 3) / 20)
-        if rng.random() < 0.8:
+        if p.p_cut and rng.random() < p.p_cut:  # part of the word falls outside the clip
+            meta["cut"] = rng.uniform(0, p.max_cut)
+            start = int(rng.choice([-1, 1]) * meta["cut"] * len(wav))
+            start = start if start < 0 else length - len(wav) + start
+        else:
+            start = int(rng.integers(0, max(1, length - len(wav) + 1)))
+        lo, hi = max(0, start), min(length, start + len(wav))
+        if hi > lo:
+            clip[lo:hi] = wav[lo - start:hi - start]
+        meta["gain_db"] = uniform(rng, p.gain_db)
+        clip *= 10 ** (meta["gain_db"] / 20)
+        if p.p_band and rng.random() < p.p_band:
+            meta["highpass"], meta["lowpass"] = uniform(rng, p.highpass), uniform(rng, p.lowpass)
+            clip = band_limit(clip, meta["highpass"], meta["lowpass"])
+        if rng.random() < p.p_noise:
             rms = np.sqrt(np.mean(clip ** 2)) + 1e-6
-            snr = rng.uniform(5, 30)
-            clip += make_noise(rng.choice(NOISES), length, rng) * rms / 10 ** (snr / 20)
-        out.append((word, np.clip(clip * 32767, -32768, 32767).astype(np.int16)))
+            meta["snr"] = uniform(rng, p.snr)
+            meta["noise"] = str(rng.choice(p.noises))
+            noise = make_noise(meta["noise"], length, rng, _ESPEAK, voices)
+            clip = clip + noise * rms / 10 ** (meta["snr"] / 20)
+        meta["seconds"] = length / SR
+        out.append((word, np.clip(clip * 32767, -32768, 32767).astype(np.int16), meta))
     return out
 
 
-def make_dataset(out: str | Path, speakers: int = 160, seed: int = 0, test_share: float = 1 / 6,
-                 workers: int | None = None, progress: bool = True) -> dict:
-    """Write the demo dataset under `out`; returns counts."""
+def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
+                 test_share: float | None = None, workers: int | None = None,
+                 progress: bool = True, preset: str | Preset = "demo",
+                 words: tuple | list = WORDS) -> dict:
+    """Write a dataset under `out` with the `preset`'s voices and degradations (speakers and
+    test_share override it); returns counts."""
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    p = dataclasses.replace(p, speakers=speakers or p.speakers,
+                            test_share=p.test_share if test_share is None else test_share)
     out = Path(out)
-    n_test = max(1, round(speakers * test_share))
-    n_train = speakers - n_test
+    n_test = max(1, round(p.speakers * p.test_share))
+    n_train = p.speakers - n_test
     if n_train < 1:
         raise ValueError("--speakers must be at least 2 (train and test need a speaker each)")
     workers = workers or os.cpu_count() or 1
-    for word in WORDS:
+    for word in words:
         (out / "train" / word).mkdir(parents=True, exist_ok=True)
     (out / "test").mkdir(parents=True, exist_ok=True)
     noise_dir = out / "_background_noise_"
     noise_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for kind in NOISES:
-        sf.write(noise_dir / f"{kind}_noise.wav", 0.3 * make_noise(kind, 10 * SR, rng) / 4,
-                 SR, subtype="PCM_16")
+    variants = p.variants or Espeak.variants()
+    held_out = set(rng.choice(variants, round(len(variants) * p.test_only_variants),
+                              replace=False)) if p.test_only_variants else set()
+    train_voices = tuple(v for v in variants if v not in held_out)
+    espeak = Espeak() if "babble" in p.noises else None
+    for kind in p.noises:
+        noise = make_noise(kind, 10 * SR, rng, espeak, train_voices)
+        sf.write(noise_dir / f"{kind}_noise.wav", 0.3 * noise / 4, SR, subtype="PCM_16")
 
-    jobs = [(seed, i) for i in range(speakers)]
-    solution = []
+    jobs = [(seed, i, p, tuple(words), train_voices if i < n_train else tuple(variants))
+            for i in range(p.speakers)]
+    solution, metas = [], []
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(speak_speaker, jobs, chunksize=4)
-        for (_, idx), clips in tqdm(zip(jobs, results), total=speakers, desc="speakers",
-                                    disable=not progress):
+        for (_, idx, *_), clips in tqdm(zip(jobs, results), total=p.speakers, desc="speakers",
+                                        disable=not progress):
             speaker = hashlib.sha1(f"{seed}-{idx}".encode()).hexdigest()[:8]
-            for word, clip in clips:
+            for word, clip, meta in clips:
                 if idx < n_train:
-                    sf.write(out / "train" / word / f"{speaker}_nohash_0.wav", clip, SR,
-                             subtype="PCM_16")
+                    path = Path("train") / word / f"{speaker}_nohash_0.wav"
                 else:
                     name = hashlib.sha1(f"{speaker}-{word}".encode()).hexdigest()[:10] + ".wav"
-                    sf.write(out / "test" / name, clip, SR, subtype="PCM_16")
+                    path = Path("test") / name
                     solution.append((name, word))
+                sf.write(out / path, clip, SR, subtype="PCM_16")
+                metas.append(dict(path=str(path), speaker=speaker, word=word, **meta))
     solution = pd.DataFrame(solution, columns=["file_name", "label"]).sort_values("file_name")
     solution.to_csv(out / "solution.csv", index=False)
     solution.assign(label="").to_csv(out / "submission.csv", index=False)
-    return {"train": n_train * len(WORDS), "test": len(solution), "speakers": speakers}
+    pd.DataFrame(metas).to_csv(out / "meta.csv", index=False)
+    return {"train": n_train * len(words), "test": len(solution), "speakers": p.speakers}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/demo", help="dataset folder to write")
-    p.add_argument("--speakers", type=int, default=160,
-                   help="number of speakers; each says all 30 words once (1/6 go to test)")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                   help="demo: clean and quick; hard: the benchmark that tells recipes apart")
+    p.add_argument("--speakers", type=int, default=None,
+                   help="number of speakers, each saying every word once (default: the preset's, "
+                        "160 for demo, 420 for hard); a share of them go to test")
+    p.add_argument("--words", default=",".join(WORDS), help="comma-separated words to say")
     p.add_argument("--seed", type=int, default=0, help="same seed -> same dataset")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    counts = make_dataset(args.out, args.speakers, args.seed, workers=args.workers)
-    log.info("demo dataset in %s: %d train clips, %d test clips, %d speakers",
+    words = [w for w in args.words.split(",") if w]
+    counts = make_dataset(args.out, args.speakers, args.seed, workers=args.workers,
+                          preset=args.preset, words=words)
+    log.info("%s dataset in %s: %d train clips, %d test clips, %d speakers", args.preset,
              args.out, counts["train"], counts["test"], counts["speakers"])
     return 0
 
