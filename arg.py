@@ -2,13 +2,18 @@
 
 Every default lives here once. A field's metadata gives its flags, its group and a one-line
 help; `make_parser(groups)` turns the groups a script needs into argparse groups, and
-`config_from_args` turns parsed arguments back into a `Config`.
+`parse_config` turns a command line (and an optional `--config` YAML file) into a `Config`.
+
+Augmentation presets (`--aug`) set the augmentation fields that neither the command line
+nor the YAML file sets: `--aug seed --p-pitch 0.5` is the original recipe plus pitch shift.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def opt(default, help: str, group: str, flags: tuple[str, ...] = (), **kw):
@@ -37,10 +42,10 @@ class Config:
                     choices=("standard", "minmax", "none"))
     top_db: float = opt(80.0, "per-sample dynamic range floor in dB (librosa's top_db)", "features")
 
-    # augmentation (probabilities p_*, ranges)
-    aug: str = opt("default", "preset: default (all below), seed (the original's shift, gain and "
-                   "Gaussian noise only), none; seed/none set the other p_* to 0",
-                   "augmentation", choices=("default", "seed", "none"))
+    # augmentation: a probability p_* per sample and a range for each kind
+    aug: str = opt("default", "preset for the p_* not given: default, seed (the original's "
+                   "shift, gain and Gaussian noise only), none, all", "augmentation",
+                   choices=("default", "seed", "none", "all"))
     shift: float = opt(0.1, "time shift, max fraction of the clip (zero fill)", "augmentation")
     p_shift: float = opt(0.5, "time shift probability", "augmentation")
     gain_db: float = opt(5.0, "gain, max dB up or down", "augmentation")
@@ -51,6 +56,22 @@ class Config:
     bg_snr: tuple = opt((0.0, 20.0), "background noise (WORK/noise.npy) SNR range in dB",
                         "augmentation", nargs=2, type=float)
     p_bg: float = opt(0.4, "background noise probability", "augmentation")
+    reverb_rt60: tuple = opt((0.1, 0.8), "reverberation time range in s (synthetic rooms)",
+                             "augmentation", nargs=2, type=float)
+    p_reverb: float = opt(0.0, "reverberation probability", "augmentation")
+    pitch: float = opt(2.0, "pitch shift, max semitones up or down", "augmentation")
+    p_pitch: float = opt(0.0, "pitch shift probability", "augmentation")
+    stretch: float = opt(0.15, "time stretch, max fraction longer or shorter", "augmentation")
+    p_stretch: float = opt(0.0, "time stretch probability", "augmentation")
+    filter_db: float = opt(6.0, "FilterAugment: max gain in dB of each frequency band",
+                           "augmentation")
+    filter_bands: int = opt(4, "FilterAugment: bands with random edges", "augmentation")
+    p_filter: float = opt(0.0, "FilterAugment probability", "augmentation")
+    mel_jitter: float = opt(0.05, "mel range jitter: max share of the mel axis moved at each "
+                            "end (fmin/fmax jitter)", "augmentation")
+    p_mel_jitter: float = opt(0.0, "mel range jitter probability", "augmentation")
+    mixstyle: float = opt(0.3, "Freq-MixStyle Beta(alpha, alpha)", "augmentation")
+    p_mixstyle: float = opt(0.0, "Freq-MixStyle probability", "augmentation")
     spec_masks: int = opt(2, "SpecAugment masks on each axis", "augmentation")
     spec_width: float = opt(0.1, "SpecAugment max mask width, fraction of the axis", "augmentation")
     p_spec: float = opt(0.5, "SpecAugment probability", "augmentation")
@@ -64,6 +85,8 @@ class Config:
     drop_path_rate: float = opt(0.05, "stochastic depth", "model")
     channels_last: bool = opt(True, "channels_last memory format", "model")
     compile: bool = opt(False, "torch.compile the backbone", "model")
+    ema: float = opt(0.0, "EMA of the weights with this decay (e.g. 0.998); 0 = off. "
+                     "Validation, best.ckpt, OOF and inference use the averaged weights", "model")
 
     # optimisation
     epochs: int = opt(30, "epochs", "optim", ("-e", "--epochs"))
@@ -78,6 +101,15 @@ class Config:
     ohem: float = opt(1.0, "OHEM: keep this share of the hardest samples per batch", "optim",
                       ("-o", "--ohem"))
 
+    # pseudo-labels and distillation
+    pseudo: str = opt("", "run whose test_probs.csv gives pseudo-labels: test clips it predicts "
+                      "with probability >= --pseudo-threshold join every fold's training set",
+                      "teacher")
+    pseudo_threshold: float = opt(0.9, "lowest ensemble probability of a pseudo-label", "teacher")
+    teacher: str = opt("", "run whose fold k (best.ckpt) teaches this run's fold k", "teacher")
+    kd_weight: float = opt(0.5, "share of the distillation term in the loss", "teacher")
+    kd_temp: float = opt(2.0, "distillation temperature", "teacher")
+
     # run
     fold: str = opt("0", "fold index, or 'all' (one process per -g entry)", "run", ("-f", "--fold"))
     gpus: str = opt("0", "GPU index or list (0,1,2); -1 or cpu = the CPU (cpu,cpu: two CPU workers)",
@@ -87,13 +119,18 @@ class Config:
     tta: str = opt("n", "also write TTA out-of-fold predictions (y/n)", "run", ("-a", "--tta"),
                    choices=("y", "n"))
     run: str = opt("", "run name; default MODEL_SIZE", "run")
-    resume: bool = opt(False, "continue from the fold's last.ckpt", "run")
-    devices: int = opt(1, "GPUs for one fold (DDP when > 1)", "run")
+    resume: bool = opt(False, "continue from the fold's last.ckpt (same settings, see README)",
+                       "run")
+    devices: int = opt(1, "processes for one fold: GPUs, or CPU processes with -g cpu "
+                       "(DDP when > 1)", "run")
     strategy: str = opt("auto", "Lightning strategy (auto, ddp, ...)", "run")
-    num_nodes: int = opt(1, "machines for DDP", "run")
+    num_nodes: int = opt(1, "machines for DDP (MASTER_ADDR, MASTER_PORT, NODE_RANK set on each)",
+                         "run")
     workers: int = opt(-1, "DataLoader workers; -1 = 4 on GPU, 0 on CPU", "run")
     limit_batches: float = opt(1.0, "share (or count) of batches per epoch, for quick checks",
                                "run")
+    logger: str = opt("none", "experiment logger besides history.csv", "run",
+                      choices=("none", "csv", "tensorboard", "mlflow", "wandb"))
 
     @property
     def run_name(self) -> str:
@@ -101,11 +138,7 @@ class Config:
 
     def __post_init__(self):
         self.noise_snr, self.bg_snr = tuple(self.noise_snr), tuple(self.bg_snr)
-        if self.aug == "seed":  # the original recipe: shift 0.1, gain 5 dB, Gaussian noise
-            self.p_bg = self.p_spec = self.p_mixup = 0.0
-        elif self.aug == "none":
-            self.p_shift = self.p_gain = self.p_noise = self.p_bg = self.p_spec = 0.0
-            self.p_mixup = 0.0
+        self.reverb_rt60 = tuple(self.reverb_rt60)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +147,32 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def preset(cls, aug: str = "default", **given) -> "Config":
+        """The Config of augmentation preset `aug` with the `given` fields set on top."""
+        return cls(aug=aug, **{**PRESETS[aug], **given})
+
+
+PROBS = tuple(f.name for f in dataclasses.fields(Config) if f.name.startswith("p_"))
+PRESETS = {  # what each --aug sets when the command line or YAML does not
+    "default": {},  # the field defaults above
+    # the original recipe: time shift, gain and Gaussian noise only, at its own settings
+    "seed": {**{p: 0.0 for p in PROBS}, "shift": 0.1, "p_shift": 0.5, "gain_db": 5.0,
+             "p_gain": 0.5, "noise_snr": (10.0, 40.0), "p_noise": 0.3},
+    "none": {p: 0.0 for p in PROBS},
+    "all": {**{p: 0.5 for p in PROBS}, "p_noise": 0.3, "p_mixup": 0.3},
+}
+# settings that --resume may change: where and how the fold runs, not what it learns
+RESUME_SAFE = ("data", "workers", "gpus", "devices", "strategy", "num_nodes", "precision", "tta",
+               "logger", "compile", "channels_last", "resume", "limit_batches")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the problem and where help is."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _str2bool(s: str) -> bool:
@@ -125,10 +184,15 @@ def _str2bool(s: str) -> bool:
 
 
 def make_parser(description: str, groups=("data", "features", "augmentation", "model", "optim",
-                                          "run"), parser: argparse.ArgumentParser | None = None):
-    """argparse parser with one group per Config group named in `groups`."""
-    p = parser or argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                          "teacher", "run"), config_file: bool = False) -> Parser:
+    """Parser with one group per Config group named in `groups`. Config flags have no parser
+    default: only what was typed reaches `parse_config`, so presets and YAML files can fill
+    in the rest. `config_file` adds --config FILE.yaml."""
+    p = Parser(description=description)
+    if config_file:
+        p.add_argument("--config", default="", metavar="FILE.yaml",
+                       help="read settings from this YAML file (a fold's config.yaml, say); "
+                            "the command line wins")
     made = {}
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
@@ -137,7 +201,9 @@ def make_parser(description: str, groups=("data", "features", "augmentation", "m
             continue
         g = made.setdefault(group, p.add_argument_group(group))
         flags = meta.pop("flags") or (f"--{f.name.replace('_', '-')}",)
-        kw = dict(default=f.default, dest=f.name, help=meta.pop("help"), **meta)
+        shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        kw = dict(default=argparse.SUPPRESS, dest=f.name,
+                  help=f"{meta.pop('help')} (default: {shown!s})".replace("%", "%%"), **meta)
         if isinstance(f.default, bool):
             kw.update(type=_str2bool, nargs="?", const=True, metavar="BOOL")
         elif "type" not in kw:
@@ -146,6 +212,53 @@ def make_parser(description: str, groups=("data", "features", "augmentation", "m
     return p
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def read_yaml(path: str, parser: Parser | None = None) -> dict:
+    """The settings of a YAML config file, checked against Config's fields."""
+    import yaml
+
+    fail = parser.error if parser else lambda m: sys.exit(f"{m}")
+    if not Path(path).is_file():
+        fail(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        fail(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(values, dict):
+        fail(f"--config {path}: expected 'name: value' lines")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        fail(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def write_yaml(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    from util import atomic_write
+
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(d, sort_keys=False)))
+
+
+def parse_config(parser: Parser, argv=None) -> tuple[Config, argparse.Namespace]:
+    """(Config, all parsed arguments): the preset's values, then the YAML file's, then the
+    command line's."""
+    args = parser.parse_args(argv)
+    given = read_yaml(args.config, parser) if getattr(args, "config", "") else {}
+    given.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    aug = given.pop("aug", "default")
+    if aug not in PRESETS:
+        parser.error(f"--aug {aug}: not one of {', '.join(PRESETS)}")
+    try:
+        return Config.preset(aug, **given), args
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in vars(args).items() if k in names})
+    """Config from parsed arguments alone (no YAML), presets applied."""
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    return Config.preset(given.pop("aug", "default"), **given)

@@ -72,15 +72,23 @@ class LogMel(nn.Module):
             torch.matmul(fb[m0:m1, lo:hi], power[:, lo:hi], out=out[:, m0:m1])
         return out
 
-    def db(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B, n_mels, T) log-mel in dB (ref 1.0, amin 1e-10, per-sample top_db)."""
-        s = 10.0 * torch.log10(self.mel(self.power(x)).clamp_min(1e-10))
+    def db(self, x: torch.Tensor, power_aug=None) -> torch.Tensor:
+        """(B, L) -> (B, n_mels, T) log-mel in dB (ref 1.0, amin 1e-10, per-sample top_db);
+        `power_aug` acts on the power spectrogram (B, F, T) before the mel filterbank."""
+        power = self.power(x)
+        if power_aug is not None:
+            power = power_aug(power)
+        s = 10.0 * torch.log10(self.mel(power).clamp_min(1e-10))
         if self.top_db is not None:
             s = torch.maximum(s, s.amax(dim=(-2, -1), keepdim=True) - self.top_db)
         return s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.db(x)[..., :self.frames].unsqueeze(1)
+        return self.image(self.db(x))
+
+    def image(self, s: torch.Tensor) -> torch.Tensor:
+        """dB log-mel (B, n_mels, T) -> the model's input image (B, chans, n_mels, frames)."""
+        s = s[..., :self.frames].unsqueeze(1)
         if self.resize:  # the seed: min-max, then stretch the few frames to size x size
             s = normalise(s, "minmax")
             s = F.interpolate(s, size=(self.size, self.size), mode="bicubic", align_corners=False)
@@ -128,6 +136,29 @@ def add_at_snr(x: torch.Tensor, noise: torch.Tensor, snr_db) -> torch.Tensor:
     return x + noise * scale
 
 
+def room_impulses(rt60: torch.Tensor, sr: int, length: int) -> torch.Tensor:
+    """(B, length) synthetic room impulse responses: the direct path, then Gaussian noise
+    decaying 60 dB in `rt60` seconds (per sample), at a direct-to-reverberant ratio drawn
+    from -3..10 dB."""
+    B, dev = rt60.shape[0], rt60.device
+    t = torch.arange(length, device=dev) / sr
+    tail = torch.randn(B, length, device=dev) * torch.exp(-6.9 * t / rt60[:, None])
+    tail[:, : max(1, int(0.002 * sr))] = 0  # reflections start a little after the direct path
+    drr = 10.0 ** (_uniform(B, -3.0, 10.0, dev) / 20.0)
+    h = tail / (tail.square().sum(-1, keepdim=True).sqrt() * drr[:, None])
+    h[:, 0] = 1.0
+    return h
+
+
+def reverberate(x: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
+    """x (B, L) convolved with rir (B, R) by FFT, cut to L samples (the tail inside the clip
+    is kept), at x's RMS."""
+    L = x.shape[-1]
+    n = 1 << (L + rir.shape[-1] - 1).bit_length()
+    y = torch.fft.irfft(torch.fft.rfft(x, n) * torch.fft.rfft(rir, n), n)[..., :L]
+    return y * rms(x) / (rms(y) + 1e-8)
+
+
 def random_segments(bank: torch.Tensor, n: int, length: int) -> torch.Tensor:
     """n random windows of `length` samples from a 1-D noise bank (tiled if shorter)."""
     if bank.numel() < length + 1:
@@ -145,14 +176,17 @@ def _coin(n: int, p: float, device) -> torch.Tensor:
 
 
 class WaveAugment(nn.Module):
-    """Per-sample random time shift, gain, Gaussian noise and background noise, batched.
-    Does nothing in eval mode. `noise` is the 1-D background bank from WORK/noise.npy."""
+    """Per-sample random time shift, reverberation, gain, background noise and Gaussian
+    noise, batched. Does nothing in eval mode. `noise` is the 1-D background bank from
+    WORK/noise.npy."""
 
     def __init__(self, shift=0.1, p_shift=0.5, gain_db=5.0, p_gain=0.5, noise_snr=(10, 40),
-                 p_noise=0.3, bg_snr=(0, 20), p_bg=0.4, noise: torch.Tensor | None = None):
+                 p_noise=0.3, bg_snr=(0, 20), p_bg=0.4, noise: torch.Tensor | None = None,
+                 reverb_rt60=(0.1, 0.8), p_reverb=0.0, sr: int = 16000):
         super().__init__()
         self.shift, self.p_shift, self.gain_db, self.p_gain = shift, p_shift, gain_db, p_gain
         self.noise_snr, self.p_noise, self.bg_snr, self.p_bg = noise_snr, p_noise, bg_snr, p_bg
+        self.reverb_rt60, self.p_reverb, self.sr = reverb_rt60, p_reverb, sr
         self.register_buffer("noise", torch.zeros(0) if noise is None else noise.float(),
                              persistent=False)
 
@@ -162,6 +196,8 @@ class WaveAugment(nn.Module):
         B, L, dev = x.shape[0], x.shape[-1], x.device
         if self.p_shift > 0:
             x = time_shift(x, _uniform(B, -self.shift, self.shift, dev) * _coin(B, self.p_shift, dev))
+        if self.p_reverb > 0:
+            x = self.reverb(x)
         if self.p_gain > 0:
             x = gain(x, _uniform(B, -self.gain_db, self.gain_db, dev) * _coin(B, self.p_gain, dev))
         if self.p_bg > 0 and self.noise.numel():
@@ -171,6 +207,136 @@ class WaveAugment(nn.Module):
             snr = _uniform(B, *self.noise_snr, dev).masked_fill(~_coin(B, self.p_noise, dev), math.inf)
             x = add_at_snr(x, torch.randn_like(x), snr)
         return x
+
+    def reverb(self, x: torch.Tensor) -> torch.Tensor:
+        """The chosen samples convolved with rooms of random reverberation time."""
+        lo, hi = self.reverb_rt60
+        chosen = torch.nonzero(_coin(x.shape[0], self.p_reverb, x.device)).flatten()
+        rt60 = _uniform(len(chosen), lo, hi, x.device)
+        rir = room_impulses(rt60, self.sr, int(self.sr * hi * 1.1) + 1)
+        return x.index_copy(0, chosen, reverberate(x[chosen], rir))
+
+
+# ----------------------------------------------------------------------------- spectrogram ops
+def resample_axis(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """x read at fractional positions `pos` (B, n) along `dim` by linear interpolation, per
+    sample; positions outside the axis read 0."""
+    B, size = x.shape[0], x.shape[dim]
+    shape = [B] + [1] * (x.dim() - 1)
+    shape[dim] = pos.shape[1]
+    full = list(x.shape)
+    full[dim] = pos.shape[1]
+    xp = F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [1, 1])  # a zero at each end of the axis
+    lo = pos.floor()
+    w = (pos - lo).to(x.dtype).view(shape).expand(full)
+    i = lo.long() + 1  # index into the padded axis
+
+    def take(k):
+        return xp.gather(dim, k.clamp(0, size + 1).view(shape).expand(full))
+
+    return torch.lerp(take(i), take(i + 1), w)
+
+
+class SpecWarp(nn.Module):
+    """Pitch shift and time stretch of the power spectrogram (B, F, T), per sample, batched:
+    pitch shift reads bin f from f / 2**(semitones/12) (the harmonics and formants move, as
+    with librosa's pitch_shift); time stretch by factor s reads frame t from c + (t - c) / s
+    about the clip centre c, so a sound lasting d lasts s * d (a phase vocoder's magnitude).
+    Does nothing in eval mode."""
+
+    def __init__(self, pitch=2.0, p_pitch=0.0, stretch=0.15, p_stretch=0.0):
+        super().__init__()
+        self.pitch, self.p_pitch, self.stretch, self.p_stretch = pitch, p_pitch, stretch, p_stretch
+
+    def forward(self, power: torch.Tensor, semitones=None, factor=None) -> torch.Tensor:
+        """`semitones` and `factor` (per sample) fix the shift and stretch; otherwise both are
+        random (train mode only)."""
+        B, nf, nt = power.shape
+        dev = power.device
+        if semitones is None and factor is None:
+            if not self.training or (self.p_pitch <= 0 and self.p_stretch <= 0):
+                return power
+            semitones = _uniform(B, -self.pitch, self.pitch, dev) * _coin(B, self.p_pitch, dev)
+            factor = 1 + _uniform(B, -self.stretch, self.stretch, dev) * _coin(B, self.p_stretch, dev)
+        if semitones is not None:
+            ratio = 2.0 ** (_per_sample(power, semitones) / 12.0)
+            power = resample_axis(power, torch.arange(nf, device=dev) / ratio[:, None], 1)
+        if factor is not None:
+            c = (nt - 1) / 2
+            t = torch.arange(nt, device=dev)
+            power = resample_axis(power, c + (t - c) / _per_sample(power, factor)[:, None], 2)
+        return power
+
+
+class FilterAugment(nn.Module):
+    """Random gains over frequency bands of the dB log-mel (B, M, T) (Nam et al., 2022, the
+    linear type): `bands` bands with random edges, a gain in [-db, db] at each edge, linear in
+    between. Does nothing in eval mode."""
+
+    def __init__(self, db=6.0, bands=4, p=0.0):
+        super().__init__()
+        self.db, self.bands, self.p = db, max(1, bands), p
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0:
+            return s
+        B, M, _ = s.shape
+        dev = s.device
+        inner = torch.rand(B, self.bands - 1, device=dev).sort(1).values * (M - 1)
+        edges = torch.cat([inner.new_zeros(B, 1), inner, inner.new_full((B, 1), M - 1)], 1)
+        gains = _uniform(B * (self.bands + 1), -self.db, self.db, dev).view(B, -1)
+        gains = gains * _coin(B, self.p, dev)[:, None]
+        m = torch.arange(M, device=dev, dtype=s.dtype).expand(B, M).contiguous()
+        j = torch.searchsorted(edges, m, right=True).clamp(1, self.bands)
+        e0, e1 = edges.gather(1, j - 1), edges.gather(1, j)
+        g0, g1 = gains.gather(1, j - 1), gains.gather(1, j)
+        w = ((m - e0) / (e1 - e0).clamp_min(1e-6)).clamp(0, 1)
+        return s + (g0 + (g1 - g0) * w)[:, :, None]
+
+
+class MelJitter(nn.Module):
+    """Mel range (fmin / fmax) jitter on the dB log-mel (B, M, T): mel bands are evenly spaced
+    in mel, so a filterbank over a narrower [fmin', fmax'] is, band for band, an affine map of
+    the mel axis; each chosen sample reads its M bands from [lo, hi] with lo up to `jitter` of
+    the axis above the bottom and hi as far below the top. Does nothing in eval mode."""
+
+    def __init__(self, jitter=0.05, p=0.0):
+        super().__init__()
+        self.jitter, self.p = jitter, p
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0:
+            return s
+        B, M, _ = s.shape
+        dev = s.device
+        on = _coin(B, self.p, dev)
+        lo = _uniform(B, 0, self.jitter * (M - 1), dev) * on
+        hi = (M - 1) - _uniform(B, 0, self.jitter * (M - 1), dev) * on
+        pos = lo[:, None] + torch.arange(M, device=dev) / (M - 1) * (hi - lo)[:, None]
+        return torch.where(on[:, None, None], resample_axis(s, pos, 1), s)
+
+
+class FreqMixStyle(nn.Module):
+    """Freq-MixStyle (Schmid et al., 2023): each chosen sample's per-frequency mean and
+    standard deviation (over channels and time) are mixed with a random partner's,
+    lam ~ Beta(alpha, alpha). Does nothing in eval mode."""
+
+    def __init__(self, alpha=0.3, p=0.0):
+        super().__init__()
+        self.alpha, self.p = alpha, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0:
+            return x
+        B = x.shape[0]
+        on = _coin(B, self.p, x.device)
+        mu = x.mean(dim=(1, 3), keepdim=True)
+        sig = (x.var(dim=(1, 3), keepdim=True) + 1e-6).sqrt()
+        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((B,)).to(x.device, x.dtype)
+        lam = lam.view(B, 1, 1, 1)
+        perm = torch.randperm(B, device=x.device)
+        mixed = (x - mu) / sig * (lam * sig + (1 - lam) * sig[perm]) + lam * mu + (1 - lam) * mu[perm]
+        return torch.where(on.view(B, 1, 1, 1), mixed, x)
 
 
 class SpecAugment(nn.Module):
@@ -229,24 +395,43 @@ def tta_views(tta: bool) -> dict:
 
 # ----------------------------------------------------------------------------- all of it
 class Frontend(nn.Module):
-    """int16 or float waveforms -> augmented (in train mode) normalised log-mel images.
+    """int16 or float waveforms -> augmented (in train mode) normalised log-mel images:
+    waveform (shift, reverb, gain, noise) -> power spectrogram (pitch shift, time stretch)
+    -> dB log-mel (FilterAugment, mel range jitter) -> image (Freq-MixStyle, SpecAugment).
     Runs in float32 with autocast off: the STFT and dB conversion need the precision."""
 
     def __init__(self, cfg, chans: int = 1, noise: torch.Tensor | None = None):
         super().__init__()
         self.wave_aug = WaveAugment(cfg.shift, cfg.p_shift, cfg.gain_db, cfg.p_gain, cfg.noise_snr,
-                                    cfg.p_noise, cfg.bg_snr, cfg.p_bg, noise)
+                                    cfg.p_noise, cfg.bg_snr, cfg.p_bg, noise, cfg.reverb_rt60,
+                                    cfg.p_reverb, cfg.sr)
         self.logmel = LogMel(cfg.sr, cfg.n_fft, cfg.hop, cfg.n_mels, cfg.size, cfg.seconds,
                              cfg.resize, cfg.norm, cfg.top_db, chans)
+        self.warp = SpecWarp(cfg.pitch, cfg.p_pitch, cfg.stretch, cfg.p_stretch)
+        self.filter_aug = FilterAugment(cfg.filter_db, cfg.filter_bands, cfg.p_filter)
+        self.mel_jitter = MelJitter(cfg.mel_jitter, cfg.p_mel_jitter)
+        self.mixstyle = FreqMixStyle(cfg.mixstyle, cfg.p_mixstyle)
         self.spec_aug = SpecAugment(cfg.spec_masks, cfg.spec_width, cfg.p_spec)
 
-    def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
-        dev = wave.device.type
-        no_amp = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) \
+    @staticmethod
+    def _no_amp(device: torch.device):
+        dev = device.type
+        return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) \
             else contextlib.nullcontext()
-        with no_amp:
+
+    def waveform(self, wave: torch.Tensor) -> torch.Tensor:
+        """int16 or float (B, L) -> float in [-1, 1), augmented in train mode."""
+        with self._no_amp(wave.device):
             x = wave.float() / 32768.0 if not wave.is_floating_point() else wave.float()
-            x = self.wave_aug(x)
-            if view is not None:
-                x = view(x)
-            return self.spec_aug(self.logmel(x))
+            return self.wave_aug(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Float waveforms (B, L) -> images, with the spectrogram augmentations in train mode."""
+        with self._no_amp(x.device):
+            s = self.logmel.db(x, self.warp if self.training else None)
+            s = self.mel_jitter(self.filter_aug(s))
+            return self.spec_aug(self.mixstyle(self.logmel.image(s)))
+
+    def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
+        x = self.waveform(wave)
+        return self.features(view(x) if view is not None else x)
