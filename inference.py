@@ -2,17 +2,17 @@
 
     python inference.py -t 224 -m res2next50 -f 5 -a y            # 5 folds, soft, 4 TTA views
     python inference.py --runs res2next50_224 resnet18_64 --weights 2 1 -f 5 -a y
+    python inference.py --runs res2next50_224 resnet18_64 -f 5 -a y --fit-weights
     python inference.py -t 64 -m resnet18 -f 5 --ensemble hard --solution data/demo/solution.csv
     python inference.py -t 64 -m resnet18 -f 5 --predict some.wav some/folder
 
 -f N means folds 0..N-1 (so -f 1 is fold 0 alone); -f 0,2 is a list of fold indices.
 Outputs go to WORK/runs/<run>/ (WORK/runs/blend_<a>+<b>/ for several runs, or --out):
 submission.csv, test_probs.csv, test_score.json (with true labels), cv.json, report.txt,
-confusion.png.
+confusion.png, report.html (one run), blend.json (--fit-weights).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -20,15 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from util import probs_frame, scores, setup_logging, write_csv, write_json
+from model import CheckpointError, predict_waves
+from util import UsageError, probs_frame, setup_logging, write_csv, write_json
 
 log = logging.getLogger(__name__)
-
-
-class InferenceError(Exception):
-    """Nothing useful can be written (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------- ensembling
@@ -49,117 +45,115 @@ def ensemble(probs: np.ndarray, how: str = "soft", weights=None) -> tuple[np.nda
     return np.where(tied, mean, -1.0).argmax(1), votes
 
 
+def with_temperature(probs: np.ndarray, t: float) -> np.ndarray:
+    """softmax(log(p) / t): the same ranking, confidence scaled (t > 1 softens)."""
+    z = np.log(np.clip(probs, 1e-15, 1.0)) / t
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0)).mean())
+
+
+def calibration_error(probs: np.ndarray, y: np.ndarray) -> float:
+    """Expected calibration error (15 bins, L1) with torchmetrics."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(multiclass_calibration_error(torch.from_numpy(probs).float(), torch.from_numpy(y),
+                                              probs.shape[1], n_bins=15, norm="l1"))
+
+
+def fit_blend(probs: np.ndarray, y: np.ndarray) -> dict:
+    """Run weights (on the simplex) minimising the OOF log-loss of the weighted mean of
+    probs (R, N, C), then a temperature minimising the blend's log-loss (scipy.optimize)."""
+    from scipy.optimize import minimize, minimize_scalar
+
+    r = probs.shape[0]
+    p_true = probs[:, np.arange(len(y)), y]  # (R, N): only the true class counts in log-loss
+
+    def nll(z):
+        w = np.exp(z - z.max())
+        return -np.log(np.clip((w / w.sum()) @ p_true, 1e-15, 1.0)).mean()
+
+    z = minimize(nll, np.zeros(r), method="L-BFGS-B").x if r > 1 else np.zeros(1)
+    w = np.exp(z - z.max())
+    w = w / w.sum()
+    equal, blend = probs.mean(0), np.tensordot(w, probs, axes=1)
+    t = minimize_scalar(lambda t: log_loss(with_temperature(blend, t), y), bounds=(0.05, 20.0),
+                        method="bounded").x
+    calibrated = with_temperature(blend, t)
+    return dict(weights=w.tolist(), temperature=float(t),
+                oof_log_loss=dict(equal=log_loss(equal, y), fitted=log_loss(blend, y),
+                                  calibrated=log_loss(calibrated, y)),
+                oof_accuracy=dict(equal=float((equal.argmax(1) == y).mean()),
+                                  fitted=float((blend.argmax(1) == y).mean())),
+                oof_ece=dict(before=calibration_error(blend, y),
+                             after=calibration_error(calibrated, y)))
+
+
 def parse_folds(spec: str) -> list[int]:
     """'5' -> [0..4] (the seed's meaning); '0,2' -> [0, 2]; '3,' -> [3]."""
-    if "," in spec:
-        return [int(s) for s in spec.split(",") if s.strip()]
-    return list(range(int(spec)))
+    try:
+        if "," in spec:
+            return [int(s) for s in spec.split(",") if s.strip()]
+        return list(range(int(spec)))
+    except ValueError:
+        raise UsageError(f"-f {spec}: expected a fold count (5) or a list (0,2)") from None
 
 
 # ----------------------------------------------------------------------------- members
-def train_command(run_dir: Path, work: Path, fold: str) -> str:
-    """The command that trains `fold` of a run: another fold's command.txt with -f changed,
-    else one guessed from the run's MODEL_SIZE name."""
-    import shlex
-
-    from train import _strip
-
-    for cmd in sorted(run_dir.glob("fold*/command.txt")):
-        args = _strip(shlex.split(cmd.read_text())[2:], ("-f", "--fold"))
-        args = [a for a in args if a != "--no-progress"]
-        return shlex.join(["python", "train.py", *args, "-f", fold])
-    model, _, size = run_dir.name.rpartition("_")
-    if model and size.isdigit():
-        return f"python train.py --work {work} -m {model} -t {size} -f {fold} -g 0"
-    return f"python train.py --work {work} --run {run_dir.name} -m MODEL -t SIZE -f {fold} -g 0"
-
-
 def checkpoint_paths(work: Path, runs: list[str], folds: list[int]) -> list[Path]:
+    """best.ckpt of every run x fold; UsageError naming each missing or unfinished one with
+    the command that makes it."""
+    from report import fold_done, train_command
+
     paths = [work / "runs" / r / f"fold{k}" / "best.ckpt" for r in runs for k in folds]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        hints = [f"  {p}\n    make it with: {train_command(p.parent.parent, work, p.parent.name[4:])}"
-                 for p in missing]
-        raise InferenceError(f"{len(missing)} of {len(paths)} fold checkpoints are missing:\n"
-                             + "\n".join(hints))
+    bad = [p for p in paths if not (p.is_file() and fold_done(p.parent))]
+    if bad:
+        hints = []
+        for p in bad:
+            cmd = train_command(p.parent.parent, work, p.parent.name[4:])
+            state = "unfinished (no result.json)" if p.is_file() else "missing"
+            hints.append(f"  {p}: {state}\n    make it with: {cmd}"
+                         + (" --resume" if p.is_file() else ""))
+        raise UsageError(f"{len(bad)} of {len(paths)} fold checkpoints are missing or "
+                         f"unfinished:\n" + "\n".join(hints))
     return paths
 
 
-def check_compatible(ref, ref_path: Path, other, path: Path) -> None:
-    """Refuse a member whose classes or feature settings differ from the reference's."""
-    if other.classes != ref.classes:
-        raise InferenceError(f"class lists differ: {ref_path} has {len(ref.classes)} classes, "
-                             f"{path} has {len(other.classes)}; they cannot be blended")
-    a, b = ref.feature_settings(), other.feature_settings()
-    diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
-    if diff:
-        raise InferenceError(f"feature settings differ between {ref_path} and {path}: "
-                             + ", ".join(f"{k} {x} vs {y}" for k, (x, y) in diff.items()))
+def oof_for_blend(work: Path, runs: list[str], folds: list[int], name: str,
+                  classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(R, N, C) OOF probabilities of each run and the labels, refusing runs whose OOF covers
+    other rows."""
+    from report import label_index, load_oof, train_command
 
-
-def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch.device,
-                  batch: int, desc: str = "") -> tuple[np.ndarray, list[str]]:
-    """(M, N, C) probabilities, each member averaged over its views; models loaded one at a
-    time, once each, and checked against the first. Returns the class list too."""
-    from model import load_checkpoint
-    from transform import tta_views
-
-    views = tta_views(tta)
-    out, first = [], None
-    amp = dict(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
-    for path in tqdm(paths, desc=desc or "folds", unit="model", disable=None):
-        model = load_checkpoint(path, device)
-        if first is None:
-            first = model
-        check_compatible(first, paths[0], model, path)
-        probs = []
-        with torch.no_grad(), torch.autocast(**amp):
-            for i in range(0, len(waves), batch):
-                wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
-                probs.append(model.predict_views(wave, views).mean(0).cpu().numpy())
-        out.append(np.concatenate(probs) if probs else np.zeros((0, len(model.classes))))
-        model.cpu()  # free the device; the first stays (on the CPU) as the reference
-    return np.stack(out), first.classes
+    tables, probs = [], []
+    for r in runs:
+        got = load_oof([work / "runs" / r], folds, name, classes)
+        if got is None:
+            missing = [k for k in folds if not (work / "runs" / r / f"fold{k}" / f"{name}.csv")
+                       .is_file()]
+            how = (f"train them with -a y, or fit without -a y" if name == "oof_tta" else
+                   "train them: " + train_command(work / "runs" / r, work, str(missing[0])))
+            raise UsageError(f"--fit-weights: run {r} has no finished {name}.csv for fold(s) "
+                             f"{', '.join(map(str, missing)) or 'all'}; {how}")
+        tables.append(got[0])
+        probs.append(got[1])
+    for r, t in zip(runs[1:], tables[1:]):
+        if not np.array_equal(t.row.to_numpy(), tables[0].row.to_numpy()):
+            raise UsageError(f"--fit-weights: the OOF of {runs[0]} and {r} cover different rows "
+                             f"(other folds or another WORK); blend runs of the same WORK")
+    return np.stack(probs), label_index(tables[0].label, classes)
 
 
 # ----------------------------------------------------------------------------- reports
-def cv_report(runs_dir: Path, runs: list[str], weights, folds: list[int], classes: list[str],
-              out: Path) -> None:
-    """cv.json of the (blended) runs' OOF, then report.txt, confusion.png and the most
-    confused pairs for the TTA OOF where there is one, else the plain one."""
-    from sklearn.metrics import classification_report
-
-    from callback import cv_summary, load_oof
-    from util import most_confused, plot_confusion
-
-    run_dirs = [runs_dir / r for r in runs]
-    cv = cv_summary(run_dirs, classes, folds, out, weights)
-    if cv is None:
-        log.warning("no oof.csv for every fold %s of %s: no CV report", folds, "+".join(runs))
-        return
-    table, probs = (load_oof(run_dirs, folds, "oof_tta", classes, weights)
-                    or load_oof(run_dirs, folds, "oof", classes, weights))
-    true = table.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
-    pred = probs.argmax(1)
-    report = classification_report(true, pred, labels=range(len(classes)), target_names=classes,
-                                   digits=4, zero_division=0)
-    (out / "report.txt").write_text(report)
-    plot_confusion(true, pred, classes, out / "confusion.png",
-                   f"{'+'.join(runs)}: OOF accuracy {(true == pred).mean():.4f} ({len(true)} clips)")
-    for key in ("plain", "tta"):
-        if key in cv:
-            o = cv[key]["overall"]
-            log.info("CV %s: accuracy %.4f, macro-F1 %.4f", key, o["acc"], o["f1"])
-    pairs = most_confused(true, pred, classes)
-    if pairs:
-        log.info("most confused (true -> predicted: count): %s",
-                 ", ".join(f"{a}->{b}: {n}" for a, b, n in pairs))
-
-
-def score_test(test: pd.DataFrame, labels: list[str], solution: str | None, classes: list[str],
-               out: Path) -> float | None:
+def score_test(test: pd.DataFrame, labels: list[str], solution: str | None, out: Path,
+               how: str) -> float | None:
     truth = None
     if solution:
+        if not Path(solution).is_file():
+            raise UsageError(f"--solution {solution}: no such file")
         sol = pd.read_csv(solution, dtype=str, keep_default_na=False).set_index("file_name")
         truth = test.file_name.map(sol.label)
     elif "label" in test and (test.label != "").all():
@@ -167,8 +161,8 @@ def score_test(test: pd.DataFrame, labels: list[str], solution: str | None, clas
     if truth is None or truth.isna().any():
         return None
     acc = float((truth.to_numpy() == np.asarray(labels)).mean())
-    write_json(dict(accuracy=acc, clips=len(test), solution=solution or "test.csv"),
-               out / "test_score.json")
+    write_json({"accuracy": acc, "clips": len(test), "solution": solution or "test.csv",
+                "with": how}, out / "test_score.json")
     return acc
 
 
@@ -202,9 +196,10 @@ def predict_files(args, paths: list[Path], weights: np.ndarray, device: torch.de
 
 
 # ----------------------------------------------------------------------------- main
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_parser():
+    from arg import Parser
+
+    p = Parser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("members")
     g.add_argument("--work", default="work", help="work folder (preprocess.py --work)")
     g.add_argument("-m", "--model", default="res2next50", help="model of the run to use")
@@ -212,6 +207,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--run", default="", help="run name (default MODEL_SIZE)")
     g.add_argument("--runs", nargs="+", default=None, help="several runs to blend")
     g.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per run")
+    g.add_argument("--fit-weights", action="store_true",
+                   help="fit the run weights and a temperature on the OOF (min. log-loss); "
+                        "writes blend.json and calibrated test_probs.csv")
     g.add_argument("-f", "--folds", default="5", help="N = folds 0..N-1, or a list 0,2")
     g = p.add_argument_group("prediction")
     g.add_argument("-a", "--tta", default="n", choices=("y", "n"),
@@ -230,35 +228,60 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     setup_logging()
+    try:
+        return run(args)
+    except (UsageError, CheckpointError) as e:
+        print(f"inference: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from dataset import read_classes, read_table
+    from report import cv_report, write_html
+    from dataset import work_folds
+
     work = Path(args.work)
     runs = args.runs or [args.run or f"{args.model}_{args.size}"]
     if args.weights and len(args.weights) != len(runs):
-        print(f"inference: {len(args.weights)} --weights for {len(runs)} runs", file=sys.stderr)
-        return 2
+        raise UsageError(f"{len(args.weights)} --weights for {len(runs)} runs")
+    if args.fit_weights and (args.weights or args.ensemble == "hard"):
+        raise UsageError("--fit-weights chooses the weights of a soft blend: drop --weights "
+                         "and --ensemble hard")
     weights = np.asarray(args.weights or [1.0] * len(runs))  # one per run, spread over its folds
     folds = parse_folds(args.folds)
+    have = work_folds(work)
+    if not set(folds) <= set(have):
+        raise UsageError(f"-f {args.folds}: {work / 'train.csv'} has folds "
+                         f"{', '.join(map(str, have))}")
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 and torch.cuda.is_available() else "cpu")
-    try:
-        paths = checkpoint_paths(work, runs, folds)
-        member_w = np.repeat(weights, len(folds))
-        if args.predict:
-            return predict_files(args, paths, member_w, device)
-        out = Path(args.out) if args.out else work / "runs" / (
-            runs[0] if len(runs) == 1 else "blend_" + "+".join(runs))
-        out.mkdir(parents=True, exist_ok=True)
-        from dataset import read_classes, read_table
-
-        test = read_table(work / "test.csv")
-        waves = np.load(work / "test_wave.npy", mmap_mode="r")
-        probs, classes = predict_waves(paths, waves, args.tta == "y", device, args.batch_size,
-                                       desc=f"{len(paths)} models x {1 + 4 * (args.tta == 'y')} views")
-        if classes != read_classes(work):
-            raise InferenceError(f"{paths[0]} was trained on other classes than "
-                                 f"{work / 'classes.json'}")
-    except InferenceError as e:
-        print(f"inference: {e}", file=sys.stderr)
-        return 2
-    pred, score = ensemble(probs, args.ensemble, member_w)
+    paths = checkpoint_paths(work, runs, folds)
+    classes = read_classes(work)
+    blend = None
+    if args.fit_weights:
+        oof, y = oof_for_blend(work, runs, folds, "oof_tta" if args.tta == "y" else "oof",
+                               classes)
+        blend = fit_blend(oof, y)
+        weights = np.asarray(blend["weights"])
+    if args.predict:
+        return predict_files(args, paths, np.repeat(weights, len(folds)), device)
+    out = Path(args.out) if args.out else work / "runs" / (
+        runs[0] if len(runs) == 1 else "blend_" + "+".join(runs))
+    test = read_table(work / "test.csv")
+    waves = np.load(work / "test_wave.npy", mmap_mode="r")
+    views = 1 + 4 * (args.tta == "y")
+    probs, got = predict_waves(paths, waves, args.tta == "y", device, args.batch_size,
+                               desc=f"{len(paths)} models x {views} views")
+    if got != classes:
+        raise UsageError(f"{paths[0]} was trained on other classes than {work / 'classes.json'}")
+    pred, score = ensemble(probs, args.ensemble, np.repeat(weights, len(folds)))
+    if blend:
+        score = with_temperature(score, blend["temperature"])
+        write_json(dict(runs=runs, folds=folds, tta=args.tta == "y", **blend), out / "blend.json")
+        log.info("fitted on the OOF: weights %s, temperature %.3f; OOF log-loss %.4f (equal "
+                 "weights) -> %.4f (fitted) -> %.4f (calibrated); ECE %.4f -> %.4f",
+                 ", ".join(f"{r} {w:.3f}" for r, w in zip(runs, blend["weights"])),
+                 blend["temperature"], *blend["oof_log_loss"].values(),
+                 *blend["oof_ece"].values())
     labels = [classes[i] for i in pred]
     bad = test[test.status != "ok"]
     if len(bad):
@@ -268,16 +291,21 @@ def main(argv=None) -> int:
     write_csv(pd.DataFrame({"file_name": test.file_name, "label": labels}), out / "submission.csv")
     write_csv(probs_frame(test.file_name, score, classes), out / "test_probs.csv")
     log.info("submission: %d rows -> %s", len(test), out / "submission.csv")
-    acc = score_test(test, labels, args.solution, classes, out)
+    how = (f"{len(folds)} fold{'s' * (len(folds) > 1)}" + (f" x {len(runs)} runs" if len(runs) > 1
+                                                           else "")
+           + f", {args.ensemble}" + (", TTA" if args.tta == "y" else "")
+           + (", fitted weights" if blend else ""))
+    acc = score_test(test, labels, args.solution, out, how)
     if acc is not None:
-        log.info("test accuracy %.4f (%s, %d folds x %d runs, %s%s)", acc, args.ensemble,
-                 len(folds), len(runs), "TTA" if args.tta == "y" else "no TTA",
+        log.info("test accuracy %.4f (%s%s)", acc, how,
                  f", {args.solution}" if args.solution else "")
-    cv_report(work / "runs", runs, weights, folds, classes, out)
+    cv_report([work / "runs" / r for r in runs], weights, folds, classes, out)
+    if len(runs) == 1 and not args.out:
+        write_html(out, work)
     made = [f for f in ("submission.csv", "test_probs.csv", "test_score.json", "cv.json",
-                        "report.txt", "confusion.png") if (out / f).is_file()]
-    log.info("outputs in %s: %s; learning curves: %s", out, ", ".join(made),
-             ", ".join(str(work / "runs" / r / "fold*" / "curve.png") for r in runs))
+                        "report.txt", "confusion.png", "report.html", "blend.json")
+            if (out / f).is_file()]
+    log.info("outputs in %s: %s", out, ", ".join(made))
     return 0
 
 

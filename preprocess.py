@@ -27,6 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
+from util import write_json
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,8 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
                      work, cfg.manifest or cfg.data, len(all_paths))
             return dict(old, reused=True)
     work.mkdir(parents=True, exist_ok=True)
+    # the fingerprint goes first and comes back last: an interrupted build is never reused
+    prep_file.unlink(missing_ok=True)
     workers = workers or os.cpu_count() or 1
     length = int(round(cfg.sr * cfg.seconds))
 
@@ -232,7 +235,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     train["y"] = train.label.map({c: i for i, c in enumerate(classes)})
     train.insert(0, "row", np.arange(len(train)))
     train.drop(columns="status").to_csv(work / "train.csv", index=False)
-    (work / "classes.json").write_text(json.dumps(classes, indent=1))
+    write_json(classes, work / "classes.json")
 
     if len(test):
         info = decode_all(list(test.path), work / "test_wave.npy", cfg.sr, length, workers, "test")
@@ -265,7 +268,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     summary = dict(fingerprint=fp, layout=layout, classes=len(classes), train=len(train),
                    test=len(test), noise_seconds=sum(map(len, noise_waves)) / cfg.sr,
                    rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, folds=cfg.folds)
-    prep_file.write_text(json.dumps(summary, indent=1))
+    write_json(summary, prep_file)
     return dict(summary, reused=False)
 
 

@@ -8,8 +8,8 @@ import soundfile as sf
 import torch
 
 from conftest import run_script
-from inference import InferenceError, check_compatible, ensemble, parse_folds
-from model import load_checkpoint
+from inference import ensemble, parse_folds
+from model import CheckpointError, check_compatible, load_checkpoint, predict_waves
 from transform import tta_views
 
 
@@ -60,8 +60,6 @@ def test_tta_views_differ_and_their_mean_is_used(e2e):
     assert per_view.shape == (5, 16, len(model.classes))
     assert not torch.allclose(per_view[1], per_view[0])  # a shifted view changes the output
     assert not torch.allclose(per_view[2], per_view[0])
-    from inference import predict_waves
-
     probs, _ = predict_waves([e2e["run"] / "fold0" / "best.ckpt"], waves.numpy(), True,
                              torch.device("cpu"), 8)
     assert np.allclose(probs[0], per_view.mean(0).numpy(), atol=1e-5)
@@ -81,18 +79,28 @@ def test_mismatched_checkpoints_are_refused(e2e, tmp_path):
     ref = load_checkpoint(src)
     for name, match in (("norm.ckpt", "norm standard vs minmax"), ("classes.ckpt", "class lists")):
         other = load_checkpoint(tmp_path / name)
-        with pytest.raises(InferenceError, match=match) as err:
+        with pytest.raises(CheckpointError, match=match) as err:
             check_compatible(ref, src, other, tmp_path / name)
         assert str(src) in str(err.value) and name in str(err.value)
 
 
-def test_missing_checkpoints_named_with_train_command(e2e):
-    proc = run_script("inference.py", "--work", e2e["work"], "-m", "resnet18", "-t", 32, "-f", 4,
+def test_missing_and_unfinished_checkpoints_named_with_train_command(e2e, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("last.ckpt"))
+    run = work / "runs" / "resnet18_32"
+    (run / "fold1" / "best.ckpt").unlink()
+    (run / "fold0" / "result.json").unlink()  # as if fold 0 had been killed mid-training
+    before = (run / "submission.csv").stat().st_mtime_ns
+    proc = run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32, "-f", 2,
                       check=False)
     assert proc.returncode == 2
-    assert "2 of 4 fold checkpoints are missing" in proc.stderr
-    assert "fold2/best.ckpt" in proc.stderr and "fold3/best.ckpt" in proc.stderr
-    assert "python train.py" in proc.stderr and "-f 3" in proc.stderr
+    assert "2 of 2 fold checkpoints are missing or unfinished" in proc.stderr
+    assert "fold0/best.ckpt: unfinished" in proc.stderr and "fold1/best.ckpt: missing" in proc.stderr
+    assert "python train.py" in proc.stderr and "-f 1" in proc.stderr and "--resume" in proc.stderr
+    assert (run / "submission.csv").stat().st_mtime_ns == before  # nothing written
+    proc = run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32, "-f", 4,
+                      check=False)
+    assert proc.returncode == 2 and "has folds 0, 1" in proc.stderr
 
 
 def test_predict_wav_and_flac_of_another_rate(e2e, tmp_path):

@@ -24,7 +24,7 @@ def test_all_folds_write_records(e2e):
     for k in (0, 1):
         fold = run / f"fold{k}"
         for name in ("best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv",
-                     "oof_tta.csv", "config.json", "command.txt", "train.log"):
+                     "oof_tta.csv", "config.yaml", "command.txt", "train.log", "result.json"):
             assert (fold / name).is_file(), fold / name
         hist = pd.read_csv(fold / "history.csv")
         assert list(hist.epoch) == [0] and hist.train_loss.gt(0).all()
