@@ -1,0 +1,175 @@
+"""A run's fold ensemble (+ TTA views, + the log-mel front end) -> one ONNX graph, and the
+offline bundle that runs it with numpy, soundfile and onnxruntime alone.
+
+    python export.py --work WORK --run RUN -f 5 -a y --out RUN.onnx
+    python export.py --work WORK --run RUN -f 5 -a y --bundle RUN_bundle   # + predict.py, README
+
+The graph takes float32 waveforms (batch, samples) at the trained rate and length and
+returns class probabilities (batch, classes): the soft mean over folds and views, exactly
+what `inference.py -f N -a y` computes. The class names, sample rate and clip length are in
+the model's metadata. torch.stft exports as the ONNX STFT operator through torch's dynamo
+exporter (the TorchScript exporter refuses it: "STFT does not currently support complex
+types").
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from util import UsageError, setup_logging, write_text
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent
+
+
+class Ensemble(nn.Module):
+    """float32 waveforms (B, L) -> probabilities (B, C): the members' shared log-mel front end
+    for each view, every member's softmax, averaged with the members' weights and the views."""
+
+    def __init__(self, models: list, tta: bool, weights=None):
+        from transform import tta_views
+
+        super().__init__()
+        self.frontend = models[0].frontend.eval()  # members are checked to share it
+        self.nets = nn.ModuleList(m.net.eval() for m in models)
+        self.views = list(tta_views(tta).values())
+        w = torch.ones(len(models)) if weights is None else torch.as_tensor(weights).float()
+        self.register_buffer("weights", w / w.sum())
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        probs = 0.0
+        for view in self.views:
+            img = self.frontend(wave, view)
+            for k, net in enumerate(self.nets):
+                probs = probs + self.weights[k] * net(img).float().softmax(-1)
+        return probs / len(self.views)
+
+
+def load_members(work: Path, run: str, folds: list[int]) -> list:
+    from inference import checkpoint_paths
+    from model import check_compatible, load_checkpoint
+
+    paths = checkpoint_paths(work, [run], folds)
+    models = [load_checkpoint(p) for p in paths]
+    for m, p in zip(models[1:], paths[1:]):
+        check_compatible(models[0], paths[0], m, p)
+    return models
+
+
+def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
+    """Export the ensemble with a dynamic batch axis; metadata: classes (JSON), sample_rate,
+    clip_samples, clip_seconds and `meta`."""
+    import onnx
+
+    cfg = models[0].cfg
+    length = int(round(cfg.sr * cfg.seconds))
+    for m in models:  # export the plain layout; channels_last is a CUDA-speed detail
+        m.net.to(memory_format=torch.contiguous_format)
+    net = Ensemble(models, tta).eval()
+    example = torch.zeros(2, length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with torch.no_grad():
+        program = torch.onnx.export(net, (example,), dynamo=True, input_names=["wave"],
+                                    output_names=["probs"], opset_version=18,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program.save(str(tmp))
+    model = onnx.load(str(tmp))
+    props = dict(classes=json.dumps(models[0].classes), sample_rate=str(cfg.sr),
+                 clip_samples=str(length), clip_seconds=str(cfg.seconds),
+                 **{k: str(v) for k, v in meta.items()})
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def write_bundle(onnx_path: Path, folder: Path, meta: dict, classes: list[str]) -> None:
+    """folder/: the .onnx, predict.py, requirements.txt and a README, nothing else needed."""
+    import onnxruntime
+    import soundfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if onnx_path.resolve() != (folder / onnx_path.name).resolve():
+        shutil.copy2(onnx_path, folder / onnx_path.name)
+    shutil.copy2(ROOT / "predict.py", folder / "predict.py")
+    write_text(f"numpy>={np.__version__.split('.')[0]}\nsoundfile>={soundfile.__version__}\n"
+               f"onnxruntime>={onnxruntime.__version__}\n", folder / "requirements.txt")
+    name = onnx_path.name
+    write_text(f"""# {meta['run']}: offline keyword classifier
+
+{len(classes)} classes, {meta['sample_rate']} Hz clips of {meta['clip_seconds']} s; an ensemble
+of {meta['folds']} fold model(s){' with 5 test-time views' if meta['tta'] else ''}, log-mel front end
+included. Needs Python 3.9+ and the three packages of `requirements.txt` (no torch).
+
+```bash
+pip install -r requirements.txt        # offline: pip download -r requirements.txt -d wheels
+                                       # elsewhere, then pip install --no-index -f wheels ...
+python predict.py {name} clip.wav folder/ --top-k 3
+python predict.py {name} long_recording.wav --window 1 --hop 0.25 --csv windows.csv
+```
+
+From Python:
+
+```python
+from predict import Predictor
+p = Predictor("{name}")
+p.predict_files(["clip.wav"], top_k=3)          # [(path, [(label, probability), ...]), ...]
+p.windows("long.wav", window=1.0, hop=0.25)      # [(start_s, end_s, label, probability), ...]
+```
+
+Classes: {', '.join(classes)}
+""", folder / "README.md")
+
+
+def main(argv=None) -> int:
+    from arg import Parser
+
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="work", help="work folder (preprocess.py --work)")
+    p.add_argument("--run", required=True, help="the run to export (WORK/runs/RUN)")
+    p.add_argument("-f", "--folds", default="5", help="N = folds 0..N-1, or a list 0,2")
+    p.add_argument("-a", "--tta", default="n", choices=("y", "n"), help="include the TTA views")
+    p.add_argument("--out", default="", help="the .onnx file (default WORK/runs/RUN/RUN.onnx)")
+    p.add_argument("--bundle", default="", metavar="DIR",
+                   help="also write DIR with the .onnx, predict.py, requirements.txt, README.md")
+    args = p.parse_args(argv)
+    setup_logging()
+    from dataset import work_folds
+    from inference import parse_folds
+    from model import CheckpointError
+
+    work = Path(args.work)
+    try:
+        folds = parse_folds(args.folds)
+        have = work_folds(work)
+        if not set(folds) <= set(have):
+            raise UsageError(f"-f {args.folds}: {work / 'train.csv'} has folds "
+                             f"{', '.join(map(str, have))}")
+        models = load_members(work, args.run, folds)
+    except (UsageError, CheckpointError) as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else work / "runs" / args.run / f"{args.run}.onnx"
+    meta = dict(run=args.run, folds=len(folds), tta=args.tta == "y")
+    export_onnx(models, args.tta == "y", out, meta)
+    log.info("export: %s (%.1f MB): %d fold(s)%s, input wave (batch, %d) at %d Hz",
+             out, out.stat().st_size / 1e6, len(folds), " x 5 views" if args.tta == "y" else "",
+             int(round(models[0].cfg.sr * models[0].cfg.seconds)), models[0].cfg.sr)
+    if args.bundle:
+        cfg = models[0].cfg
+        write_bundle(out, Path(args.bundle), dict(meta, sample_rate=cfg.sr,
+                                                  clip_seconds=cfg.seconds), models[0].classes)
+        log.info("bundle: %s (model, predict.py, requirements.txt, README.md)", args.bundle)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

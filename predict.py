@@ -1,0 +1,196 @@
+"""Label audio with an exported model (export.py): needs numpy, soundfile and onnxruntime only.
+
+    python predict.py MODEL.onnx clip.wav folder/ [--top-k 3]
+    python predict.py MODEL.onnx long.wav --window 1 --hop 0.25 [--min-prob 0.5] [--csv out.csv]
+
+Clips: each file is averaged to mono, resampled to the model's rate and zero-padded or cut
+to its clip length, as in training; one line per file with the top-k labels. Recordings:
+with --window, one row per window (start, end, label, probability), then the segments:
+consecutive windows with the same label and at least --min-prob merged. Unreadable and
+empty files are listed on stderr and skipped.
+
+As a module: `Predictor("model.onnx").predict_files([...])` and `.windows(path, 1.0, 0.25)`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}
+
+
+class AudioError(ValueError):
+    """A file that cannot be used, with the reason."""
+
+
+def resample(y: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
+    """Band-limited resampling of a whole signal by FFT (zero-padding or cutting the
+    spectrum), as scipy.signal.resample does."""
+    if orig_sr == sr or len(y) == 0:
+        return y
+    n = max(1, int(round(len(y) * sr / orig_sr)))
+    spec = np.fft.rfft(y)
+    keep = min(len(spec), n // 2 + 1)
+    out = np.zeros(n // 2 + 1, dtype=spec.dtype)
+    out[:keep] = spec[:keep]
+    return (np.fft.irfft(out, n) * (n / len(y))).astype(np.float32)
+
+
+def read_audio(path: str | Path, sr: int) -> np.ndarray:
+    """float32 mono waveform of `path` at `sr`; AudioError when it cannot be used."""
+    import soundfile as sf
+
+    try:
+        y, orig_sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # LibsndfileError, RuntimeError, TypeError ...
+        raise AudioError(f"not readable audio ({str(e).strip().splitlines()[0][:120]})") from None
+    if len(y) == 0:
+        raise AudioError("empty (0 samples)")
+    y = y.mean(1)
+    if not np.isfinite(y).all():
+        raise AudioError("contains NaN or infinite samples")
+    return resample(y, orig_sr, sr)
+
+
+def fit(y: np.ndarray, length: int) -> np.ndarray:
+    return y[:length] if len(y) >= length else np.pad(y, (0, length - len(y)))
+
+
+class Predictor:
+    """An exported ensemble: class names, sample rate and clip length from its metadata."""
+
+    def __init__(self, model: str | Path, batch: int = 64, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.classes = json.loads(meta["classes"])
+        self.sr, self.length = int(meta["sample_rate"]), int(meta["clip_samples"])
+        self.batch = batch
+
+    def probs(self, waves: np.ndarray) -> np.ndarray:
+        """(N, clip samples) float32 -> (N, classes) probabilities."""
+        out = [self.session.run(None, {"wave": np.ascontiguousarray(waves[i:i + self.batch],
+                                                                    dtype=np.float32)})[0]
+               for i in range(0, len(waves), self.batch)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_files(self, paths, top_k: int = 3, errors=None):
+        """[(path, [(label, probability), ...])] for the readable files among `paths`;
+        (path, reason) of the others go to the `errors` list when given."""
+        good, waves = [], []
+        for p in paths:
+            try:
+                waves.append(fit(read_audio(p, self.sr), self.length))
+                good.append(p)
+            except AudioError as e:
+                if errors is not None:
+                    errors.append((p, str(e)))
+        probs = self.probs(np.stack(waves)) if waves else []
+        return [(p, [(self.classes[i], float(s[i])) for i in np.argsort(s)[::-1][:top_k]])
+                for p, s in zip(good, probs)]
+
+    def windows(self, path, window: float | None = None, hop: float = 0.25, notes=None):
+        """[(start s, end s, label, probability)] for windows of `window` seconds (default:
+        the clip length) every `hop` seconds; each window is padded or cut to the clip length.
+        A recording shorter than one window is one padded window (said in `notes`)."""
+        y = read_audio(path, self.sr)
+        win = int(round((window or self.length / self.sr) * self.sr))
+        step = max(1, int(round(hop * self.sr)))
+        if len(y) < win and notes is not None:
+            notes.append(f"{path}: {len(y) / self.sr:.2f} s, shorter than one {win / self.sr:g} s "
+                         f"window: one padded window")
+        starts = list(range(0, max(1, len(y) - win + 1), step))
+        if len(y) > win and starts[-1] + win < len(y):
+            starts.append(len(y) - win)  # the end of the recording gets a window too
+        probs = self.probs(np.stack([fit(y[s:s + win], self.length) for s in starts]))
+        top = probs.argmax(1)
+        return [(s / self.sr, min(len(y), s + win) / self.sr, self.classes[k], float(p[k]))
+                for s, k, p in zip(starts, top, probs)]
+
+
+def segments(rows, min_prob: float = 0.5):
+    """Consecutive windows with the same label and probability >= min_prob merged:
+    [(start s, end s, label, mean probability, windows)]."""
+    out = []
+    for start, end, label, p in rows:
+        if p < min_prob:
+            continue
+        if out and out[-1][2] == label and start <= out[-1][1]:
+            s, _, _, total, n = out[-1]
+            out[-1] = (s, end, label, total + p, n + 1)
+        else:
+            out.append((start, end, label, p, 1))
+    return [(s, e, label, total / n, n) for s, e, label, total, n in out]
+
+
+def audio_files(paths) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS) \
+            if p.is_dir() else [p]
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", help="the .onnx file written by export.py")
+    ap.add_argument("paths", nargs="+", help="audio files or folders")
+    ap.add_argument("--top-k", type=int, default=3, help="labels per file")
+    ap.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                    help="label windows of a long recording (default window: the clip length)")
+    ap.add_argument("--hop", type=float, default=None, metavar="SECONDS",
+                    help="window step (default 0.25; implies window mode)")
+    ap.add_argument("--min-prob", type=float, default=0.5,
+                    help="windows below this probability end a segment")
+    ap.add_argument("--csv", default="", help="also write the rows to this CSV file")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
+    args = ap.parse_args(argv)
+    if not Path(args.model).is_file():
+        print(f"predict: {args.model}: no such model file (make one with export.py)",
+              file=sys.stderr)
+        return 2
+    pred = Predictor(args.model, threads=args.threads)
+    files, errors, rows = audio_files(args.paths), [], []
+    if args.window is None and args.hop is None:
+        for path, top in pred.predict_files(files, args.top_k, errors):
+            print(f"{path}: " + "  ".join(f"{label} {p:.3f}" for label, p in top))
+            rows.append([str(path), *[x for t in top for x in (t[0], f"{t[1]:.4f}")]])
+        header = ["path", *[f"{k}{i + 1}" for i in range(args.top_k) for k in ("label", "p")]]
+    else:
+        header = ["path", "start", "end", "label", "p"]
+        for path in files:
+            notes = []
+            try:
+                win = pred.windows(path, args.window, args.hop or 0.25, notes)
+            except AudioError as e:
+                errors.append((path, str(e)))
+                continue
+            for note in notes:
+                print(f"predict: {note}", file=sys.stderr)
+            for s, e, label, p in win:
+                print(f"{path}\t{s:.2f}\t{e:.2f}\t{label}\t{p:.3f}")
+                rows.append([str(path), f"{s:.3f}", f"{e:.3f}", label, f"{p:.4f}"])
+            for s, e, label, p, n in segments(win, args.min_prob):
+                print(f"{path}: segment {s:.2f}-{e:.2f} s {label} ({p:.3f}, {n} windows)")
+    for path, reason in errors:
+        print(f"{path}: skipped - {reason}", file=sys.stderr)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    if not files or len(errors) == len(files):
+        print("predict: no readable audio among the paths given", file=sys.stderr)
+        return 1
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
