@@ -211,10 +211,10 @@ class WaveAugment(nn.Module):
     def reverb(self, x: torch.Tensor) -> torch.Tensor:
         """The chosen samples convolved with rooms of random reverberation time."""
         lo, hi = self.reverb_rt60
-        chosen = torch.nonzero(_coin(x.shape[0], self.p_reverb, x.device)).flatten()
-        rt60 = _uniform(len(chosen), lo, hi, x.device)
-        rir = room_impulses(rt60, self.sr, int(self.sr * hi * 1.1) + 1)
-        return x.index_copy(0, chosen, reverberate(x[chosen], rir))
+        B = x.shape[0]
+        chosen = _coin(B, self.p_reverb, x.device)
+        rir = room_impulses(_uniform(B, lo, hi, x.device), self.sr, int(self.sr * hi * 1.1) + 1)
+        return torch.where(chosen[:, None], reverberate(x, rir), x)
 
 
 # ----------------------------------------------------------------------------- spectrogram ops
@@ -334,7 +334,9 @@ class FreqMixStyle(nn.Module):
         sig = (x.var(dim=(1, 3), keepdim=True) + 1e-6).sqrt()
         lam = torch.distributions.Beta(self.alpha, self.alpha).sample((B,)).to(x.device, x.dtype)
         lam = lam.view(B, 1, 1, 1)
-        perm = torch.randperm(B, device=x.device)
+        order = torch.randperm(B, device=x.device)  # partners along a random cycle: never itself
+        perm = torch.empty_like(order)
+        perm[order] = order.roll(1)
         mixed = (x - mu) / sig * (lam * sig + (1 - lam) * sig[perm]) + lam * mu + (1 - lam) * mu[perm]
         return torch.where(on.view(B, 1, 1, 1), mixed, x)
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from arg import Config
-from transform import (LogMel, SpecAugment, WaveAugment, add_at_snr, gain, mixup, rms,
-                       time_shift, tta_views, Frontend)
+from transform import (FilterAugment, Frontend, FreqMixStyle, LogMel, MelJitter, SpecAugment,
+                       SpecWarp, WaveAugment, add_at_snr, gain, mixup, rms, time_shift,
+                       tta_views)
 
 
 def speech_like(n=4, seed=0):
@@ -107,7 +108,7 @@ def test_specaugment_zeroes_bands_only():
 
 
 def test_same_seed_same_batch():
-    cfg = Config(size=64, p_shift=1, p_gain=1, p_noise=1, p_bg=1, p_spec=1)
+    cfg = Config.preset("all", size=64, p_shift=1, p_gain=1, p_noise=1, p_bg=1, p_spec=1)
     front = Frontend(cfg, noise=torch.randn(40000) * 0.1).train()
     x = (torch.from_numpy(speech_like(4)) * 32767).short()
     torch.manual_seed(7)
@@ -142,6 +143,112 @@ def test_tta_views_are_deterministic_and_distinct():
 
 
 def test_runs_on_meta_device():
-    front = Frontend(Config(size=64)).to("meta").train()
+    front = Frontend(Config.preset("all", size=64)).to("meta").train()
     out = front(torch.zeros(4, 16000, dtype=torch.int16, device="meta"))
     assert out.shape == (4, 1, 64, 64) and out.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- newer augmentations
+def tone(freq=1000.0, on=(0.0, 1.0), n=1):
+    t = np.arange(16000) / 16000
+    x = np.where((t >= on[0]) & (t < on[1]), np.sin(2 * np.pi * freq * t), 0.0)
+    return torch.from_numpy(np.tile(x, (n, 1)))
+
+
+def peak_hz(power: torch.Tensor) -> float:
+    """Frequency of the spectral peak of (F, T) power, with parabolic interpolation."""
+    spec = power.mean(-1)
+    k = int(spec.argmax())
+    a, b, c = spec[k - 1:k + 2].log()
+    return float(k + 0.5 * (a - c) / (a - 2 * b + c)) * 16000 / 2048
+
+
+def active_seconds(power: torch.Tensor, hop: int) -> float:
+    """Onset-to-offset duration of (F, T) power: first to last frame within 30 dB of the max."""
+    e = power.sum(0)
+    on = torch.nonzero(e > e.max() * 1e-3).flatten()
+    return float(on[-1] - on[0]) * hop / 16000
+
+
+@pytest.mark.parametrize("semitones", [-2.0, 1.0, 3.0])
+def test_pitch_shift_moves_a_tone_by_the_asked_semitones(semitones):
+    lm = LogMel(n_fft=2048, hop=128, n_mels=64)
+    power = lm.power(tone(1000.0))
+    shifted = SpecWarp()(power, semitones=torch.tensor([semitones], dtype=power.dtype))
+    want = 1000.0 * 2 ** (semitones / 12)
+    assert abs(peak_hz(shifted[0]) / want - 1) < 0.02
+    assert abs(peak_hz(power[0]) / 1000.0 - 1) < 0.02
+
+
+@pytest.mark.parametrize("factor", [0.8, 1.25])
+def test_time_stretch_scales_the_duration(factor):
+    hop = 128
+    power = LogMel(n_fft=512, hop=hop, n_mels=64).power(tone(440.0, on=(0.3, 0.6)))
+    stretched = SpecWarp()(power, factor=torch.tensor([factor], dtype=power.dtype))
+    before, after = active_seconds(power[0], hop), active_seconds(stretched[0], hop)
+    assert abs(after / before - factor) < 0.04
+    assert stretched.shape == power.shape
+
+
+def test_reverb_keeps_the_length_and_adds_a_decaying_tail():
+    torch.manual_seed(0)
+    x = tone(700.0, on=(0.1, 0.2), n=4).float()
+    aug = WaveAugment(p_shift=0, p_gain=0, p_noise=0, p_bg=0, p_reverb=1.0,
+                      reverb_rt60=(0.5, 0.5)).train()
+    y = aug(x)
+    assert y.shape == x.shape
+    assert torch.allclose(rms(y), rms(x), rtol=1e-3)  # the level is kept
+    tail = y[:, 3200:8000].reshape(4, 6, 800).square().mean(-1)  # 50 ms windows after the burst
+    assert (x[:, 3200:] == 0).all() and (tail[:, 0] > 1e-4).all()  # the dry clip is silent there
+    assert (tail[:, 1:] < tail[:, :-1]).float().mean() > 0.8  # and the tail decays
+    assert torch.equal(aug.eval()(x), x)
+
+
+def batch_for(kind):
+    """A (module, input) pair for each newer augmentation, forced on for every sample."""
+    torch.manual_seed(1)
+    lm = LogMel(size=64, norm="none")
+    wave = torch.from_numpy(speech_like(6)).float()
+    power, db = lm.power(wave), lm.db(wave)
+    return {
+        "reverb": (WaveAugment(p_shift=0, p_gain=0, p_noise=0, p_bg=0, p_reverb=1.0), wave),
+        "pitch": (SpecWarp(p_pitch=1.0), power),
+        "stretch": (SpecWarp(p_stretch=1.0), power),
+        "filter": (FilterAugment(p=1.0), db),
+        "mel_jitter": (MelJitter(p=1.0), db),
+        "mixstyle": (FreqMixStyle(alpha=1.0, p=1.0), lm.image(db)),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["reverb", "pitch", "stretch", "filter", "mel_jitter",
+                                  "mixstyle"])
+def test_augmentation_changes_in_train_mode_and_is_identity_in_eval(kind):
+    module, x = batch_for(kind)
+    y = module.train()(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    changed = (y - x).flatten(1).abs().amax(1) > 1e-3
+    assert changed.all(), f"{kind}: {int((~changed).sum())} samples unchanged"
+    assert torch.equal(module.eval()(x), x)
+
+
+def test_filter_augment_gains_are_bounded_and_smooth():
+    module, db = batch_for("filter")
+    diff = module.train()(db) - db
+    assert diff.abs().max() <= 6.0 + 1e-4
+    assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-4)  # one curve over frequency
+    assert diff[:, 1:, 0].sub(diff[:, :-1, 0]).abs().max() < 6.0  # piecewise linear, no jumps
+
+
+def test_presets_fill_only_what_is_not_given(tmp_path):
+    from arg import make_parser, parse_config, write_yaml
+
+    p = make_parser("x", config_file=True)
+    cfg, _ = parse_config(p, ["--aug", "seed", "--p-pitch", "0.5", "--p-noise", "0.1"])
+    assert cfg.p_pitch == 0.5 and cfg.p_noise == 0.1 and cfg.p_shift == 0.5
+    assert cfg.p_bg == cfg.p_spec == cfg.p_mixup == cfg.p_reverb == 0.0
+    assert parse_config(p, ["--aug", "none"])[0].p_shift == 0.0
+    assert parse_config(p, [])[0] == Config()  # the default preset is the field defaults
+    write_yaml(cfg, tmp_path / "c.yaml")
+    again, _ = parse_config(p, ["--config", str(tmp_path / "c.yaml")])
+    assert again == cfg
+    assert parse_config(p, ["--config", str(tmp_path / "c.yaml"), "-e", "3"])[0].epochs == 3
