@@ -19,6 +19,7 @@ mixed into the clips. The layout is the contest's:
     OUT/train/<word>/<speaker>_nohash_<n>.wav     OUT/test/<id>.wav (unseen speakers)
     OUT/submission.csv (file_name,label empty)    OUT/solution.csv (the truth)
     OUT/_background_noise_/*.wav                  OUT/meta.csv (how each clip was made)
+    OUT/voices.json (the voice variants of training speakers, and those heard only in test)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import argparse
 import ctypes
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -292,8 +294,8 @@ def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
     noise_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     variants = p.variants or Espeak.variants()
-    held_out = set(rng.choice(variants, round(len(variants) * p.test_only_variants),
-                              replace=False)) if p.test_only_variants else set()
+    n_held = round(len(variants) * p.test_only_variants)
+    held_out = {str(v) for v in rng.choice(variants, n_held, replace=False)} if n_held else set()
     train_voices = tuple(v for v in variants if v not in held_out)
     espeak = Espeak() if "babble" in p.noises else None
     for kind in p.noises:
@@ -321,6 +323,8 @@ def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
     solution.to_csv(out / "solution.csv", index=False)
     solution.assign(label="").to_csv(out / "submission.csv", index=False)
     pd.DataFrame(metas).to_csv(out / "meta.csv", index=False)
+    (out / "voices.json").write_text(json.dumps(dict(train=train_voices,
+                                                    test_only=sorted(held_out)), indent=1))
     return {"train": n_train * len(words), "test": len(solution), "speakers": p.speakers}
 
 

@@ -33,7 +33,7 @@ def test_all_folds_write_records(e2e):
         val = table[table.fold == k]
         assert sorted(oof.row) == sorted(val.row) and (oof.fold == k).all()
         assert list(oof.columns[-len(classes):]) == classes
-        assert ((oof[classes].sum(1) - 1).abs() < 1e-4).all()
+        assert ((oof[classes].sum(axis=1) - 1).abs() < 1e-4).all()
         # the OOF is the best epoch's: its accuracy is best.ckpt's score
         acc = (oof[classes].to_numpy().argmax(1) == oof.label.map(classes.index)).mean()
         assert acc == pytest.approx(hist.val_acc.max(), abs=1e-6)
