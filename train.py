@@ -153,11 +153,11 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
     from model import AudioClassifier, check_compatible, load_checkpoint
     from report import cv_summary, write_html
 
-    accelerator, devices = pick_device(cfg)
-    precision = lightning_precision(cfg.precision, accelerator)
     work = Path(cfg.work)
     work_folds(work)
     check_model(cfg.model)
+    accelerator, devices = pick_device(cfg)
+    precision = lightning_precision(cfg.precision, accelerator)
     run_dir = work / "runs" / cfg.run_name
     fold_dir = run_dir / f"fold{fold}"
     rank_zero = launched_rank_zero()

@@ -1,0 +1,176 @@
+"""Distributed training on the CPU, no half-built state trusted, and one-line bad requests."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_script
+
+
+@pytest.fixture(scope="module")
+def work(e2e, tmp_path_factory):
+    work = tmp_path_factory.mktemp("robust") / "work"
+    shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
+    return work
+
+
+def fold_files(fold):
+    return sorted(p.name for p in fold.iterdir() if p.name not in ("train.log", ".lock"))
+
+
+def assert_oof_matches_best(work, fold_dir, k):
+    """oof.csv holds every validation row once, and best.ckpt predicts it to 1e-5."""
+    from model import predict_waves
+
+    classes = json.loads((work / "classes.json").read_text())
+    table = pd.read_csv(work / "train.csv")
+    oof = pd.read_csv(fold_dir / "oof.csv", keep_default_na=False)
+    assert sorted(oof.row) == sorted(table[table.fold == k].row)  # each val row exactly once
+    waves = np.load(work / "train_wave.npy")[oof.row.to_numpy()]
+    probs = predict_waves([fold_dir / "best.ckpt"], waves, False, torch.device("cpu"), 64)[0][0]
+    assert np.abs(probs - oof[classes].to_numpy()).max() < 1e-5
+
+
+def test_cpu_ddp_two_processes_writes_what_one_process_writes(work, e2e):
+    run_script("train.py", "--work", work, *TINY, "-f", "0", "-g", "cpu", "--devices", 2,
+               "--run", "ddp", "--no-progress", "-a", "y")
+    fold = work / "runs" / "ddp" / "fold0"
+    single = e2e["run"] / "fold0"
+    assert fold_files(fold) == fold_files(single)
+    assert json.loads((fold / "result.json").read_text())["processes"] == 2
+    assert_oof_matches_best(work, fold, 0)
+    hist = pd.read_csv(fold / "history.csv")
+    assert list(hist.epoch) == [0] and hist.val_acc.between(0, 1).all()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_train_one_fold(work):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--work", str(work), *map(str, TINY),
+           "-f", "1", "-g", "cpu", "--num-nodes", "2", "--devices", "1", "--strategy", "ddp",
+           "--run", "nodes", "--no-progress"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, NODE_RANK=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    fold = work / "runs" / "nodes" / "fold1"
+    assert json.loads((fold / "result.json").read_text())["processes"] == 2
+    assert_oof_matches_best(work, fold, 1)
+
+
+def test_killed_preprocess_is_rebuilt_not_reused(demo_data, tmp_path):
+    work = tmp_path / "w"
+    run_script("preprocess.py", "--data", demo_data, "--work", work, "--folds", 2)
+    cmd = [sys.executable, str(ROOT / "preprocess.py"), "--data", str(demo_data), "--work",
+           str(work), "--folds", "2", "--force", "--jobs", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while (work / "prep.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (work / "prep.json").exists()
+    # a plain run now rebuilds instead of reusing the half-built cache
+    proc = run_script("preprocess.py", "--data", demo_data, "--work", work, "--folds", 2)
+    assert "reusing" not in proc.stderr + proc.stdout and (work / "prep.json").is_file()
+    table = pd.read_csv(work / "train.csv")
+    assert len(np.load(work / "train_wave.npy", mmap_mode="r")) == len(table)
+    # and train.py refuses a WORK whose build never finished
+    (work / "prep.json").unlink()
+    proc = run_script("train.py", "--work", work, *TINY, "-f", "0", "-g", "cpu", check=False)
+    assert proc.returncode == 2 and "build was interrupted" in proc.stderr
+    assert "python preprocess.py" in proc.stderr
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_resume_with_other_settings_is_refused_and_the_fold_untouched(e2e, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(e2e["work"], work)
+    fold = work / "runs" / "resnet18_32" / "fold0"
+    before = snapshot(fold)
+    proc = run_script("train.py", "--work", work, "-m", "resnet18", "-t", 64, "-e", 3, "-b", 32,
+                      "-f", 0, "-g", "cpu", "--run", "resnet18_32", "--resume", "--workers", 0,
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "size 32 -> 64" in proc.stderr and "epochs 1 -> 3" in proc.stderr
+    assert "workers" in proc.stderr  # it says what may change
+    assert snapshot(fold) == before
+
+
+def test_second_process_on_a_locked_fold_is_refused(work):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--work", str(work), "-m", "resnet18",
+           "-t", "128", "-b", "4", "-e", "3", "-f", "0", "-g", "cpu", "--run", "locked",
+           "--no-progress", "--aug", "none"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = work / "runs" / "locked" / "fold0" / ".lock"
+        deadline = time.time() + 120
+        while not (lock.is_file() and lock.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert lock.read_text() == str(first.pid)
+        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run ended before the second could try"
+        assert second.returncode == 2
+        assert f"being trained by pid {first.pid}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def one_line_error(capsys, fn, *args) -> str:
+    code = fn(list(map(str, args)))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_requests_exit_2_with_one_line(work, tmp_path, capsys):
+    import inference
+    import train
+
+    base = ["--work", work, *TINY, "-g", "cpu", "--no-progress"]
+    assert "did you mean resnet18" in one_line_error(capsys, train.main, *base, "-m", "resnet19",
+                                                     "-f", 0)
+    assert "fold 7 is not in" in one_line_error(capsys, train.main, *base, "-f", 7)
+    assert "expected a fold number" in one_line_error(capsys, train.main, *base, "-f", "x")
+    junk = tmp_path / "weights.pth"
+    junk.write_text("not a checkpoint")
+    err = one_line_error(capsys, train.main, *base, "-f", 0, "--pretrained", junk)
+    assert "--pretrained" in err and "weights.pth" in err
+    missing = tmp_path / "nowhere"
+    assert "does not exist" in one_line_error(capsys, train.main, "--work", missing, "-f", 0)
+    assert "python preprocess.py" in one_line_error(capsys, inference.main, "--work", missing)
+    for argv, said in ((["--norm", "bogus"], "invalid choice: 'bogus'"),
+                       (["--config", str(tmp_path / "x.yaml")], "x.yaml: no such file")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1
+        assert said in err and "--help" in err
+    assert not (work / "runs" / "resnet18_32").exists()  # none of them wrote anything
+
+
+def test_unknown_model_as_a_user_types_it(work):
+    proc = run_script("train.py", "--work", work, "-m", "res2next5O", "-f", 0, "-g", "cpu",
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("train: -m res2next5O: timm has no")
