@@ -134,7 +134,7 @@ def oof_for_blend(work: Path, runs: list[str], folds: list[int], name: str,
         if got is None:
             missing = [k for k in folds if not (work / "runs" / r / f"fold{k}" / f"{name}.csv")
                        .is_file()]
-            how = (f"train them with -a y, or fit without -a y" if name == "oof_tta" else
+            how = ("train them with -a y, or fit without -a y" if name == "oof_tta" else
                    "train them: " + train_command(work / "runs" / r, work, str(missing[0])))
             raise UsageError(f"--fit-weights: run {r} has no finished {name}.csv for fold(s) "
                              f"{', '.join(map(str, missing)) or 'all'}; {how}")

@@ -215,7 +215,7 @@ def read_config(fold_dir: Path) -> dict:
 
 def augmentation_label(cfg: dict) -> str:
     """The preset and what the run set differently from it: 'seed +p_pitch=0.5'."""
-    from arg import FIELDS, PRESETS, Config
+    from arg import FIELDS, Config
 
     preset = cfg.get("aug", "default")
     base = Config.preset(preset).to_dict()

@@ -134,8 +134,9 @@ def build_logger(cfg: Config, fold_dir: Path, fold: int):
         return loggers.CSVLogger(fold_dir, name="csv_logs")
     if cfg.logger == "tensorboard":
         return loggers.TensorBoardLogger(fold_dir, name="tensorboard")
-    if cfg.logger == "mlflow":
+    if cfg.logger == "mlflow":  # a local file store in WORK/mlruns unless told otherwise
         uri = (Path(cfg.work) / "mlruns").resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 asks for this
         return loggers.MLFlowLogger(experiment_name=cfg.run_name, run_name=f"fold{fold}",
                                     tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", uri))
     return loggers.WandbLogger(project="uac", name=name, save_dir=str(fold_dir))
@@ -150,7 +151,7 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
 
     from callback import AtomicCheckpointIO, History, OOFWriter
     from dataset import FoldData, load_noise, pseudo_labels, work_folds
-    from model import AudioClassifier, check_compatible, load_checkpoint
+    from model import AudioClassifier, load_checkpoint
     from report import cv_summary, write_html
 
     work = Path(cfg.work)

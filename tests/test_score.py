@@ -42,7 +42,7 @@ def test_hard_preset_degrades_and_holds_voices_out(tmp_path):
 
 
 def test_ema_weights_are_validated_and_saved_in_best(work):
-    from model import load_checkpoint, predict_waves
+    from model import predict_waves
 
     train(work, "-f", "0", "--run", "ema", "--ema", "0.9", "-e", "1", "-b", 8, "--limit-batches", 6)
     fold = work / "runs" / "ema" / "fold0"
