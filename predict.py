@@ -5,9 +5,9 @@
 
 Clips: each file is averaged to mono, resampled to the model's rate and zero-padded or cut
 to its clip length, as in training; one line per file with the top-k labels. Recordings:
-with --window, one row per window (start, end, label, probability), then the segments:
-consecutive windows with the same label and at least --min-prob merged. Unreadable and
-empty files are listed on stderr and skipped.
+with --window, one row per window (start, end, label, probability; label '' for windows
+--silence-db below the loudest), then the segments: consecutive windows with the same label
+and at least --min-prob merged. Unreadable and empty files are listed on stderr and skipped.
 
 As a module: `Predictor("model.onnx").predict_files([...])` and `.windows(path, 1.0, 0.25)`.
 """
@@ -98,10 +98,13 @@ class Predictor:
         return [(p, [(self.classes[i], float(s[i])) for i in np.argsort(s)[::-1][:top_k]])
                 for p, s in zip(good, probs)]
 
-    def windows(self, path, window: float | None = None, hop: float = 0.25, notes=None):
+    def windows(self, path, window: float | None = None, hop: float = 0.25, notes=None,
+                silence_db: float = 40.0):
         """[(start s, end s, label, probability)] for windows of `window` seconds (default:
         the clip length) every `hop` seconds; each window is padded or cut to the clip length.
-        A recording shorter than one window is one padded window (said in `notes`)."""
+        Windows more than `silence_db` below the loudest window are labelled "" (silence):
+        the classes know no silence. A recording shorter than one window is one padded window
+        (said in `notes`)."""
         y = read_audio(path, self.sr)
         win = int(round((window or self.length / self.sr) * self.sr))
         step = max(1, int(round(hop * self.sr)))
@@ -111,10 +114,13 @@ class Predictor:
         starts = list(range(0, max(1, len(y) - win + 1), step))
         if len(y) > win and starts[-1] + win < len(y):
             starts.append(len(y) - win)  # the end of the recording gets a window too
-        probs = self.probs(np.stack([fit(y[s:s + win], self.length) for s in starts]))
+        frames = np.stack([fit(y[s:s + win], self.length) for s in starts])
+        level = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-20)
+        probs = self.probs(frames)
         top = probs.argmax(1)
-        return [(s / self.sr, min(len(y), s + win) / self.sr, self.classes[k], float(p[k]))
-                for s, k, p in zip(starts, top, probs)]
+        silent = level < level.max() - silence_db
+        return [(s / self.sr, min(len(y), s + win) / self.sr, "" if quiet else self.classes[k],
+                 1.0 if quiet else float(p[k])) for s, k, p, quiet in zip(starts, top, probs, silent)]
 
 
 def segments(rows, min_prob: float = 0.5):
@@ -122,7 +128,7 @@ def segments(rows, min_prob: float = 0.5):
     [(start s, end s, label, mean probability, windows)]."""
     out = []
     for start, end, label, p in rows:
-        if p < min_prob:
+        if p < min_prob or not label:
             continue
         if out and out[-1][2] == label and start <= out[-1][1]:
             s, _, _, total, n = out[-1]
@@ -151,6 +157,8 @@ def main(argv=None) -> int:
                     help="window step (default 0.25; implies window mode)")
     ap.add_argument("--min-prob", type=float, default=0.5,
                     help="windows below this probability end a segment")
+    ap.add_argument("--silence-db", type=float, default=40.0,
+                    help="windows this many dB below the loudest one are silence (label '')")
     ap.add_argument("--csv", default="", help="also write the rows to this CSV file")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
     args = ap.parse_args(argv)
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
         for path in files:
             notes = []
             try:
-                win = pred.windows(path, args.window, args.hop or 0.25, notes)
+                win = pred.windows(path, args.window, args.hop or 0.25, notes, args.silence_db)
             except AudioError as e:
                 errors.append((path, str(e)))
                 continue

@@ -1,0 +1,146 @@
+"""ONNX export of a fold ensemble, the torch-free predictor, windows over long recordings."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import ROOT, run_script
+
+BLOCKED = ("torch", "torchvision", "torchaudio", "lightning", "pytorch_lightning", "timm",
+           "librosa", "sklearn", "scipy", "pandas", "matplotlib")
+
+
+@pytest.fixture(scope="module")
+def exported(e2e, tmp_path_factory):
+    """The end-to-end run (2 folds) exported with and without TTA, the TTA one as a bundle."""
+    out = tmp_path_factory.mktemp("export")
+    run_script("export.py", "--work", e2e["work"], "--run", "resnet18_32", "-f", 2,
+               "--out", out / "plain.onnx")
+    run_script("export.py", "--work", e2e["work"], "--run", "resnet18_32", "-f", 2, "-a", "y",
+               "--out", out / "tta.onnx", "--bundle", out / "bundle")
+    return out
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_onnx_matches_the_pytorch_ensemble(e2e, exported, tta):
+    import onnxruntime as ort
+
+    from inference import ensemble
+    from model import predict_waves
+
+    waves = np.load(e2e["work"] / "test_wave.npy")
+    paths = [e2e["run"] / f"fold{k}" / "best.ckpt" for k in (0, 1)]
+    probs, classes = predict_waves(paths, waves, tta, torch.device("cpu"), 64)
+    want = ensemble(probs, "soft")[1]
+    session = ort.InferenceSession(str(exported / ("tta.onnx" if tta else "plain.onnx")))
+    got = session.run(None, {"wave": (waves / 32768.0).astype(np.float32)})[0]
+    assert got.shape == want.shape == (30, len(classes))
+    assert np.abs(got - want).max() <= 1e-4
+    assert (got.argmax(1) == want.argmax(1)).all()
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == classes
+    assert (meta["sample_rate"], meta["clip_samples"], meta["tta"]) == ("16000", "16000", str(tta))
+    one = session.run(None, {"wave": (waves[:1] / 32768.0).astype(np.float32)})[0]  # any batch
+    assert np.allclose(one, got[:1], atol=1e-5)
+
+
+def torch_free_env(tmp_path):
+    """An environment whose Python cannot import torch, Lightning, timm, librosa, pandas..."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        f"    names = {set(BLOCKED)!r}\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in self.names:\n"
+        "            raise ImportError(f'{name} is blocked here')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    return dict(os.environ, PYTHONPATH=str(block))
+
+
+def test_the_bundle_predicts_without_torch(e2e, exported, tmp_path):
+    env = torch_free_env(tmp_path)
+    for name in ("torch", "timm", "lightning"):  # prove the blocker works
+        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=env,
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and "blocked here" in probe.stderr
+    bundle = exported / "bundle"
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "predict.py",
+                                                        "requirements.txt", "tta.onnx"]
+    assert (bundle / "requirements.txt").read_text().split()[0].startswith("numpy")
+    files = sorted((e2e["data"] / "test").glob("*.wav"))[:6]
+    (tmp_path / "bad.wav").write_text("not audio")
+    sf.write(tmp_path / "empty.wav", np.zeros(0), 16000)
+    proc = subprocess.run([sys.executable, str(bundle / "predict.py"), str(bundle / "tta.onnx"),
+                           *map(str, files), str(tmp_path / "bad.wav"), str(tmp_path / "empty.wav"),
+                           "--csv", str(tmp_path / "out.csv")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr  # two files skipped
+    assert "bad.wav: skipped - not readable audio" in proc.stderr
+    assert "empty.wav: skipped - empty (0 samples)" in proc.stderr
+    got = pd.read_csv(tmp_path / "out.csv")
+    want = pd.read_csv(e2e["run"] / "test_probs.csv").set_index("file_name")
+    assert [p.split("/")[-1] for p in got.path] == [f.name for f in files]
+    # the same labels as inference.py -f 2 -a y gave for those clips
+    assert list(got.label1) == list(want.loc[[f.name for f in files]].idxmax(axis=1))
+
+
+@pytest.fixture(scope="module")
+def three_words(tmp_path_factory):
+    """A 3-word model trained on clean demo speech, exported (fold 0)."""
+    import demo
+
+    root = tmp_path_factory.mktemp("words")
+    clean = dataclasses.replace(demo.PRESETS["demo"], p_noise=0.0, p_short=0.0)
+    demo.make_dataset(root / "data", speakers=200, seed=3, preset=clean,
+                      words=("marvin", "up", "six"), workers=2, progress=False)
+    run_script("preprocess.py", "--data", root / "data", "--work", root / "work", "--folds", 2)
+    run_script("train.py", "--work", root / "work", "-m", "resnet18", "-t", 32, "-e", 8,
+               "-b", 32, "-l1", 0.003, "-f", 0, "-g", "cpu", "--aug", "none", "--no-progress")
+    run_script("export.py", "--work", root / "work", "--run", "resnet18_32", "-f", 1,
+               "--out", root / "words.onnx")
+    return root
+
+
+def test_windows_find_three_words_in_order_at_their_times(three_words, tmp_path):
+    import demo
+
+    espeak, rng, sr = demo.Espeak(), np.random.default_rng(0), 16000
+    rec = np.zeros(int(5.5 * sr), np.float32)
+    truth = []
+    for word, centre in (("marvin", 1.0), ("up", 2.5), ("six", 4.0)):
+        y = 0.3 * demo.espeak_at_sr(espeak, word, "en-us+m3", rng, pitch=50, prange=50, rate=170)
+        start = int(centre * sr - len(y) / 2)
+        rec[start:start + len(y)] += y
+        truth.append((word, centre))
+    sf.write(tmp_path / "rec.wav", rec, sr)
+    sf.write(tmp_path / "short.wav", rec[:sr // 2], sr)
+    hop = 0.25
+    proc = subprocess.run([sys.executable, str(ROOT / "predict.py"),
+                           str(three_words / "words.onnx"), str(tmp_path / "rec.wav"),
+                           str(tmp_path / "short.wav"), "--window", "1", "--hop", str(hop),
+                           "--csv", str(tmp_path / "rows.csv")],
+                          env=torch_free_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "short.wav: 0.50 s, shorter than one 1 s window: one padded window" in proc.stderr
+    rows = pd.read_csv(tmp_path / "rows.csv", keep_default_na=False)
+    rec_rows = rows[rows.path.str.endswith("rec.wav")]
+    assert list(rec_rows.start) == [i * hop for i in range(len(rec_rows))]
+    from predict import segments
+
+    segs = [s for s in segments(list(rec_rows[["start", "end", "label", "p"]]
+                                     .itertuples(index=False, name=None)))
+            if s[4] >= 2]  # segments of at least two windows
+    assert [s[2] for s in segs] == [w for w, _ in truth]
+    for (start, end, *_), (_, centre) in zip(segs, truth):
+        assert abs((start + end) / 2 - centre) <= hop
+    said = [line for line in proc.stdout.splitlines() if "segment" in line]
+    assert any("marvin" in line for line in said)
