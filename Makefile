@@ -6,11 +6,13 @@ STAMP  := $(VENV)/.installed
 
 DEMO_DATA ?= data/demo
 DEMO_WORK ?= work/demo
+HARD_DATA ?= data/hard
+HARD_WORK ?= work/hard
 # the CPU recipe fits 2 cores in ~10 minutes; the GPU recipe is the contest's model
 CPU_RECIPE ?= -m resnet18 -t 64 -e 8 -b 64 --aug seed -g cpu
 GPU_RECIPE ?= -m res2next50 -t 224 -e 20 -b 64
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo hard bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +39,17 @@ demo: $(STAMP)
 	$(BIN)/python inference.py --work $(DEMO_WORK) --run demo -f 5 -a y \
 	  --solution $(DEMO_DATA)/solution.csv
 
+# the benchmark that ranks recipes: fold 0 of the CPU recipe, scored on its test set
+hard: $(STAMP)
+	$(BIN)/python demo.py --preset hard --out $(HARD_DATA)
+	$(BIN)/python preprocess.py --data $(HARD_DATA) --work $(HARD_WORK)
+	$(BIN)/python train.py --work $(HARD_WORK) --run hard_cpu -f 0 -a y $(CPU_RECIPE)
+	$(BIN)/python inference.py --work $(HARD_WORK) --run hard_cpu -f 1 -a y -g -1 \
+	  --solution $(HARD_DATA)/solution.csv
+	$(BIN)/python report.py --work $(HARD_WORK)
+
 bench: $(STAMP)
 	$(BIN)/python bench.py --work $(DEMO_WORK) -t 224
 
 clean:
-	rm -rf $(VENV) data/demo work/demo
+	rm -rf $(VENV) data/demo work/demo data/hard work/hard

@@ -1,7 +1,11 @@
-"""Feature throughput: the original per-sample pipeline vs this project's batched one.
+"""Throughput: features (the original per-sample pipeline vs the batched one), each
+augmentation, and an exported ensemble (ONNX Runtime vs PyTorch, cold start).
 
     python bench.py --work WORK [-t 224] [--clips 512] [--device cpu|cuda]
+    python bench.py --work WORK --sections augment            # one line per augmentation
+    python bench.py --work WORK --sections onnx --run RUN     # RUN's 5 folds, exported
 
+features:
 (a) seed: per clip in 2 DataLoader workers, as the original ran: librosa.load -> shift, gain,
     Gaussian noise -> melspectrogram (hop 512) -> power_to_db -> min-max -> bicubic resize
     to t x t -> 3 channels;
@@ -10,12 +14,21 @@
 (c) this project's default: native t frames, background noise, SpecAugment.
 Then the share of a training step spent in augment + features (default mode) for resnet18
 at t=64 and res2next50 at t=224. The last line is `feature_speedup <(b)/(a)>`.
+augment: samples/s of the front end (log-mel at -t) with one augmentation on for every
+sample, beside the front end with none, and pitch shift beside librosa.effects.pitch_shift
+per clip (the original recipe's reason to leave pitch shift out).
+onnx: RUN's folds exported with TTA; clips/s of ONNX Runtime and of PyTorch (the same
+ensemble, inference.py's way) at batch 1 and 64 on the CPU; the .onnx size; the cold start
+(process start to printed label, one file) of predict.py and of `inference.py --predict`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -143,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for (a)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-steps", action="store_true", help="no training-step shares")
+    p.add_argument("--sections", default="features,augment",
+                   help="comma-separated: features, augment, onnx")
+    p.add_argument("--run", default="", help="the run --sections onnx exports")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -154,8 +170,97 @@ def main(argv=None) -> int:
           f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}")
 
+    sections = args.sections.split(",")
+    if "features" in sections:
+        features(args, waves, paths, device)
+    if "augment" in sections:
+        augmentations(args, waves, device)
+    if "onnx" in sections:
+        onnx_section(args, waves)
+    return 0
+
+
+AUGMENTATIONS = {  # the Config settings that turn one augmentation on for every sample
+    "time shift": dict(p_shift=1.0), "gain": dict(p_gain=1.0), "Gaussian noise": dict(p_noise=1.0),
+    "background noise": dict(p_bg=1.0), "reverb": dict(p_reverb=1.0),
+    "pitch shift": dict(p_pitch=1.0), "time stretch": dict(p_stretch=1.0),
+    "FilterAugment": dict(p_filter=1.0), "mel range jitter": dict(p_mel_jitter=1.0),
+    "Freq-MixStyle": dict(p_mixstyle=1.0), "SpecAugment": dict(p_spec=1.0),
+}
+
+
+def augmentations(args, waves, device) -> None:
+    """One line per augmentation: the front end's samples/s with it on for every sample."""
+    import librosa
+
+    cfg = Config.preset("none", work=args.work, size=args.size)
+    none = bench_batched(waves, cfg, args.batch_size, device)
+    print(f"augment: front end alone (log-mel {args.size}x{args.size}, no augmentation) "
+          f": {none:9.1f} samples/s")
+    for name, on in AUGMENTATIONS.items():
+        r = bench_batched(waves, dataclasses.replace(cfg, **on), args.batch_size, device)
+        print(f"augment: + {name:<18} on every sample : {r:9.1f} samples/s "
+              f"({1e3 / r - 1e3 / none:+.2f} ms per sample)")
+    clips = np.asarray(waves[:32], dtype=np.float32) / 32768.0
+    t0 = time.perf_counter()
+    for y in clips:
+        librosa.effects.pitch_shift(y, sr=cfg.sr, n_steps=1.5)
+    per_clip = len(clips) / (time.perf_counter() - t0)
+    r = bench_batched(waves, dataclasses.replace(cfg, **AUGMENTATIONS["pitch shift"]),
+                      args.batch_size, device)
+    print(f"augment: pitch shift, librosa.effects.pitch_shift per clip : {per_clip:9.1f} "
+          f"samples/s (without the log-mel); batched here with the log-mel: {r:.1f} "
+          f"-> {r / per_clip:.1f}x")
+
+
+def cold_start(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def onnx_section(args, waves) -> None:
+    """ONNX Runtime vs PyTorch on the CPU for RUN's folds with TTA, size and cold start."""
+    import onnxruntime as ort
+
+    from dataset import work_folds
+    from export import Ensemble, export_onnx, load_members
+
+    if not args.run:
+        raise SystemExit("bench: --sections onnx needs --run RUN (a run with finished folds)")
+    work = Path(args.work)
+    folds = work_folds(work)
+    models = load_members(work, args.run, folds)
+    out = Path(tempfile.mkdtemp()) / f"{args.run}.onnx"
+    export_onnx(models, True, out, dict(run=args.run, folds=len(folds), tta=True))
+    print(f"onnx: {out.name}: {len(folds)} folds x 5 views, {out.stat().st_size / 1e6:.1f} MB")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    net = Ensemble(models, True).eval()  # the graph that was exported, run by PyTorch
+    x = (np.asarray(waves[:64]) / 32768.0).astype(np.float32)
+    for batch in (1, 64):
+        n = 64 if batch == 64 else 16
+        rt = rate(lambda: [session.run(None, {"wave": x[i:i + batch]})
+                           for i in range(0, n, batch)], n)
+        with torch.no_grad():
+            pt = rate(lambda: [net(torch.from_numpy(x[i:i + batch])) for i in range(0, n, batch)],
+                      n)
+        print(f"onnx: batch {batch:>2}: onnxruntime {rt:8.1f} clips/s, PyTorch {pt:8.1f} clips/s "
+              f"-> {rt / pt:.1f}x")
+    wav = Path(tempfile.mkdtemp()) / "clip.wav"
+    import soundfile as sf
+
+    sf.write(wav, x[0], models[0].cfg.sr, subtype="PCM_16")
+    here = Path(__file__).resolve().parent
+    a = cold_start([sys.executable, str(here / "predict.py"), str(out), str(wav)])
+    b = cold_start([sys.executable, str(here / "inference.py"), "--work", str(work), "--run",
+                    args.run, "-f", str(len(folds)), "-a", "y", "-g", "-1", "--predict", str(wav)])
+    print(f"onnx: cold start, one file to its printed label: predict.py {a:.1f} s, "
+          f"inference.py --predict {b:.1f} s -> {b / a:.1f}x")
+
+
+def features(args, waves, paths, device) -> None:
     base = Config(work=args.work, size=args.size)
-    seed_cfg = dataclasses.replace(base, aug="seed", resize=True, norm="minmax")
+    seed_cfg = Config.preset("seed", work=args.work, size=args.size, resize=True, norm="minmax")
     a = bench_seed(paths, args.size, args.batch_size, args.workers)
     print(f"(a) seed per-sample, librosa, {args.workers} workers : {a:9.1f} samples/s")
     b = bench_batched(waves, seed_cfg, args.batch_size, device, chans=3)
@@ -169,7 +274,6 @@ def main(argv=None) -> int:
             print(f"step share {model}@{size} batch {batch}: augment+features {f * 1e3:.1f} ms, "
                   f"fwd+bwd {s * 1e3:.1f} ms -> {100 * share:.1f} % of the step")
     print(f"feature_speedup {b / a:.1f}")
-    return 0
 
 
 if __name__ == "__main__":
