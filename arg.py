@@ -164,8 +164,8 @@ PRESETS = {  # what each --aug sets when the command line or YAML does not
     "all": {**{p: 0.5 for p in PROBS}, "p_noise": 0.3, "p_mixup": 0.3},
 }
 # settings that --resume may change: where and how the fold runs, not what it learns
-RESUME_SAFE = ("data", "workers", "gpus", "devices", "strategy", "num_nodes", "precision", "tta",
-               "logger", "compile", "channels_last", "resume", "limit_batches")
+RESUME_SAFE = ("data", "work", "workers", "gpus", "devices", "strategy", "num_nodes", "precision",
+               "tta", "logger", "compile", "channels_last", "resume", "limit_batches")
 
 
 class Parser(argparse.ArgumentParser):
