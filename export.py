@@ -77,7 +77,8 @@ def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with torch.no_grad():
-        program = torch.onnx.export(net, (example,), dynamo=True, input_names=["wave"],
+        program = torch.onnx.export(net, (example,), dynamo=True, verbose=False,
+                                    input_names=["wave"],
                                     output_names=["probs"], opset_version=18,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
     program.save(str(tmp))
