@@ -338,13 +338,14 @@ def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
     if not folds or not all(fold_done(d) for d in folds.values()):
         return None
     ks = sorted(folds)
-    got = load_oof([run_dir], ks, "oof_tta", classes) or load_oof([run_dir], ks, "oof", classes)
+    tta = load_oof([run_dir], ks, "oof_tta", classes)
+    got = tta or load_oof([run_dir], ks, "oof", classes)
     if got is None:
         return None
     table, probs = got
     cfg = Config.from_dict(read_config(folds[ks[0]]))
     true, pred = label_index(table.label, classes), probs.argmax(1)
-    which = "with TTA" if (folds[ks[0]] / "oof_tta.csv").is_file() else "plain"
+    which = "with TTA" if tta else "plain"
 
     # scores
     cv = json.loads((run_dir / "cv.json").read_text()) if (run_dir / "cv.json").is_file() else {}
@@ -355,14 +356,17 @@ def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
     test = json.loads(score.read_text()) if score.is_file() else {}
     if test:
         kpis.append((f"test accuracy ({test.get('with', '')})", test["accuracy"]))
-    per_fold = pd.DataFrame([dict(fold=k, **{f"{key} {m}": cv.get(key, {}).get("folds", {})
-                                             .get(str(k), {}).get(m, np.nan)
-                                             for key in ("plain", "tta") for m in ("acc", "f1")},
-                                  epochs=json.loads((folds[k] / "result.json").read_text())
-                                  .get("epochs"),
-                                  minutes=round(json.loads((folds[k] / "result.json").read_text())
-                                                .get("seconds", 0) / 60, 1)) for k in ks])
-    per_fold = per_fold.dropna(axis=1, how="all")
+    per_fold = []
+    for k in ks:
+        done = json.loads((folds[k] / "result.json").read_text())
+        row = {"fold": k}
+        for key in ("plain", "tta"):
+            got = cv.get(key, {}).get("folds", {}).get(str(k))
+            if got:
+                row[f"accuracy {key}"], row[f"macro-F1 {key}"] = got["acc"], got["f1"]
+        row.update(epochs=done.get("epochs"), minutes=round(done.get("seconds", 0) / 60, 1))
+        per_fold.append(row)
+    per_fold = pd.DataFrame(per_fold)
 
     # plots
     hists = {k: pd.read_csv(d / "history.csv") for k, d in folds.items()
