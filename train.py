@@ -103,14 +103,12 @@ def check_resume(cfg: Config, fold_dir: Path) -> None:
                          f"flags (--config {fold_dir / 'config.yaml'}), or train under a new --run")
 
 
-def teacher_checkpoint(cfg: Config, fold: int, classes: list[str]) -> Path:
+def teacher_checkpoint(cfg: Config, fold: int) -> Path:
     """The teacher of fold k is the teacher run's fold k: it never saw fold k's clips."""
-    from report import fold_done
+    from report import fold_done, train_command
 
     path = Path(cfg.work) / "runs" / cfg.teacher / f"fold{fold}" / "best.ckpt"
     if not path.is_file() or not fold_done(path.parent):
-        from report import train_command
-
         raise UsageError(f"--teacher {cfg.teacher}: {path} is missing or its fold is unfinished; "
                          f"make it with: {train_command(path.parent.parent, Path(cfg.work), str(fold))}")
     return path
@@ -150,7 +148,7 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 
     from callback import AtomicCheckpointIO, History, OOFWriter
-    from dataset import FoldData, load_noise, pseudo_labels, work_folds
+    from dataset import FoldData, load_noise, pseudo_labels, read_classes, work_folds
     from model import AudioClassifier, load_checkpoint
     from report import cv_summary, write_html
 
@@ -174,14 +172,12 @@ def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
         if not probs.is_file():
             raise UsageError(f"--pseudo {cfg.pseudo}: {probs} not found; make it with: python "
                              f"inference.py --work {work} --run {cfg.pseudo} -f 5 -a y")
-        from dataset import read_classes
-
         pseudo = pseudo_labels(work, probs, cfg.pseudo_threshold, read_classes(work))
     workers = cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)
     data = FoldData(work, fold, cfg.batch_size, workers, pseudo)
     teacher = None
     if cfg.teacher:
-        teacher_path = teacher_checkpoint(cfg, fold, data.classes)
+        teacher_path = teacher_checkpoint(cfg, fold)
         teacher = load_checkpoint(teacher_path)
         if teacher.classes != data.classes:
             raise UsageError(f"--teacher {cfg.teacher}: {teacher_path} was trained on other "
