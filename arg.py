@@ -47,8 +47,9 @@ class Config:
     # FilterAugment: the ablation on the hard benchmark (README) chose it.
     aug: str = opt("default", "preset for the p_* not given: default (the original's three + "
                    "pitch, reverb, FilterAugment), seed (the original's shift, gain and Gaussian "
-                   "noise only), none, all", "augmentation",
-                   choices=("default", "seed", "none", "all"))
+                   "noise only), long (default + background noise and mel range jitter, for 30+ epochs), "
+                   "none, all", "augmentation",
+                   choices=("default", "seed", "long", "none", "all"))
     shift: float = opt(0.1, "time shift, max fraction of the clip (zero fill)", "augmentation")
     p_shift: float = opt(0.5, "time shift probability", "augmentation")
     gain_db: float = opt(5.0, "gain, max dB up or down", "augmentation")
@@ -163,6 +164,9 @@ PRESETS = {  # what each --aug sets when the command line or YAML does not
     # the original recipe: time shift, gain and Gaussian noise only, at its own settings
     "seed": {**{p: 0.0 for p in PROBS}, "shift": 0.1, "p_shift": 0.5, "gain_db": 5.0,
              "p_gain": 0.5, "noise_snr": (10.0, 40.0), "p_noise": 0.3},
+    # 30 epochs and more: the default plus background noise and mel range jitter (README:
+    # better than the default at 30 epochs, worse at 8)
+    "long": {"p_bg": 0.5, "p_mel_jitter": 0.5},
     "none": {p: 0.0 for p in PROBS},
     "all": {**{p: 0.5 for p in PROBS}, "p_noise": 0.3, "p_mixup": 0.3},
 }

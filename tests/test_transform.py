@@ -248,6 +248,8 @@ def test_presets_fill_only_what_is_not_given(tmp_path):
     assert cfg.p_bg == cfg.p_spec == cfg.p_mixup == cfg.p_reverb == 0.0
     assert parse_config(p, ["--aug", "none"])[0].p_shift == 0.0
     assert parse_config(p, [])[0] == Config()  # the default preset is the field defaults
+    long = parse_config(p, ["--aug", "long", "--p-bg", "0.2"])[0]  # default + bg + mel jitter
+    assert (long.p_bg, long.p_mel_jitter, long.p_pitch, long.p_spec) == (0.2, 0.5, 0.5, 0.0)
     write_yaml(cfg, tmp_path / "c.yaml")
     again, _ = parse_config(p, ["--config", str(tmp_path / "c.yaml")])
     assert again == cfg
