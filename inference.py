@@ -60,8 +60,8 @@ def calibration_error(probs: np.ndarray, y: np.ndarray) -> float:
     """Expected calibration error (15 bins, L1) with torchmetrics."""
     from torchmetrics.functional.classification import multiclass_calibration_error
 
-    return float(multiclass_calibration_error(torch.from_numpy(probs).float(), torch.from_numpy(y),
-                                              probs.shape[1], n_bins=15, norm="l1"))
+    probs, y = torch.tensor(probs, dtype=torch.float32), torch.tensor(y)  # copies: writable
+    return float(multiclass_calibration_error(probs, y, probs.shape[1], n_bins=15, norm="l1"))
 
 
 def fit_blend(probs: np.ndarray, y: np.ndarray) -> dict:
