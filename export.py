@@ -44,12 +44,14 @@ class Ensemble(nn.Module):
         self.register_buffer("weights", w / w.sum())
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        # the views stacked on the batch axis: each member appears once in the graph, not once
+        # per view (5x fewer nodes; ONNX Runtime then loads and optimises it 5x faster)
+        img = torch.cat([self.frontend(wave, view) for view in self.views])
         probs = 0.0
-        for view in self.views:
-            img = self.frontend(wave, view)
-            for k, net in enumerate(self.nets):
-                probs = probs + self.weights[k] * net(img).float().softmax(-1)
-        return probs / len(self.views)
+        for k, net in enumerate(self.nets):
+            p = net(img).float().softmax(-1)
+            probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
+        return probs
 
 
 def load_members(work: Path, run: str, folds: list[int]) -> list:
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
                    help="also write DIR with the .onnx, predict.py, requirements.txt, README.md")
     args = p.parse_args(argv)
     setup_logging()
+    for name in ("onnx_ir", "onnxscript"):  # their passes log every initializer at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     from dataset import work_folds
     from inference import parse_folds
     from model import CheckpointError

@@ -364,7 +364,7 @@ def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
             got = cv.get(key, {}).get("folds", {}).get(str(k))
             if got:
                 row[f"accuracy {key}"], row[f"macro-F1 {key}"] = got["acc"], got["f1"]
-        row.update(epochs=done.get("epochs"), minutes=round(done.get("seconds", 0) / 60, 1))
+        row.update(epochs=done.get("epochs"), minutes=f"{done.get('seconds', 0) / 60:.1f}")
         per_fold.append(row)
     per_fold = pd.DataFrame(per_fold)
 
@@ -471,7 +471,8 @@ def main(argv=None) -> int:
     board = leaderboard(work)
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.max_colwidth", 40):
-        print(board.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        shown = board.assign(train_min=board.train_min.map("{:.1f}".format))
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"-> {work / 'runs' / 'leaderboard.csv'}")
     return 0
 

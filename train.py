@@ -335,7 +335,8 @@ def train_all(cfg: Config, argv: list[str]) -> int:
         time.sleep(0.5)
         status = {p.fold: fold_status(run_dir / f"fold{p.fold}", cfg.epochs) for p in running}
         shown = (finished_epochs + sum(e for e, _ in status.values()),
-                 " | ".join(f"fold {k}: epoch {e}/{cfg.epochs} val {acc:.3f}"
+                 " | ".join(f"fold {k}: epoch {e}/{cfg.epochs}"
+                            + (f" val {acc:.3f}" if acc == acc else "")  # nan: not validated yet
                             for k, (e, acc) in sorted(status.items())))
         if shown != (bar.n, bar.postfix):
             bar.n = shown[0]
