@@ -256,8 +256,11 @@ class SpecWarp(nn.Module):
         if semitones is None and factor is None:
             if not self.training or (self.p_pitch <= 0 and self.p_stretch <= 0):
                 return power
-            semitones = _uniform(B, -self.pitch, self.pitch, dev) * _coin(B, self.p_pitch, dev)
-            factor = 1 + _uniform(B, -self.stretch, self.stretch, dev) * _coin(B, self.p_stretch, dev)
+            if self.p_pitch > 0:  # an axis whose probability is 0 is not resampled at all
+                semitones = _uniform(B, -self.pitch, self.pitch, dev) * _coin(B, self.p_pitch, dev)
+            if self.p_stretch > 0:
+                factor = 1 + _uniform(B, -self.stretch, self.stretch, dev) * _coin(B, self.p_stretch,
+                                                                                  dev)
         if semitones is not None:
             ratio = 2.0 ** (_per_sample(power, semitones) / 12.0)
             power = resample_axis(power, torch.arange(nf, device=dev) / ratio[:, None], 1)
