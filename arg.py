@@ -47,8 +47,8 @@ class Config:
     # FilterAugment: the ablation on the hard benchmark (README) chose it.
     aug: str = opt("default", "preset for the p_* not given: default (the original's three + "
                    "pitch, reverb, FilterAugment), seed (the original's shift, gain and Gaussian "
-                   "noise only), long (default + background noise and mel range jitter, for 30+ epochs), "
-                   "none, all", "augmentation",
+                   "noise only), long (default + background noise and mel range jitter, for 30+ "
+                   "epochs), none, all", "augmentation",
                    choices=("default", "seed", "long", "none", "all"))
     shift: float = opt(0.1, "time shift, max fraction of the clip (zero fill)", "augmentation")
     p_shift: float = opt(0.5, "time shift probability", "augmentation")

@@ -361,9 +361,9 @@ def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
         done = json.loads((folds[k] / "result.json").read_text())
         row = {"fold": k}
         for key in ("plain", "tta"):
-            got = cv.get(key, {}).get("folds", {}).get(str(k))
-            if got:
-                row[f"accuracy {key}"], row[f"macro-F1 {key}"] = got["acc"], got["f1"]
+            fold_cv = cv.get(key, {}).get("folds", {}).get(str(k))
+            if fold_cv:
+                row[f"accuracy {key}"], row[f"macro-F1 {key}"] = fold_cv["acc"], fold_cv["f1"]
         row.update(epochs=done.get("epochs"), minutes=f"{done.get('seconds', 0) / 60:.1f}")
         per_fold.append(row)
     per_fold = pd.DataFrame(per_fold)

@@ -254,7 +254,7 @@ class SpecWarp(nn.Module):
         B, nf, nt = power.shape
         dev = power.device
         if semitones is None and factor is None:
-            if not self.training or (self.p_pitch <= 0 and self.p_stretch <= 0):
+            if not self.training:
                 return power
             if self.p_pitch > 0:  # an axis whose probability is 0 is not resampled at all
                 semitones = _uniform(B, -self.pitch, self.pitch, dev) * _coin(B, self.p_pitch, dev)
