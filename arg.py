@@ -6,6 +6,8 @@ help; `make_parser(groups)` turns the groups a script needs into argparse groups
 
 Augmentation presets (`--aug`) set the augmentation fields that neither the command line
 nor the YAML file sets: `--aug seed --p-pitch 0.5` is the original recipe plus pitch shift.
+Every script builds its parser here from the fields it uses (`only=`, `skip=`), so a flag
+such as `-g` means the same in each of them.
 """
 from __future__ import annotations
 
@@ -120,7 +122,9 @@ class Config:
                     "run", ("-g", "--gpus"))
     precision: str = opt("16", "16 (mixed), bf16 (mixed) or 32", "run", ("-p", "--precision"),
                          choices=("16", "bf16", "32"))
-    tta: str = opt("n", "also write TTA out-of-fold predictions (y/n)", "run", ("-a", "--tta"),
+    tta: str = opt("n", "test-time augmentation: the clip + 4 views (shift +-10%, gain +-5 dB) "
+                   "averaged; train.py: for an extra out-of-fold file, inference.py and "
+                   "export.py: for the test predictions", "run", ("-a", "--tta"),
                    choices=("y", "n"))
     run: str = opt("", "run name; default MODEL_SIZE", "run")
     resume: bool = opt(False, "continue from the fold's last.ckpt (same settings, see README)",
@@ -139,6 +143,11 @@ class Config:
     @property
     def run_name(self) -> str:
         return self.run or f"{self.model}_{self.size}"
+
+    @property
+    def clip_samples(self) -> int:
+        """Samples in one clip at `sr`: the one place sr x seconds is rounded."""
+        return int(round(self.sr * self.seconds))
 
     def __post_init__(self):
         self.noise_snr, self.bg_snr = tuple(self.noise_snr), tuple(self.bg_snr)
@@ -170,6 +179,9 @@ PRESETS = {  # what each --aug sets when the command line or YAML does not
     "none": {p: 0.0 for p in PROBS},
     "all": {**{p: 0.5 for p in PROBS}, "p_noise": 0.3, "p_mixup": 0.3},
 }
+# settings that preprocess.py fixes in WORK (prep.json): train.py takes them from there
+WORK_FIXED = ("data", "manifest", "folds", "sr", "seconds")
+GROUPS = ("data", "features", "augmentation", "model", "optim", "teacher", "run")
 # settings that --resume may change: where and how the fold runs, not what it learns
 RESUME_SAFE = ("data", "work", "workers", "gpus", "devices", "strategy", "num_nodes", "precision",
                "tta", "logger", "compile", "channels_last", "resume", "limit_batches")
@@ -190,9 +202,10 @@ def _str2bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a yes/no value, got {s!r}")
 
 
-def make_parser(description: str, groups=("data", "features", "augmentation", "model", "optim",
-                                          "teacher", "run"), config_file: bool = False) -> Parser:
-    """Parser with one group per Config group named in `groups`. Config flags have no parser
+def make_parser(description: str, groups=GROUPS, config_file: bool = False, only=None,
+                skip=()) -> Parser:
+    """Parser with one group per Config group named in `groups`, offering every field of those
+    groups, or the fields in `only`, less those in `skip`. Config flags have no parser
     default: only what was typed reaches `parse_config`, so presets and YAML files can fill
     in the rest. `config_file` adds --config FILE.yaml."""
     p = Parser(description=description)
@@ -204,7 +217,7 @@ def make_parser(description: str, groups=("data", "features", "augmentation", "m
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
         group = meta.pop("group")
-        if group not in groups:
+        if group not in groups or f.name in skip or (only is not None and f.name not in only):
             continue
         g = made.setdefault(group, p.add_argument_group(group))
         flags = meta.pop("flags") or (f"--{f.name.replace('_', '-')}",)
@@ -217,6 +230,13 @@ def make_parser(description: str, groups=("data", "features", "augmentation", "m
             kw["type"] = type(f.default)
         g.add_argument(*flags, **kw)
     return p
+
+
+def add_folds(p: Parser) -> None:
+    """-f as inference.py and export.py read it (the seed's meaning): which folds' models."""
+    p.add_argument("-f", "--folds", default="5",
+                   help="folds of the run: N = folds 0..N-1 (-f 5 all five, -f 1 fold 0 alone), "
+                        "or a list 0,2 (default: 5)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -252,10 +272,11 @@ def write_yaml(cfg: Config, path: str | Path) -> None:
 
 def parse_config(parser: Parser, argv=None) -> tuple[Config, argparse.Namespace]:
     """(Config, all parsed arguments): the preset's values, then the YAML file's, then the
-    command line's."""
+    command line's. `args.given` names the fields the YAML file or the command line set."""
     args = parser.parse_args(argv)
     given = read_yaml(args.config, parser) if getattr(args, "config", "") else {}
     given.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    args.given = set(given)
     aug = given.pop("aug", "default")
     if aug not in PRESETS:
         parser.error(f"--aug {aug}: not one of {', '.join(PRESETS)}")

@@ -2,7 +2,8 @@
 
 Waveforms are float (B, L) in [-1, 1); images are (B, C, n_mels, T). Every random draw is
 per sample and comes from torch's global RNG, so `torch.manual_seed` (or Lightning's
-`seed_everything`) makes a batch reproducible on any device.
+`seed_everything`) makes a batch reproducible on any device. Each module takes its settings
+from a `Config` (arg.py), the one place their defaults live: `SpecAugment(Config(p_spec=1))`.
 """
 from __future__ import annotations
 
@@ -30,23 +31,20 @@ class LogMel(nn.Module):
     filters touch: the filterbank is ~99 % zeros at 224 mels.
     """
 
-    def __init__(self, sr: int = 16000, n_fft: int = 2048, hop: int = 0, n_mels: int = 0,
-                 size: int = 224, seconds: float = 1.0, resize: bool = False,
-                 norm: str = "standard", top_db: float | None = 80.0, chans: int = 1,
-                 block: int = 16):
+    def __init__(self, cfg, chans: int = 1, block: int = 16):
         super().__init__()
         import librosa
 
-        length = round(sr * seconds)
-        self.n_mels = n_mels or size
-        self.size, self.resize, self.norm, self.top_db, self.chans = size, resize, norm, top_db, chans
-        self.n_fft = n_fft
-        self.hop = 512 if resize and not hop else hop or auto_hop(length, size)
+        length, size, hop = cfg.clip_samples, cfg.size, cfg.hop
+        self.n_mels = cfg.n_mels or size
+        self.size, self.resize, self.norm, self.chans = size, cfg.resize, cfg.norm, chans
+        self.top_db, self.n_fft = cfg.top_db, cfg.n_fft
+        self.hop = 512 if cfg.resize and not hop else hop or auto_hop(length, size)
         # frames kept: SIZE natively when the hop was chosen for it; all of them otherwise
-        self.frames = size if not (hop or resize) else 1 + length // self.hop
-        fb = torch.from_numpy(librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=self.n_mels))
+        self.frames = size if not (hop or cfg.resize) else 1 + length // self.hop
+        fb = torch.from_numpy(librosa.filters.mel(sr=cfg.sr, n_fft=cfg.n_fft, n_mels=self.n_mels))
         self.register_buffer("fb", fb, persistent=False)  # (n_mels, n_fft // 2 + 1)
-        self.register_buffer("window", torch.hann_window(n_fft, dtype=torch.float64),
+        self.register_buffer("window", torch.hann_window(cfg.n_fft, dtype=torch.float64),
                              persistent=False)
         self.blocks = []  # (first mel, last mel + 1, first bin, last bin + 1)
         for m0 in range(0, self.n_mels, block):
@@ -180,13 +178,13 @@ class WaveAugment(nn.Module):
     noise, batched. Does nothing in eval mode. `noise` is the 1-D background bank from
     WORK/noise.npy."""
 
-    def __init__(self, shift=0.1, p_shift=0.5, gain_db=5.0, p_gain=0.5, noise_snr=(10, 40),
-                 p_noise=0.3, bg_snr=(0, 20), p_bg=0.4, noise: torch.Tensor | None = None,
-                 reverb_rt60=(0.1, 0.8), p_reverb=0.0, sr: int = 16000):
+    def __init__(self, cfg, noise: torch.Tensor | None = None):
         super().__init__()
-        self.shift, self.p_shift, self.gain_db, self.p_gain = shift, p_shift, gain_db, p_gain
-        self.noise_snr, self.p_noise, self.bg_snr, self.p_bg = noise_snr, p_noise, bg_snr, p_bg
-        self.reverb_rt60, self.p_reverb, self.sr = reverb_rt60, p_reverb, sr
+        self.shift, self.p_shift = cfg.shift, cfg.p_shift
+        self.gain_db, self.p_gain = cfg.gain_db, cfg.p_gain
+        self.noise_snr, self.p_noise = cfg.noise_snr, cfg.p_noise
+        self.bg_snr, self.p_bg = cfg.bg_snr, cfg.p_bg
+        self.reverb_rt60, self.p_reverb, self.sr = cfg.reverb_rt60, cfg.p_reverb, cfg.sr
         self.register_buffer("noise", torch.zeros(0) if noise is None else noise.float(),
                              persistent=False)
 
@@ -244,9 +242,10 @@ class SpecWarp(nn.Module):
     about the clip centre c, so a sound lasting d lasts s * d (a phase vocoder's magnitude).
     Does nothing in eval mode."""
 
-    def __init__(self, pitch=2.0, p_pitch=0.0, stretch=0.15, p_stretch=0.0):
+    def __init__(self, cfg):
         super().__init__()
-        self.pitch, self.p_pitch, self.stretch, self.p_stretch = pitch, p_pitch, stretch, p_stretch
+        self.pitch, self.p_pitch = cfg.pitch, cfg.p_pitch
+        self.stretch, self.p_stretch = cfg.stretch, cfg.p_stretch
 
     def forward(self, power: torch.Tensor, semitones=None, factor=None) -> torch.Tensor:
         """`semitones` and `factor` (per sample) fix the shift and stretch; otherwise both are
@@ -276,9 +275,9 @@ class FilterAugment(nn.Module):
     linear type): `bands` bands with random edges, a gain in [-db, db] at each edge, linear in
     between. Does nothing in eval mode."""
 
-    def __init__(self, db=6.0, bands=4, p=0.0):
+    def __init__(self, cfg):
         super().__init__()
-        self.db, self.bands, self.p = db, max(1, bands), p
+        self.db, self.bands, self.p = cfg.filter_db, max(1, cfg.filter_bands), cfg.p_filter
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p <= 0:
@@ -303,9 +302,9 @@ class MelJitter(nn.Module):
     the mel axis; each chosen sample reads its M bands from [lo, hi] with lo up to `jitter` of
     the axis above the bottom and hi as far below the top. Does nothing in eval mode."""
 
-    def __init__(self, jitter=0.05, p=0.0):
+    def __init__(self, cfg):
         super().__init__()
-        self.jitter, self.p = jitter, p
+        self.jitter, self.p = cfg.mel_jitter, cfg.p_mel_jitter
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p <= 0:
@@ -324,9 +323,9 @@ class FreqMixStyle(nn.Module):
     standard deviation (over channels and time) are mixed with a random partner's,
     lam ~ Beta(alpha, alpha). Does nothing in eval mode."""
 
-    def __init__(self, alpha=0.3, p=0.0):
+    def __init__(self, cfg):
         super().__init__()
-        self.alpha, self.p = alpha, p
+        self.alpha, self.p = cfg.mixstyle, cfg.p_mixstyle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p <= 0:
@@ -348,9 +347,9 @@ class SpecAugment(nn.Module):
     """`masks` frequency and `masks` time masks per sample, each up to `width` of its axis,
     set to 0 (the mean of a standardised image). Does nothing in eval mode."""
 
-    def __init__(self, masks: int = 2, width: float = 0.1, p: float = 0.5):
+    def __init__(self, cfg):
         super().__init__()
-        self.masks, self.width, self.p = masks, width, p
+        self.masks, self.width, self.p = cfg.spec_masks, cfg.spec_width, cfg.p_spec
 
     @staticmethod
     def band_mask(B: int, n: int, max_w: int, apply: torch.Tensor) -> torch.Tensor:
@@ -407,16 +406,13 @@ class Frontend(nn.Module):
 
     def __init__(self, cfg, chans: int = 1, noise: torch.Tensor | None = None):
         super().__init__()
-        self.wave_aug = WaveAugment(cfg.shift, cfg.p_shift, cfg.gain_db, cfg.p_gain, cfg.noise_snr,
-                                    cfg.p_noise, cfg.bg_snr, cfg.p_bg, noise, cfg.reverb_rt60,
-                                    cfg.p_reverb, cfg.sr)
-        self.logmel = LogMel(cfg.sr, cfg.n_fft, cfg.hop, cfg.n_mels, cfg.size, cfg.seconds,
-                             cfg.resize, cfg.norm, cfg.top_db, chans)
-        self.warp = SpecWarp(cfg.pitch, cfg.p_pitch, cfg.stretch, cfg.p_stretch)
-        self.filter_aug = FilterAugment(cfg.filter_db, cfg.filter_bands, cfg.p_filter)
-        self.mel_jitter = MelJitter(cfg.mel_jitter, cfg.p_mel_jitter)
-        self.mixstyle = FreqMixStyle(cfg.mixstyle, cfg.p_mixstyle)
-        self.spec_aug = SpecAugment(cfg.spec_masks, cfg.spec_width, cfg.p_spec)
+        self.wave_aug = WaveAugment(cfg, noise)
+        self.logmel = LogMel(cfg, chans)
+        self.warp = SpecWarp(cfg)
+        self.filter_aug = FilterAugment(cfg)
+        self.mel_jitter = MelJitter(cfg)
+        self.mixstyle = FreqMixStyle(cfg)
+        self.spec_aug = SpecAugment(cfg)
 
     @staticmethod
     def _no_amp(device: torch.device):

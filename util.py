@@ -1,4 +1,5 @@
-"""Small helpers shared by the scripts: atomic writes, logging, option stripping, fold locks."""
+"""Small helpers shared by the scripts: the bad-request error, atomic writes, logging, option
+stripping, device choice, fold locks."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ import pandas as pd
 
 
 class UsageError(Exception):
-    """A bad request that nothing can continue from: one line on stderr, exit code 2."""
+    """A bad request that nothing can continue from: one line on stderr, exit code 2. The one
+    exception type every script's `main` catches (the subclasses say what was wrong); anything
+    else is a bug and keeps its traceback."""
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -69,6 +72,50 @@ def strip_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------- devices
+def parse_gpus(spec: str) -> list[int]:
+    """'0,1' -> [0, 1]; '-1' or 'cpu' -> [-1]; 'cpu,cpu' -> two CPU workers."""
+    try:
+        return [-1 if g.strip() == "cpu" else int(g) for g in str(spec).split(",") if g.strip()]
+    except ValueError:
+        raise UsageError(f"-g {spec}: expected GPU indices (0 or 0,1), -1 or cpu") from None
+
+
+def pick_device(spec: str, devices: int = 1) -> tuple[str, list[int] | int]:
+    """-g as every script reads it: ('gpu', [ids]) or ('cpu', processes). No GPU at all -> the
+    CPU with a warning; a GPU index that is not there -> UsageError listing those that are."""
+    import torch
+
+    gpus = parse_gpus(spec)
+    n = torch.cuda.device_count()
+    if not gpus or all(g < 0 for g in gpus):
+        return "cpu", devices
+    if n == 0:
+        logging.getLogger(__name__).warning("no GPU is visible: running on the CPU (pass -g -1 "
+                                            "to say so)")
+        return "cpu", devices
+    missing = [g for g in gpus if g >= n]
+    if missing:
+        have = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(n))
+        raise UsageError(f"GPU {missing} requested with -g {spec}, but the visible GPUs "
+                         f"are: {have}. Use -g with one of those, or -g -1 for the CPU")
+    if devices > 1:
+        ids = gpus if len(gpus) == devices else list(range(devices))
+        if max(ids) >= n:
+            raise UsageError(f"--devices {devices} needs {devices} GPUs; {n} visible")
+        return "gpu", ids
+    return "gpu", gpus[:1]
+
+
+def torch_device(spec: str):
+    """The one torch.device of -g for a single process (inference, export, bench): the first
+    GPU listed, or the CPU."""
+    import torch
+
+    kind, ids = pick_device(spec)
+    return torch.device(f"cuda:{ids[0]}" if kind == "gpu" else "cpu")
+
+
 # ----------------------------------------------------------------------------- processes
 def launched_rank_zero() -> bool:
     """True unless this process is a DDP worker other than global rank 0, as the environment
@@ -78,7 +125,8 @@ def launched_rank_zero() -> bool:
 
 class FoldLock:
     """An exclusive lock on a fold folder, held while the process lives (the kernel drops it
-    when the process ends, even by kill -9). A second process on the same fold is refused."""
+    when the process ends, even by kill -9). A second process on the same fold is refused.
+    `with FoldLock(folder):` releases it however the block ends."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / ".lock"
@@ -105,3 +153,9 @@ class FoldLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __enter__(self) -> "FoldLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

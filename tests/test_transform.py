@@ -25,7 +25,7 @@ def speech_like(n=4, seed=0):
 @pytest.mark.parametrize("n_mels", [64, 224])
 def test_logmel_matches_librosa(dtype, tol, n_mels):
     x = speech_like()
-    m = LogMel(n_fft=2048, hop=512, n_mels=n_mels, norm="none")
+    m = LogMel(Config(n_fft=2048, hop=512, n_mels=n_mels, norm="none"))
     ours = m.db(torch.from_numpy(x).to(dtype)).double().numpy()
     ref = np.stack([librosa.power_to_db(librosa.feature.melspectrogram(
         y=y.astype(np.float64 if dtype == torch.float64 else np.float32), sr=16000,
@@ -36,16 +36,16 @@ def test_logmel_matches_librosa(dtype, tol, n_mels):
 
 @pytest.mark.parametrize("size", [64, 128, 224])
 def test_native_shapes(size):
-    m = LogMel(size=size)
+    m = LogMel(Config(size=size))
     out = m(torch.randn(3, 16000))
     assert out.shape == (3, 1, size, size)
     # per-sample standardisation
     assert torch.allclose(out.mean((1, 2, 3)), torch.zeros(3), atol=1e-4)
-    assert LogMel(size=size, chans=3)(torch.randn(2, 16000)).shape == (2, 3, size, size)
+    assert LogMel(Config(size=size), chans=3)(torch.randn(2, 16000)).shape == (2, 3, size, size)
 
 
 def test_seed_resize_mode():
-    m = LogMel(size=64, resize=True)
+    m = LogMel(Config(size=64, resize=True))
     assert m.hop == 512 and m.frames == 32
     out = m(torch.from_numpy(speech_like()).float())
     assert out.shape == (4, 1, 64, 64)
@@ -83,7 +83,7 @@ def test_noise_hits_requested_snr():
 def test_background_noise_from_bank_hits_snr():
     torch.manual_seed(1)
     bank = torch.randn(50000) * 0.05
-    aug = WaveAugment(p_shift=0, p_gain=0, p_noise=0, p_bg=1.0, bg_snr=(12.0, 12.0), noise=bank)
+    aug = WaveAugment(Config.preset("none", p_bg=1.0, bg_snr=(12.0, 12.0)), noise=bank)
     x = torch.from_numpy(speech_like(4)).float()
     y = aug.train()(x)
     got = 20 * torch.log10(rms(x) / rms(y - x)).squeeze()
@@ -94,7 +94,7 @@ def test_background_noise_from_bank_hits_snr():
 def test_specaugment_zeroes_bands_only():
     torch.manual_seed(0)
     s = torch.randn(8, 1, 64, 64) + 5.0  # nothing is 0 before masking
-    out = SpecAugment(masks=2, width=0.2, p=1.0).train()(s)
+    out = SpecAugment(Config(spec_masks=2, spec_width=0.2, p_spec=1.0)).train()(s)
     zero = out == 0
     assert zero.any()
     assert torch.equal(out[~zero], s[~zero])  # the rest is untouched
@@ -104,7 +104,7 @@ def test_specaugment_zeroes_bands_only():
         # every zero lies in a fully masked frequency row or time column
         assert torch.equal(z, full_rows[:, None] | full_cols[None, :])
         assert full_rows.sum() <= 2 * int(0.2 * 64) and full_cols.sum() <= 2 * int(0.2 * 64)
-    assert torch.equal(SpecAugment(p=1.0).eval()(s), s)
+    assert torch.equal(SpecAugment(Config(p_spec=1.0)).eval()(s), s)
 
 
 def test_same_seed_same_batch():
@@ -172,9 +172,9 @@ def active_seconds(power: torch.Tensor, hop: int) -> float:
 
 @pytest.mark.parametrize("semitones", [-2.0, 1.0, 3.0])
 def test_pitch_shift_moves_a_tone_by_the_asked_semitones(semitones):
-    lm = LogMel(n_fft=2048, hop=128, n_mels=64)
+    lm = LogMel(Config(n_fft=2048, hop=128, n_mels=64))
     power = lm.power(tone(1000.0))
-    shifted = SpecWarp()(power, semitones=torch.tensor([semitones], dtype=power.dtype))
+    shifted = SpecWarp(Config())(power, semitones=torch.tensor([semitones], dtype=power.dtype))
     want = 1000.0 * 2 ** (semitones / 12)
     assert abs(peak_hz(shifted[0]) / want - 1) < 0.02
     assert abs(peak_hz(power[0]) / 1000.0 - 1) < 0.02
@@ -183,8 +183,8 @@ def test_pitch_shift_moves_a_tone_by_the_asked_semitones(semitones):
 @pytest.mark.parametrize("factor", [0.8, 1.25])
 def test_time_stretch_scales_the_duration(factor):
     hop = 128
-    power = LogMel(n_fft=512, hop=hop, n_mels=64).power(tone(440.0, on=(0.3, 0.6)))
-    stretched = SpecWarp()(power, factor=torch.tensor([factor], dtype=power.dtype))
+    power = LogMel(Config(n_fft=512, hop=hop, n_mels=64)).power(tone(440.0, on=(0.3, 0.6)))
+    stretched = SpecWarp(Config())(power, factor=torch.tensor([factor], dtype=power.dtype))
     before, after = active_seconds(power[0], hop), active_seconds(stretched[0], hop)
     assert abs(after / before - factor) < 0.04
     assert stretched.shape == power.shape
@@ -193,8 +193,7 @@ def test_time_stretch_scales_the_duration(factor):
 def test_reverb_keeps_the_length_and_adds_a_decaying_tail():
     torch.manual_seed(0)
     x = tone(700.0, on=(0.1, 0.2), n=4).float()
-    aug = WaveAugment(p_shift=0, p_gain=0, p_noise=0, p_bg=0, p_reverb=1.0,
-                      reverb_rt60=(0.5, 0.5)).train()
+    aug = WaveAugment(Config.preset("none", p_reverb=1.0, reverb_rt60=(0.5, 0.5))).train()
     y = aug(x)
     assert y.shape == x.shape
     assert torch.allclose(rms(y), rms(x), rtol=1e-3)  # the level is kept
@@ -204,19 +203,24 @@ def test_reverb_keeps_the_length_and_adds_a_decaying_tail():
     assert torch.equal(aug.eval()(x), x)
 
 
+def only(**on) -> Config:
+    """Every augmentation off but the ones set here."""
+    return Config.preset("none", **on)
+
+
 def batch_for(kind):
     """A (module, input) pair for each newer augmentation, forced on for every sample."""
     torch.manual_seed(1)
-    lm = LogMel(size=64, norm="none")
+    lm = LogMel(Config(size=64, norm="none"))
     wave = torch.from_numpy(speech_like(6)).float()
     power, db = lm.power(wave), lm.db(wave)
     return {
-        "reverb": (WaveAugment(p_shift=0, p_gain=0, p_noise=0, p_bg=0, p_reverb=1.0), wave),
-        "pitch": (SpecWarp(p_pitch=1.0), power),
-        "stretch": (SpecWarp(p_stretch=1.0), power),
-        "filter": (FilterAugment(p=1.0), db),
-        "mel_jitter": (MelJitter(p=1.0), db),
-        "mixstyle": (FreqMixStyle(alpha=1.0, p=1.0), lm.image(db)),
+        "reverb": (WaveAugment(only(p_reverb=1.0)), wave),
+        "pitch": (SpecWarp(only(p_pitch=1.0)), power),
+        "stretch": (SpecWarp(only(p_stretch=1.0)), power),
+        "filter": (FilterAugment(only(p_filter=1.0)), db),
+        "mel_jitter": (MelJitter(only(p_mel_jitter=1.0)), db),
+        "mixstyle": (FreqMixStyle(only(mixstyle=1.0, p_mixstyle=1.0)), lm.image(db)),
     }[kind]
 
 
@@ -254,3 +258,23 @@ def test_presets_fill_only_what_is_not_given(tmp_path):
     again, _ = parse_config(p, ["--config", str(tmp_path / "c.yaml")])
     assert again == cfg
     assert parse_config(p, ["--config", str(tmp_path / "c.yaml"), "-e", "3"])[0].epochs == 3
+
+
+def test_modules_take_their_defaults_from_config():
+    """Config is the one source of augmentation settings: a module built from the default
+    Config holds Config's defaults, and every Config field it reads changes it."""
+    cfg = Config()
+    front = Frontend(cfg)
+    wave, warp = front.wave_aug, front.warp
+    assert (wave.p_shift, wave.p_gain, wave.p_noise, wave.p_bg, wave.p_reverb) == \
+        (cfg.p_shift, cfg.p_gain, cfg.p_noise, cfg.p_bg, cfg.p_reverb) == (0.5, 0.5, 0.3, 0.0, 0.5)
+    assert (warp.p_pitch, front.filter_aug.p, front.spec_aug.p) == (0.5, 0.5, 0.0)
+    other = Frontend(Config.preset("all", bg_snr=(3.0, 4.0), spec_width=0.3, filter_bands=7))
+    assert other.wave_aug.bg_snr == (3.0, 4.0) and other.spec_aug.width == 0.3
+    assert other.filter_aug.bands == 7 and other.wave_aug.p_bg == 0.5
+    import inspect
+
+    for cls in (WaveAugment, SpecWarp, FilterAugment, MelJitter, FreqMixStyle, SpecAugment, LogMel):
+        params = inspect.signature(cls).parameters
+        assert "cfg" in params and params["cfg"].default is inspect.Parameter.empty, cls
+        assert not {"p", "p_bg", "p_pitch", "p_reverb", "width", "masks"} & set(params), cls
