@@ -1,10 +1,10 @@
-"""Label audio with an exported model (export.py): needs numpy, soundfile and onnxruntime only.
+"""Label audio with an exported model (export.py): needs numpy, soundfile, soxr and onnxruntime.
 
     python predict.py MODEL.onnx clip.wav folder/ [--top-k 3]
     python predict.py MODEL.onnx long.wav --window 1 --hop 0.25 [--min-prob 0.5] [--csv out.csv]
 
-Clips: each file is averaged to mono, resampled to the model's rate and zero-padded or cut
-to its clip length, as in training; one line per file with the top-k labels. Recordings:
+Clips: each file is averaged to mono, resampled to the model's rate (soxr, as preprocess.py
+does) and zero-padded or cut to its clip length, as in training; one line per file with the top-k labels. Recordings:
 with --window, one row per window (start, end, label, probability; label '' for windows
 --silence-db below the loudest), then the segments: consecutive windows with the same label
 and at least --min-prob merged. Unreadable and empty files are listed on stderr and skipped.
@@ -21,28 +21,32 @@ from pathlib import Path
 
 import numpy as np
 
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}  # what soundfile reads
 
 
 class AudioError(ValueError):
-    """A file that cannot be used, with the reason."""
+    """A file that cannot be used, with the reason: listed and skipped, never fatal."""
+
+
+def fit(y: np.ndarray, length: int) -> np.ndarray:
+    """y cut, or zero-padded at the end, to `length` samples."""
+    return y[:length] if len(y) >= length else np.pad(y, (0, length - len(y)))
 
 
 def resample(y: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
-    """Band-limited resampling of a whole signal by FFT (zero-padding or cutting the
-    spectrum), as scipy.signal.resample does."""
+    """soxr's high-quality resampler, cut or padded to ceil(len * sr / orig_sr) samples: what
+    `librosa.load(sr=...)` does, and so what training heard (preprocess.py reads through here)."""
+    import soxr
+
     if orig_sr == sr or len(y) == 0:
         return y
-    n = max(1, int(round(len(y) * sr / orig_sr)))
-    spec = np.fft.rfft(y)
-    keep = min(len(spec), n // 2 + 1)
-    out = np.zeros(n // 2 + 1, dtype=spec.dtype)
-    out[:keep] = spec[:keep]
-    return (np.fft.irfft(out, n) * (n / len(y))).astype(np.float32)
+    n = int(np.ceil(len(y) * sr / orig_sr))
+    return fit(soxr.resample(y, orig_sr, sr, quality="HQ").astype(np.float32), n)
 
 
-def read_audio(path: str | Path, sr: int) -> np.ndarray:
-    """float32 mono waveform of `path` at `sr`; AudioError when it cannot be used."""
+def read_audio(path: str | Path, sr: int, info: dict | None = None) -> np.ndarray:
+    """float32 mono waveform of `path` at `sr` (channels averaged); AudioError when it cannot
+    be used. `info` gets the file's orig_sr, orig_channels and orig_seconds."""
     import soundfile as sf
 
     try:
@@ -51,14 +55,44 @@ def read_audio(path: str | Path, sr: int) -> np.ndarray:
         raise AudioError(f"not readable audio ({str(e).strip().splitlines()[0][:120]})") from None
     if len(y) == 0:
         raise AudioError("empty (0 samples)")
-    y = y.mean(1)
+    if info is not None:
+        info.update(orig_sr=orig_sr, orig_channels=y.shape[1], orig_seconds=len(y) / orig_sr)
+    y = y.mean(1) if y.shape[1] > 1 else y[:, 0]
     if not np.isfinite(y).all():
         raise AudioError("contains NaN or infinite samples")
     return resample(y, orig_sr, sr)
 
 
-def fit(y: np.ndarray, length: int) -> np.ndarray:
-    return y[:length] if len(y) >= length else np.pad(y, (0, length - len(y)))
+def audio_files(paths) -> list[Path]:
+    """The files given, and the audio files (AUDIO_EXTS) inside the folders given, sorted."""
+    files = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS) \
+            if p.is_dir() else [p]
+    return files
+
+
+def predict_files(paths, sr: int, length: int, probs, classes: list[str], top_k: int = 3,
+                  errors=None):
+    """[(path, [(label, probability), ...])] for the readable files among `paths`, each read at
+    `sr` and fitted to `length` samples, `probs` mapping (N, length) float32 waveforms to
+    (N, classes) probabilities; (path, reason) of the others go to `errors` when given. The
+    one "label these files" path: Predictor here and `inference.py --predict` use it."""
+    good, waves = [], []
+    for p in paths:
+        try:
+            waves.append(fit(read_audio(p, sr), length))
+            good.append(p)
+        except AudioError as e:
+            if errors is not None:
+                errors.append((p, str(e)))
+    scores = probs(np.stack(waves)) if waves else []
+    return [(p, [(classes[i], float(s[i])) for i in np.argsort(s)[::-1][:top_k]])
+            for p, s in zip(good, scores)]
+
+
+def top_line(path, top) -> str:
+    return f"{path}: " + "  ".join(f"{label} {p:.3f}" for label, p in top)
 
 
 class Predictor:
@@ -86,17 +120,7 @@ class Predictor:
     def predict_files(self, paths, top_k: int = 3, errors=None):
         """[(path, [(label, probability), ...])] for the readable files among `paths`;
         (path, reason) of the others go to the `errors` list when given."""
-        good, waves = [], []
-        for p in paths:
-            try:
-                waves.append(fit(read_audio(p, self.sr), self.length))
-                good.append(p)
-            except AudioError as e:
-                if errors is not None:
-                    errors.append((p, str(e)))
-        probs = self.probs(np.stack(waves)) if waves else []
-        return [(p, [(self.classes[i], float(s[i])) for i in np.argsort(s)[::-1][:top_k]])
-                for p, s in zip(good, probs)]
+        return predict_files(paths, self.sr, self.length, self.probs, self.classes, top_k, errors)
 
     def windows(self, path, window: float | None = None, hop: float = 0.25, notes=None,
                 silence_db: float = 40.0):
@@ -138,14 +162,6 @@ def segments(rows, min_prob: float = 0.5):
     return [(s, e, label, total / n, n) for s, e, label, total, n in out]
 
 
-def audio_files(paths) -> list[Path]:
-    files = []
-    for p in map(Path, paths):
-        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS) \
-            if p.is_dir() else [p]
-    return files
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", help="the .onnx file written by export.py")
@@ -170,7 +186,7 @@ def main(argv=None) -> int:
     files, errors, rows = audio_files(args.paths), [], []
     if args.window is None and args.hop is None:
         for path, top in pred.predict_files(files, args.top_k, errors):
-            print(f"{path}: " + "  ".join(f"{label} {p:.3f}" for label, p in top))
+            print(top_line(path, top))
             rows.append([str(path), *[x for t in top for x in (t[0], f"{t[1]:.4f}")]])
         header = ["path", *[f"{k}{i + 1}" for i in range(args.top_k) for k in ("label", "p")]]
     else:

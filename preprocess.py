@@ -27,42 +27,29 @@ import pandas as pd
 from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
-from util import write_json
+from predict import AudioError, fit, read_audio
+from util import UsageError, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}
 NOISE_DIR = "_background_noise_"
 
 
-class DataLayoutError(Exception):
-    """The data folder does not look like any accepted layout (exit code 2)."""
+class DataLayoutError(UsageError):
+    """The data folder does not look like any accepted layout."""
 
 
 # ---------------------------------------------------------------------------------- decoding
 def decode(path: str | os.PathLike, sr: int, length: int | None) -> tuple[np.ndarray, dict]:
-    """Read any soundfile format, average to mono, resample to `sr` (as librosa.load does),
-    pad with zeros / crop to `length` samples (None: keep all) and return int16 + info.
-    Raises ValueError with a short reason for files that cannot be used."""
-    import librosa
-    import soundfile as sf
-
-    try:
-        y, orig_sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        raise ValueError(f"not readable audio ({str(e).strip().splitlines()[0][:120]})") from None
-    channels, frames = y.shape[1], y.shape[0]
-    if frames == 0:
-        raise ValueError("empty (0 samples)")
-    y = librosa.to_mono(y.T) if channels > 1 else y[:, 0]
-    if not np.isfinite(y).all():
-        raise ValueError("contains NaN or infinite samples")
-    if orig_sr != sr:
-        y = librosa.resample(y, orig_sr=orig_sr, target_sr=sr, res_type="soxr_hq")
+    """int16 waveform of any soundfile format at `sr`, mono, padded with zeros or cut to
+    `length` samples (None: all), and the file's info; predict.read_audio reads it (the
+    torch-free predictor reads clips the same way). AudioError (a ValueError) with a short
+    reason for files that cannot be used."""
+    info = {}
+    y = read_audio(path, sr, info)
     if length is not None:
-        y = y[:length] if len(y) >= length else np.pad(y, (0, length - len(y)))
-    wave = np.clip(np.round(y * 32768.0), -32768, 32767).astype(np.int16)
-    return wave, dict(orig_sr=orig_sr, orig_channels=channels, orig_seconds=frames / orig_sr)
+        y = fit(y, length)
+    return np.clip(np.round(y * 32768.0), -32768, 32767).astype(np.int16), info
 
 
 def _decode_chunk(job):
@@ -73,7 +60,7 @@ def _decode_chunk(job):
         try:
             waves[i], info = decode(path, sr, length)
             infos.append(dict(info, status="ok"))
-        except ValueError as e:
+        except AudioError as e:
             infos.append(dict(orig_sr=0, orig_channels=0, orig_seconds=0.0, status=str(e)))
     return waves, infos
 
@@ -215,7 +202,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     # the fingerprint goes first and comes back last: an interrupted build is never reused
     prep_file.unlink(missing_ok=True)
     workers = workers or os.cpu_count() or 1
-    length = int(round(cfg.sr * cfg.seconds))
+    length = cfg.clip_samples
 
     info = decode_all(list(train.path), work / "train_wave.npy", cfg.sr, length, workers, "train")
     train = pd.concat([train.reset_index(drop=True), info], axis=1)
@@ -234,7 +221,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         train["fold"] = assign_folds(train, cfg.folds, cfg.seed)
     train["y"] = train.label.map({c: i for i, c in enumerate(classes)})
     train.insert(0, "row", np.arange(len(train)))
-    train.drop(columns="status").to_csv(work / "train.csv", index=False)
+    write_csv(train.drop(columns="status"), work / "train.csv")
     write_json(classes, work / "classes.json")
 
     if len(test):
@@ -245,13 +232,13 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         np.save(work / "test_wave.npy", np.zeros((0, length), np.int16))
         test = test.assign(status=pd.Series(dtype=str))
     test.insert(0, "row", np.arange(len(test)))
-    test.to_csv(work / "test.csv", index=False)
+    write_csv(test, work / "test.csv")
 
     noise_waves = []
     for p in noise:
         try:
             noise_waves.append(decode(p, cfg.sr, None)[0])
-        except ValueError as e:
+        except AudioError as e:
             rejected.append(pd.DataFrame({"path": [p], "status": [str(e)]}))
     if noise_waves:
         np.save(work / "noise.npy", np.concatenate(noise_waves))
@@ -259,7 +246,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         (work / "noise.npy").unlink()
 
     rejected = pd.concat(rejected).rename(columns={"status": "reason"})
-    rejected.to_csv(work / "rejected.csv", index=False)
+    write_csv(rejected, work / "rejected.csv")
     if len(rejected):
         reasons = rejected.reason.str.split(" ").str[0].value_counts()
         print(f"preprocess: {len(rejected)} of {len(all_paths)} files rejected "
@@ -267,7 +254,8 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
               f"{work / 'rejected.csv'}", file=sys.stderr)
     summary = dict(fingerprint=fp, layout=layout, classes=len(classes), train=len(train),
                    test=len(test), noise_seconds=sum(map(len, noise_waves)) / cfg.sr,
-                   rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, folds=cfg.folds)
+                   rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, folds=cfg.folds,
+                   data=cfg.data, manifest=cfg.manifest)
     write_json(summary, prep_file)
     return dict(summary, reused=False)
 
@@ -281,7 +269,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     try:
         s = prepare(cfg, force=args.force, workers=args.jobs)
-    except DataLayoutError as e:
+    except UsageError as e:
         print(f"preprocess: {e}", file=sys.stderr)
         return 2
     log.info("%s (%s layout): %d classes, %d train clips in %d folds, %d test clips, "

@@ -164,3 +164,31 @@ def test_manifest_layout_keeps_its_folds(tmp_path):
     train = pd.read_csv(tmp_path / "w" / "train.csv")
     assert list(train.fold) == [i % 4 for i in range(7)]
     assert np.load(tmp_path / "w" / "train_wave.npy").shape == (7, 8000)
+
+
+def test_predictor_reads_a_file_as_training_did(tmp_path):
+    """predict.read_audio (the torch-free predictor's reader, and preprocess's) equals
+    librosa.load for a 44.1 kHz stereo file: mono by the channel mean, soxr's HQ resampler."""
+    from predict import read_audio
+
+    rng = np.random.default_rng(0)
+    t = np.arange(44100) / 44100
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.1 * rng.standard_normal(44100)], 1)
+    sf.write(tmp_path / "x.wav", stereo, 44100, subtype="FLOAT")
+    info = {}
+    ours = read_audio(tmp_path / "x.wav", 16000, info)
+    ref, _ = librosa.load(tmp_path / "x.wav", sr=16000)
+    assert ours.shape == ref.shape == (16000,) and np.abs(ours - ref).max() < 1e-6
+    assert info == dict(orig_sr=44100, orig_channels=2, orig_seconds=1.0)
+
+
+def test_csv_and_json_files_are_written_aside_and_renamed(demo_data, tmp_path, monkeypatch):
+    """The CSV and JSON files of WORK go through util.atomic_write (written aside, renamed)."""
+    import util
+
+    written = []
+    real = util.atomic_write
+    monkeypatch.setattr(util, "atomic_write", lambda path, fn: (written.append(path.name),
+                                                                real(path, fn)))
+    prepare(Config(data=str(demo_data), work=str(tmp_path / "w"), folds=2), workers=1)
+    assert {"train.csv", "test.csv", "rejected.csv", "classes.json", "prep.json"} <= set(written)
