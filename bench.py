@@ -1,7 +1,7 @@
 """Throughput: features (the original per-sample pipeline vs the batched one), each
 augmentation, and an exported ensemble (ONNX Runtime vs PyTorch, cold start).
 
-    python bench.py --work WORK [-t 224] [--clips 512] [--device cpu|cuda]
+    python bench.py --work WORK [-t 224] [--clips 512] [-g 0|-1]
     python bench.py --work WORK --sections augment            # one line per augmentation
     python bench.py --work WORK --sections onnx --run RUN     # RUN's 5 folds, exported
 
@@ -10,10 +10,11 @@ features:
     Gaussian noise -> melspectrogram (hop 512) -> power_to_db -> min-max -> bicubic resize
     to t x t -> 3 channels;
 (b) this project making the same features: cached int16 -> batched augment -> LogMel
-    hop 512 -> min-max -> resize -> 3 channels, on --device;
-(c) this project's default: native t frames, background noise, SpecAugment.
+    hop 512 -> min-max -> resize -> 3 channels, on the -g device;
+(c) this project's default: native t frames, the default augmentation (the original's three
+    + pitch shift, reverberation, FilterAugment).
 Then the share of a training step spent in augment + features (default mode) for resnet18
-at t=64 and res2next50 at t=224. The last line is `feature_speedup <(b)/(a)>`.
+at t=64 and res2next50 at t=224. The section ends with `feature_speedup <(b)/(a)>`.
 augment: samples/s of the front end (log-mel at -t) with one augmentation on for every
 sample, beside the front end with none, and pitch shift beside librosa.effects.pitch_shift
 per clip (the original recipe's reason to leave pitch shift out).
@@ -23,7 +24,6 @@ ensemble, inference.py's way) at batch 1 and 64 on the CPU; the .onnx size; the 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import subprocess
@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from arg import Config
 from dataset import load_noise, read_table
 from transform import Frontend
+from util import setup_logging, torch_device
 
 
 class SeedClips(Dataset):
@@ -148,19 +149,20 @@ def step_share(cfg: Config, waves, batch, device) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default="work", help="a WORK folder made by preprocess.py")
-    p.add_argument("-t", "--size", type=int, default=224)
+    from arg import config_from_args, make_parser
+
+    p = make_parser(__doc__.split("\n")[0], only=("work", "size", "batch_size", "gpus", "run"))
     p.add_argument("--clips", type=int, default=512, help="clips per pipeline")
-    p.add_argument("-b", "--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for (a)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed-workers", type=int, default=2,
+                   help="DataLoader workers of the original per-sample pipeline (a)")
     p.add_argument("--skip-steps", action="store_true", help="no training-step shares")
     p.add_argument("--sections", default="features,augment",
                    help="comma-separated: features, augment, onnx")
-    p.add_argument("--run", default="", help="the run --sections onnx exports")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    cfg = config_from_args(args)
+    setup_logging()
+    args.work, args.size, args.batch_size, args.run = cfg.work, cfg.size, cfg.batch_size, cfg.run
+    device = torch_device(cfg.gpus)
     torch.set_num_threads(os.cpu_count() or 1)
     table = read_table(Path(args.work) / "train.csv")
     n = min(args.clips, len(table))
@@ -263,8 +265,8 @@ def onnx_section(args, waves) -> None:
 def features(args, waves, paths, device) -> None:
     base = Config(work=args.work, size=args.size)
     seed_cfg = Config.preset("seed", work=args.work, size=args.size, resize=True, norm="minmax")
-    a = bench_seed(paths, args.size, args.batch_size, args.workers)
-    print(f"(a) seed per-sample, librosa, {args.workers} workers : {a:9.1f} samples/s")
+    a = bench_seed(paths, args.size, args.batch_size, args.seed_workers)
+    print(f"(a) seed per-sample, librosa, {args.seed_workers} workers : {a:9.1f} samples/s")
     b = bench_batched(waves, seed_cfg, args.batch_size, device, chans=3)
     print(f"(b) batched, same seed features          : {b:9.1f} samples/s")
     c = bench_batched(waves, base, args.batch_size, device)

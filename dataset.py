@@ -92,8 +92,8 @@ def loader(ds: WaveDataset, batch_size: int, shuffle: bool, workers: int,
 def read_classes(work: str | Path) -> list[str]:
     path = Path(work) / "classes.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python preprocess.py --data DIR "
-                                f"--work {work}` first")
+        raise UsageError(f"{path} not found: run `python preprocess.py --data DIR "
+                         f"--work {work}` first")
     return json.loads(path.read_text())
 
 
@@ -119,14 +119,14 @@ def load_noise(work: str | Path) -> torch.Tensor | None:
 def pseudo_labels(work: str | Path, test_probs: str | Path, threshold: float,
                   classes: list[str]) -> pd.DataFrame:
     """The test rows whose top probability in `test_probs` (a run's test_probs.csv) is at least
-    `threshold`: row, file_name, y (the top class), p. ValueError when the file does not
+    `threshold`: row, file_name, y (the top class), p. UsageError when the file does not
     match WORK's test set or classes."""
     probs = pd.read_csv(test_probs, keep_default_na=False)
     test = read_table(Path(work) / "test.csv")
     if list(probs.columns[1:]) != classes:
-        raise ValueError(f"{test_probs}: its classes differ from {Path(work) / 'classes.json'}")
+        raise UsageError(f"{test_probs}: its classes differ from {Path(work) / 'classes.json'}")
     if list(probs.file_name.astype(str)) != list(test.file_name):
-        raise ValueError(f"{test_probs}: its rows are not {Path(work) / 'test.csv'}'s test clips "
+        raise UsageError(f"{test_probs}: its rows are not {Path(work) / 'test.csv'}'s test clips "
                          f"(made from another WORK?)")
     p = probs[classes].to_numpy()
     keep = (p.max(1) >= threshold) & (test.status == "ok").to_numpy()
@@ -147,7 +147,7 @@ class FoldData(L.LightningDataModule):
         self.table = read_table(self.work / "train.csv")
         folds = sorted(self.table.fold.unique())
         if fold not in folds:
-            raise ValueError(f"fold {fold} is not in {self.work / 'train.csv'} (folds "
+            raise UsageError(f"fold {fold} is not in {self.work / 'train.csv'} (folds "
                              f"{', '.join(map(str, folds))})")
         self.val_table = self.table[self.table.fold == fold]
         train = self.table[self.table.fold != fold]

@@ -1,5 +1,5 @@
 """A run's fold ensemble (+ TTA views, + the log-mel front end) -> one ONNX graph, and the
-offline bundle that runs it with numpy, soundfile and onnxruntime alone.
+offline bundle that runs it with numpy, soundfile, soxr and onnxruntime alone.
 
     python export.py --work WORK --run RUN -f 5 -a y --out RUN.onnx
     python export.py --work WORK --run RUN -f 5 -a y --bundle RUN_bundle   # + predict.py, README
@@ -55,10 +55,10 @@ class Ensemble(nn.Module):
 
 
 def load_members(work: Path, run: str, folds: list[int]) -> list:
-    from inference import checkpoint_paths
     from model import check_compatible, load_checkpoint
+    from runs import Run
 
-    paths = checkpoint_paths(work, [run], folds)
+    paths = Run(work, run).checkpoints(folds)
     models = [load_checkpoint(p) for p in paths]
     for m, p in zip(models[1:], paths[1:]):
         check_compatible(models[0], paths[0], m, p)
@@ -71,7 +71,7 @@ def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
     import onnx
 
     cfg = models[0].cfg
-    length = int(round(cfg.sr * cfg.seconds))
+    length = cfg.clip_samples
     for m in models:  # export the plain layout; channels_last is a CUDA-speed detail
         m.net.to(memory_format=torch.contiguous_format)
     net = Ensemble(models, tta).eval()
@@ -98,19 +98,21 @@ def write_bundle(onnx_path: Path, folder: Path, meta: dict, classes: list[str]) 
     """folder/: the .onnx, predict.py, requirements.txt and a README, nothing else needed."""
     import onnxruntime
     import soundfile
+    import soxr
 
     folder.mkdir(parents=True, exist_ok=True)
     if onnx_path.resolve() != (folder / onnx_path.name).resolve():
         shutil.copy2(onnx_path, folder / onnx_path.name)
     shutil.copy2(ROOT / "predict.py", folder / "predict.py")
     write_text(f"numpy>={np.__version__.split('.')[0]}\nsoundfile>={soundfile.__version__}\n"
-               f"onnxruntime>={onnxruntime.__version__}\n", folder / "requirements.txt")
+               f"soxr>={soxr.__version__}\nonnxruntime>={onnxruntime.__version__}\n",
+               folder / "requirements.txt")
     name = onnx_path.name
     write_text(f"""# {meta['run']}: offline keyword classifier
 
 {len(classes)} classes, {meta['sample_rate']} Hz clips of {meta['clip_seconds']} s; an ensemble
 of {meta['folds']} fold model(s){' with 5 test-time views' if meta['tta'] else ''}, log-mel front end
-included. Needs Python 3.9+ and the three packages of `requirements.txt` (no torch).
+included. Needs Python 3.9+ and the four packages of `requirements.txt` (no torch).
 
 ```bash
 pip install -r requirements.txt        # offline: pip download -r requirements.txt -d wheels
@@ -133,45 +135,39 @@ Classes: {', '.join(classes)}
 
 
 def main(argv=None) -> int:
-    from arg import Parser
+    from arg import add_folds, config_from_args, make_parser
 
-    p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default="work", help="work folder (preprocess.py --work)")
-    p.add_argument("--run", required=True, help="the run to export (WORK/runs/RUN)")
-    p.add_argument("-f", "--folds", default="5", help="N = folds 0..N-1, or a list 0,2")
-    p.add_argument("-a", "--tta", default="n", choices=("y", "n"), help="include the TTA views")
+    p = make_parser(__doc__.split("\n")[0], only=("work", "run", "tta"))
+    add_folds(p)
     p.add_argument("--out", default="", help="the .onnx file (default WORK/runs/RUN/RUN.onnx)")
     p.add_argument("--bundle", default="", metavar="DIR",
                    help="also write DIR with the .onnx, predict.py, requirements.txt, README.md")
     args = p.parse_args(argv)
+    cfg = config_from_args(args)
     setup_logging()
     for name in ("onnx_ir", "onnxscript"):  # their passes log every initializer at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
-    from dataset import work_folds
-    from inference import parse_folds
-    from model import CheckpointError
+    from runs import Run, requested_folds
 
-    work = Path(args.work)
+    work, tta = Path(cfg.work), cfg.tta == "y"
     try:
-        folds = parse_folds(args.folds)
-        have = work_folds(work)
-        if not set(folds) <= set(have):
-            raise UsageError(f"-f {args.folds}: {work / 'train.csv'} has folds "
-                             f"{', '.join(map(str, have))}")
-        models = load_members(work, args.run, folds)
-    except (UsageError, CheckpointError) as e:
+        if not cfg.run:
+            raise UsageError("--run RUN: which run to export (a folder of WORK/runs)")
+        folds = requested_folds(work, args.folds)
+        models = load_members(work, cfg.run, folds)
+    except UsageError as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else work / "runs" / args.run / f"{args.run}.onnx"
-    meta = dict(run=args.run, folds=len(folds), tta=args.tta == "y")
-    export_onnx(models, args.tta == "y", out, meta)
+    out = Path(args.out) if args.out else Run(work, cfg.run).dir / f"{cfg.run}.onnx"
+    meta = dict(run=cfg.run, folds=len(folds), tta=tta)
+    export_onnx(models, tta, out, meta)
+    first = models[0].cfg
     log.info("export: %s (%.1f MB): %d fold(s)%s, input wave (batch, %d) at %d Hz",
-             out, out.stat().st_size / 1e6, len(folds), " x 5 views" if args.tta == "y" else "",
-             int(round(models[0].cfg.sr * models[0].cfg.seconds)), models[0].cfg.sr)
+             out, out.stat().st_size / 1e6, len(folds), " x 5 views" if tta else "",
+             first.clip_samples, first.sr)
     if args.bundle:
-        cfg = models[0].cfg
-        write_bundle(out, Path(args.bundle), dict(meta, sample_rate=cfg.sr,
-                                                  clip_seconds=cfg.seconds), models[0].classes)
+        write_bundle(out, Path(args.bundle), dict(meta, sample_rate=first.sr,
+                                                  clip_seconds=first.seconds), models[0].classes)
         log.info("bundle: %s (model, predict.py, requirements.txt, README.md)", args.bundle)
     return 0
 

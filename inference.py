@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model import CheckpointError, predict_waves
-from util import UsageError, probs_frame, setup_logging, write_csv, write_json
+from model import predict_waves
+from report import cv_report, write_html
+from runs import Run, requested_folds, train_command
+from util import UsageError, probs_frame, setup_logging, torch_device, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -92,51 +94,21 @@ def fit_blend(probs: np.ndarray, y: np.ndarray) -> dict:
                              after=calibration_error(calibrated, y)))
 
 
-def parse_folds(spec: str) -> list[int]:
-    """'5' -> [0..4] (the seed's meaning); '0,2' -> [0, 2]; '3,' -> [3]."""
-    try:
-        if "," in spec:
-            return [int(s) for s in spec.split(",") if s.strip()]
-        return list(range(int(spec)))
-    except ValueError:
-        raise UsageError(f"-f {spec}: expected a fold count (5) or a list (0,2)") from None
-
-
 # ----------------------------------------------------------------------------- members
-def checkpoint_paths(work: Path, runs: list[str], folds: list[int]) -> list[Path]:
-    """best.ckpt of every run x fold; UsageError naming each missing or unfinished one with
-    the command that makes it."""
-    from report import fold_done, train_command
-
-    paths = [work / "runs" / r / f"fold{k}" / "best.ckpt" for r in runs for k in folds]
-    bad = [p for p in paths if not (p.is_file() and fold_done(p.parent))]
-    if bad:
-        hints = []
-        for p in bad:
-            cmd = train_command(p.parent.parent, work, p.parent.name[4:])
-            state = "unfinished (no result.json)" if p.is_file() else "missing"
-            hints.append(f"  {p}: {state}\n    make it with: {cmd}"
-                         + (" --resume" if p.is_file() else ""))
-        raise UsageError(f"{len(bad)} of {len(paths)} fold checkpoints are missing or "
-                         f"unfinished:\n" + "\n".join(hints))
-    return paths
-
-
 def oof_for_blend(work: Path, runs: list[str], folds: list[int], name: str,
                   classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(R, N, C) OOF probabilities of each run and the labels, refusing runs whose OOF covers
     other rows."""
-    from report import label_index, load_oof, train_command
+    from report import label_index, load_oof
 
     tables, probs = [], []
-    for r in runs:
-        got = load_oof([work / "runs" / r], folds, name, classes)
+    for r in (Run(work, name) for name in runs):
+        got = load_oof([r.dir], folds, name, classes)
         if got is None:
-            missing = [k for k in folds if not (work / "runs" / r / f"fold{k}" / f"{name}.csv")
-                       .is_file()]
+            missing = [k for k in folds if not r.oof(k, name).is_file()]
             how = ("train them with -a y, or fit without -a y" if name == "oof_tta" else
-                   "train them: " + train_command(work / "runs" / r, work, str(missing[0])))
-            raise UsageError(f"--fit-weights: run {r} has no finished {name}.csv for fold(s) "
+                   "train them: " + train_command(r, str(missing[0])))
+            raise UsageError(f"--fit-weights: run {r.name} has no finished {name}.csv for fold(s) "
                              f"{', '.join(map(str, missing)) or 'all'}; {how}")
         tables.append(got[0])
         probs.append(got[1])
@@ -167,56 +139,46 @@ def score_test(test: pd.DataFrame, labels: list[str], solution: str | None, out:
 
 
 # ----------------------------------------------------------------------------- predict
-def predict_files(args, paths: list[Path], weights: np.ndarray, device: torch.device) -> int:
-    """Top-3 labels per audio file or folder given, decoding each file here."""
+def predict_files(paths: list[Path], files: list[str], tta: bool, how: str, weights: np.ndarray,
+                  device: torch.device, batch: int) -> int:
+    """Top-3 labels of each audio file (or folder's files) given, read as predict.py reads
+    them: the same code path as the exported bundle, with these checkpoints."""
+    import predict
     from model import load_checkpoint
-    from preprocess import AUDIO_EXTS, decode
 
-    files = []
-    for p in map(Path, args.predict):
-        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS) if p.is_dir() else [p]
-    cfg = load_checkpoint(paths[0]).cfg
-    length = int(round(cfg.sr * cfg.seconds))
-    good, waves = [], []
-    for f in files:
-        try:
-            waves.append(decode(f, cfg.sr, length)[0])
-            good.append(f)
-        except (ValueError, OSError) as e:
-            print(f"{f}: skipped - {e}", file=sys.stderr)
-    if not good:
+    ref = load_checkpoint(paths[0])
+    cfg, errors = ref.cfg, []
+
+    def probs(waves):
+        return ensemble(predict_waves(paths, waves, tta, device, batch)[0], how, weights)[1]
+
+    found = predict.audio_files(files)
+    for path, top in predict.predict_files(found, cfg.sr, cfg.clip_samples, probs, ref.classes,
+                                           3, errors):
+        print(predict.top_line(path, top))
+    for path, reason in errors:
+        print(f"{path}: skipped - {reason}", file=sys.stderr)
+    if len(errors) == len(found):
         print("predict: no readable audio among the paths given", file=sys.stderr)
-        return 1
-    probs, classes = predict_waves(paths, np.stack(waves), args.tta == "y", device, args.batch_size)
-    _, scores_ = ensemble(probs, args.ensemble, weights)
-    for f, s in zip(good, scores_):
-        top = np.argsort(s)[::-1][:3]
-        print(f"{f}: " + "  ".join(f"{classes[i]} {s[i]:.3f}" for i in top))
-    return 0 if len(good) == len(files) else 1
+    return 1 if errors or not found else 0
 
 
 # ----------------------------------------------------------------------------- main
-def make_parser():
-    from arg import Parser
+FIELDS = ("work", "model", "size", "run", "gpus", "tta", "batch_size")  # of Config
 
-    p = Parser(description=__doc__.split("\n")[0])
+
+def make_parser():
+    from arg import GROUPS, add_folds, make_parser as config_parser
+
+    p = config_parser(__doc__.split("\n")[0], GROUPS, only=FIELDS)
     g = p.add_argument_group("members")
-    g.add_argument("--work", default="work", help="work folder (preprocess.py --work)")
-    g.add_argument("-m", "--model", default="res2next50", help="model of the run to use")
-    g.add_argument("-t", "--size", type=int, default=224, help="size of the run to use")
-    g.add_argument("--run", default="", help="run name (default MODEL_SIZE)")
     g.add_argument("--runs", nargs="+", default=None, help="several runs to blend")
     g.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per run")
     g.add_argument("--fit-weights", action="store_true",
                    help="fit the run weights and a temperature on the OOF (min. log-loss); "
                         "writes blend.json and calibrated test_probs.csv")
-    g.add_argument("-f", "--folds", default="5", help="N = folds 0..N-1, or a list 0,2")
-    g = p.add_argument_group("prediction")
-    g.add_argument("-a", "--tta", default="n", choices=("y", "n"),
-                   help="add the 4 TTA views (shift +-10%%, gain +-5 dB) to the identity")
+    add_folds(g)
     g.add_argument("--ensemble", default="soft", choices=("soft", "hard"))
-    g.add_argument("-g", "--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    g.add_argument("-b", "--batch-size", type=int, default=256)
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="", help="output folder (default: the run's folder)")
     g.add_argument("--solution", default="", help="CSV file_name,label to score the test set")
@@ -226,63 +188,85 @@ def make_parser():
 
 
 def main(argv=None) -> int:
+    from arg import config_from_args
+
     args = make_parser().parse_args(argv)
+    cfg = config_from_args(args)
     setup_logging()
     try:
-        return run(args)
-    except (UsageError, CheckpointError) as e:
+        return run(cfg, args)
+    except UsageError as e:
         print(f"inference: {e}", file=sys.stderr)
         return 2
 
 
-def run(args) -> int:
-    from dataset import read_classes, read_table
-    from report import cv_report, write_html
-    from dataset import work_folds
-
-    work = Path(args.work)
-    runs = args.runs or [args.run or f"{args.model}_{args.size}"]
+def check_request(cfg, args) -> list[str]:
+    """The runs to use; UsageError for weights that do not fit them."""
+    runs = args.runs or [cfg.run_name]
     if args.weights and len(args.weights) != len(runs):
         raise UsageError(f"{len(args.weights)} --weights for {len(runs)} runs")
     if args.fit_weights and (args.weights or args.ensemble == "hard"):
         raise UsageError("--fit-weights chooses the weights of a soft blend: drop --weights "
                          "and --ensemble hard")
-    weights = np.asarray(args.weights or [1.0] * len(runs))  # one per run, spread over its folds
-    folds = parse_folds(args.folds)
-    have = work_folds(work)
-    if not set(folds) <= set(have):
-        raise UsageError(f"-f {args.folds}: {work / 'train.csv'} has folds "
-                         f"{', '.join(map(str, have))}")
-    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 and torch.cuda.is_available() else "cpu")
-    paths = checkpoint_paths(work, runs, folds)
+    return runs
+
+
+def run(cfg, args) -> int:
+    from dataset import read_classes
+
+    work, tta = Path(cfg.work), cfg.tta == "y"
+    runs = check_request(cfg, args)
+    folds = requested_folds(work, args.folds)
+    device = torch_device(cfg.gpus)
+    paths = [p for r in runs for p in Run(work, r).checkpoints(folds)]
     classes = read_classes(work)
-    blend = None
+    weights, blend = np.asarray(args.weights or [1.0] * len(runs)), None  # one per run
     if args.fit_weights:
-        oof, y = oof_for_blend(work, runs, folds, "oof_tta" if args.tta == "y" else "oof",
-                               classes)
-        blend = fit_blend(oof, y)
+        blend = fit_blend(*oof_for_blend(work, runs, folds, "oof_tta" if tta else "oof", classes))
         weights = np.asarray(blend["weights"])
+    member_weights = np.repeat(weights, len(folds))  # a run's weight spread over its folds
+    batch = cfg.batch_size * 2
     if args.predict:
-        return predict_files(args, paths, np.repeat(weights, len(folds)), device)
-    out = Path(args.out) if args.out else work / "runs" / (
-        runs[0] if len(runs) == 1 else "blend_" + "+".join(runs))
-    test = read_table(work / "test.csv")
-    waves = np.load(work / "test_wave.npy", mmap_mode="r")
-    views = 1 + 4 * (args.tta == "y")
-    probs, got = predict_waves(paths, waves, args.tta == "y", device, args.batch_size,
-                               desc=f"{len(paths)} models x {views} views")
+        return predict_files(paths, args.predict, tta, args.ensemble, member_weights, device,
+                             batch)
+    out = Path(args.out) if args.out else Run.blend(work, runs).dir
+    probs, got = predict_waves(paths, np.load(work / "test_wave.npy", mmap_mode="r"), tta,
+                               device, batch, desc=f"{len(paths)} models x {1 + 4 * tta} views")
     if got != classes:
         raise UsageError(f"{paths[0]} was trained on other classes than {work / 'classes.json'}")
-    pred, score = ensemble(probs, args.ensemble, np.repeat(weights, len(folds)))
+    pred, score = ensemble(probs, args.ensemble, member_weights)
     if blend:
         score = with_temperature(score, blend["temperature"])
-        write_json(dict(runs=runs, folds=folds, tta=args.tta == "y", **blend), out / "blend.json")
-        log.info("fitted on the OOF: weights %s, temperature %.3f; OOF log-loss %.4f (equal "
-                 "weights) -> %.4f (fitted) -> %.4f (calibrated); ECE %.4f -> %.4f",
-                 ", ".join(f"{r} {w:.3f}" for r, w in zip(runs, blend["weights"])),
-                 blend["temperature"], *blend["oof_log_loss"].values(),
-                 *blend["oof_ece"].values())
-    labels = [classes[i] for i in pred]
+        write_blend(blend, runs, folds, tta, out)
+    how = (f"{len(folds)} fold{'s' * (len(folds) > 1)}" + (f" x {len(runs)} runs" if len(runs) > 1
+                                                           else "")
+           + f", {args.ensemble}" + (", TTA" if tta else "") + (", fitted weights" if blend else ""))
+    write_submission(work, out, [classes[i] for i in pred], score, classes, args.solution, how)
+    cv_report([Run(work, r).dir for r in runs], weights, folds, classes, out)
+    if len(runs) == 1 and not args.out:
+        write_html(out, work)
+    made = [f for f in ("submission.csv", "test_probs.csv", "test_score.json", "cv.json",
+                        "report.txt", "confusion.png", "report.html", "blend.json")
+            if (out / f).is_file()]
+    log.info("outputs in %s: %s", out, ", ".join(made))
+    return 0
+
+
+def write_blend(blend: dict, runs: list[str], folds: list[int], tta: bool, out: Path) -> None:
+    write_json(dict(runs=runs, folds=folds, tta=tta, **blend), out / "blend.json")
+    log.info("fitted on the OOF: weights %s, temperature %.3f; OOF log-loss %.4f (equal "
+             "weights) -> %.4f (fitted) -> %.4f (calibrated); ECE %.4f -> %.4f",
+             ", ".join(f"{r} {w:.3f}" for r, w in zip(runs, blend["weights"])),
+             blend["temperature"], *blend["oof_log_loss"].values(), *blend["oof_ece"].values())
+
+
+def write_submission(work: Path, out: Path, labels: list[str], score: np.ndarray,
+                     classes: list[str], solution: str, how: str) -> None:
+    """submission.csv (every row of the sample, in order), test_probs.csv, and the test
+    accuracy where true labels exist; unreadable test files are named."""
+    from dataset import read_table
+
+    test = read_table(work / "test.csv")
     bad = test[test.status != "ok"]
     if len(bad):
         print(f"inference: {len(bad)} test files could not be read and were predicted from "
@@ -291,22 +275,9 @@ def run(args) -> int:
     write_csv(pd.DataFrame({"file_name": test.file_name, "label": labels}), out / "submission.csv")
     write_csv(probs_frame(test.file_name, score, classes), out / "test_probs.csv")
     log.info("submission: %d rows -> %s", len(test), out / "submission.csv")
-    how = (f"{len(folds)} fold{'s' * (len(folds) > 1)}" + (f" x {len(runs)} runs" if len(runs) > 1
-                                                           else "")
-           + f", {args.ensemble}" + (", TTA" if args.tta == "y" else "")
-           + (", fitted weights" if blend else ""))
-    acc = score_test(test, labels, args.solution, out, how)
+    acc = score_test(test, labels, solution, out, how)
     if acc is not None:
-        log.info("test accuracy %.4f (%s%s)", acc, how,
-                 f", {args.solution}" if args.solution else "")
-    cv_report([work / "runs" / r for r in runs], weights, folds, classes, out)
-    if len(runs) == 1 and not args.out:
-        write_html(out, work)
-    made = [f for f in ("submission.csv", "test_probs.csv", "test_score.json", "cv.json",
-                        "report.txt", "confusion.png", "report.html", "blend.json")
-            if (out / f).is_file()]
-    log.info("outputs in %s: %s", out, ", ".join(made))
-    return 0
+        log.info("test accuracy %.4f (%s%s)", acc, how, f", {solution}" if solution else "")
 
 
 if __name__ == "__main__":

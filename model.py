@@ -18,14 +18,15 @@ from tqdm import tqdm
 
 from arg import Config
 from transform import Frontend, mixup, tta_views
+from util import UsageError
 
 
-class PretrainedError(RuntimeError):
-    pass
+class PretrainedError(UsageError):
+    """--pretrained names weights that cannot be had or do not fit the model."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, or members that cannot be blended (exit code 2)."""
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used, or members that cannot be blended."""
 
 
 # ----------------------------------------------------------------------------- loss

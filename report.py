@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from util import atomic_write, setup_logging, strip_options, write_csv, write_json, write_text
+from runs import Run, fold_done, read_config, runs_dir
+from util import UsageError, atomic_write, setup_logging, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +112,13 @@ def plot_curves(histories: dict, title: str = ""):
 
 
 # ----------------------------------------------------------------------------- OOF and CV
-def fold_done(fold_dir: Path) -> bool:
-    """A fold is finished when train.py has written its result.json (last, after oof.csv)."""
-    return (Path(fold_dir) / "result.json").is_file()
-
-
 def load_oof(run_dirs: list[Path], folds: list[int], name: str, classes: list[str],
              weights=None) -> tuple[pd.DataFrame, np.ndarray] | None:
     """The OOF table (path, row, fold, label) of `folds` and its probabilities, averaged over
     runs with `weights`; None when a fold of a run is unfinished or has no `name`.csv."""
     tables = []
     for d in run_dirs:
-        paths = [Path(d) / f"fold{k}" / f"{name}.csv" for k in folds]
+        paths = [Run.at(d).oof(k, name) for k in folds]
         if not all(p.is_file() and fold_done(p.parent) for p in paths):
             return None
         tables.append(pd.concat([pd.read_csv(p, keep_default_na=False) for p in paths])
@@ -188,31 +184,6 @@ def cv_report(run_dirs: list[Path], weights, folds: list[int], classes: list[str
 
 
 # ----------------------------------------------------------------------------- leaderboard
-def fold_dirs(run_dir: Path) -> dict[int, Path]:
-    return {int(p.name[4:]): p for p in sorted(Path(run_dir).glob("fold*"))
-            if p.is_dir() and p.name[4:].isdigit()}
-
-
-def train_command(run_dir: Path, work: Path, fold: str) -> str:
-    """The command that trains `fold` of a run: another fold's command.txt with -f changed,
-    else one guessed from the run's MODEL_SIZE name."""
-    for cmd in sorted(run_dir.glob("fold*/command.txt")):
-        args = strip_options(shlex.split(cmd.read_text())[2:], ("-f", "--fold"))
-        args = [a for a in args if a not in ("--no-progress", "--resume")]
-        return shlex.join(["python", "train.py", *args, "-f", fold])
-    model, _, size = run_dir.name.rpartition("_")
-    if model and size.isdigit():
-        return f"python train.py --work {work} -m {model} -t {size} -f {fold} -g 0"
-    return f"python train.py --work {work} --run {run_dir.name} -m MODEL -t SIZE -f {fold} -g 0"
-
-
-def read_config(fold_dir: Path) -> dict:
-    import yaml
-
-    path = Path(fold_dir) / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
-
-
 def augmentation_label(cfg: dict) -> str:
     """The preset and what the run set differently from it: 'seed +p_pitch=0.5'."""
     from arg import FIELDS, Config
@@ -232,7 +203,8 @@ def _short(v):
 
 def run_row(run_dir: Path, n_folds: int, classes: list[str]) -> dict | None:
     """One leaderboard row: what made the run and how it scored."""
-    folds = fold_dirs(run_dir)
+    run = Run.at(run_dir)
+    folds = run.folds()
     done = [k for k, d in folds.items() if fold_done(d)]
     if not folds:
         return None
@@ -247,8 +219,7 @@ def run_row(run_dir: Path, n_folds: int, classes: list[str]) -> dict | None:
         got = load_oof([run_dir], done, name, classes) if done else None
         row[key] = (float((got[1].argmax(1) == label_index(got[0].label, classes)).mean())
                     if got else np.nan)
-    score = Path(run_dir) / "test_score.json"
-    test = json.loads(score.read_text()) if score.is_file() else {}
+    test = json.loads(run.test_score.read_text()) if run.test_score.is_file() else {}
     row.update(test_acc=test.get("accuracy", np.nan), test_with=test.get("with", ""),
                train_min=round(minutes, 1))
     return row
@@ -262,14 +233,14 @@ def leaderboard(work: str | Path) -> pd.DataFrame:
     work = Path(work)
     classes = read_classes(work)
     n_folds = read_table(work / "train.csv").fold.nunique()
-    rows = [r for d in sorted((work / "runs").glob("*")) if d.is_dir()
+    rows = [r for d in sorted(runs_dir(work).glob("*")) if d.is_dir()
             for r in [run_row(d, n_folds, classes)] if r]
     board = pd.DataFrame(rows, columns=["run", "model", "size", "aug", "epochs", "ema", "pseudo",
                                         "teacher", "folds_done", "cv", "cv_tta", "test_acc",
                                         "test_with", "train_min"])
     board = board.sort_values(["cv", "cv_tta"], ascending=False, na_position="last")
     if len(board):
-        write_csv(board, work / "runs" / "leaderboard.csv")
+        write_csv(board, runs_dir(work) / "leaderboard.csv")
     return board.reset_index(drop=True)
 
 
@@ -321,44 +292,18 @@ img.fig{max-width:100%} details{margin:8px 0}
 """
 
 
-def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
-    """run_dir/report.html: config and command, CV per fold, test accuracy, learning curves,
-    per-class table, confusion matrix, most confused pairs, the `audit` OOF clips with the
-    highest loss (audio, log-mel, labels) and the speakers with the highest error rate. One
-    self-contained file: images and audio are embedded. None while a fold is unfinished."""
-    from sklearn.metrics import precision_recall_fscore_support
-
-    from arg import Config
-    from dataset import read_classes, read_table
-    from transform import Frontend
-
-    run_dir, work = Path(run_dir), Path(work)
-    classes = read_classes(work)
-    folds = fold_dirs(run_dir)
-    if not folds or not all(fold_done(d) for d in folds.values()):
-        return None
-    ks = sorted(folds)
-    tta = load_oof([run_dir], ks, "oof_tta", classes)
-    got = tta or load_oof([run_dir], ks, "oof", classes)
-    if got is None:
-        return None
-    table, probs = got
-    cfg = Config.from_dict(read_config(folds[ks[0]]))
-    true, pred = label_index(table.label, classes), probs.argmax(1)
-    which = "with TTA" if tta else "plain"
-
-    # scores
-    cv = json.loads((run_dir / "cv.json").read_text()) if (run_dir / "cv.json").is_file() else {}
+def html_scores(run: Run, folds: dict[int, Path]) -> tuple[list, pd.DataFrame]:
+    """The headline numbers [(name, value)] and the per-fold CV table."""
+    cv = json.loads(run.cv.read_text()) if run.cv.is_file() else {}
     kpis = [("CV accuracy", cv.get("plain", {}).get("overall", {}).get("acc")),
             ("CV accuracy, TTA", cv.get("tta", {}).get("overall", {}).get("acc")),
             ("CV macro-F1", cv.get("plain", {}).get("overall", {}).get("f1"))]
-    score = run_dir / "test_score.json"
-    test = json.loads(score.read_text()) if score.is_file() else {}
+    test = json.loads(run.test_score.read_text()) if run.test_score.is_file() else {}
     if test:
         kpis.append((f"test accuracy ({test.get('with', '')})", test["accuracy"]))
     per_fold = []
-    for k in ks:
-        done = json.loads((folds[k] / "result.json").read_text())
+    for k, d in sorted(folds.items()):
+        done = json.loads((d / "result.json").read_text())
         row = {"fold": k}
         for key in ("plain", "tta"):
             fold_cv = cv.get(key, {}).get("folds", {}).get(str(k))
@@ -366,65 +311,106 @@ def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
                 row[f"accuracy {key}"], row[f"macro-F1 {key}"] = fold_cv["acc"], fold_cv["f1"]
         row.update(epochs=done.get("epochs"), minutes=f"{done.get('seconds', 0) / 60:.1f}")
         per_fold.append(row)
-    per_fold = pd.DataFrame(per_fold)
+    return kpis, pd.DataFrame(per_fold)
 
-    # plots
-    hists = {k: pd.read_csv(d / "history.csv") for k, d in folds.items()
-             if (d / "history.csv").is_file()}
-    curves = _figure_uri(plot_curves(hists, f"{run_dir.name}: every fold"))
-    confusion = _figure_uri(plot_confusion(true, pred, classes, f"OOF {which}: accuracy "
-                                           f"{(true == pred).mean():.4f}"), dpi=80)
 
-    # per class and pairs
+def html_per_class(true, pred, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Precision, recall, F1 and clips per class (worst F1 first), and the most confused pairs."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     p, r, f, n = precision_recall_fscore_support(true, pred, labels=range(len(classes)),
                                                  zero_division=0)
     per_class = pd.DataFrame(dict(label=classes, precision=p, recall=r, f1=f, clips=n))
-    per_class = per_class.sort_values("f1")
     pairs = pd.DataFrame(most_confused(true, pred, classes, 15),
                          columns=["true", "predicted as", "clips"])
+    return per_class.sort_values("f1"), pairs
 
-    # error audit: the OOF clips with the highest loss, and the worst speakers
+
+def html_audit(work: Path, cfg, table: pd.DataFrame, probs: np.ndarray, true, classes: list[str],
+               audit: int) -> pd.DataFrame:
+    """The `audit` OOF clips with the highest loss: path, speaker, player, log-mel, labels."""
+    from dataset import read_table
+    from transform import Frontend
+
     train = read_table(work / "train.csv").set_index("row")
-    p_true = probs[np.arange(len(true)), true]
+    pred, p_true = probs.argmax(1), probs[np.arange(len(true)), true]
     worst = np.argsort(-np.log(np.clip(p_true, 1e-12, 1)))[:audit]
     rows = table.row.to_numpy()[worst]
     waves = np.load(work / "train_wave.npy", mmap_mode="r")[np.sort(rows)]
     waves = waves[np.argsort(np.argsort(rows))]
-    front = Frontend(cfg).eval()
     with torch.no_grad():
-        imgs = front(torch.from_numpy(np.ascontiguousarray(waves)))[:, 0]
+        imgs = Frontend(cfg).eval()(torch.from_numpy(np.ascontiguousarray(waves)))[:, 0]
         if imgs.shape[-1] > 128:
             imgs = torch.nn.functional.interpolate(imgs[:, None], size=(128, 128),
                                                    mode="area")[:, 0]
-    uris = _image_uris(imgs.numpy())
-    audit_rows = []
-    for i, (k, img) in enumerate(zip(worst, uris)):
+    out, esc = [], html.escape
+    for i, (k, img) in enumerate(zip(worst, _image_uris(imgs.numpy()))):
         row = table.iloc[k]
-        audit_rows.append(dict(
-            clip=f"<code>{html.escape(str(row.path))}</code><br>speaker "
-                 f"{html.escape(str(train.loc[row.row, 'group']))}, fold {row.fold}",
-            listen=f'<audio controls preload="metadata" src="{_audio_uri(waves[i], cfg.sr)}">'
-                   f"</audio>",
-            **{"log-mel": f'<img src="{img}" alt="log-mel of {html.escape(str(row.path))}">'},
-            label=html.escape(row.label),
-            predicted=f'<span class="wrong">{html.escape(classes[pred[k]])}</span>'
-            if pred[k] != true[k] else html.escape(classes[pred[k]]),
-            **{"p(predicted)": f"{probs[k, pred[k]]:.3f}", "p(label)": f"{p_true[k]:.3f}"}))
+        said = esc(classes[pred[k]])
+        out.append({
+            "clip": f"<code>{esc(str(row.path))}</code><br>speaker "
+                    f"{esc(str(train.loc[row.row, 'group']))}, fold {row.fold}",
+            "listen": f'<audio controls preload="metadata" src="{_audio_uri(waves[i], cfg.sr)}">'
+                      f"</audio>",
+            "log-mel": f'<img src="{img}" alt="log-mel of {esc(str(row.path))}">',
+            "label": esc(row.label),
+            "predicted": f'<span class="wrong">{said}</span>' if pred[k] != true[k] else said,
+            "p(predicted)": f"{probs[k, pred[k]]:.3f}", "p(label)": f"{p_true[k]:.3f}"})
+    return pd.DataFrame(out)
+
+
+def html_speakers(work: Path, table: pd.DataFrame, wrong: np.ndarray) -> pd.DataFrame:
+    """The 15 speakers with the highest OOF error rate."""
+    from dataset import read_table
+
+    train = read_table(work / "train.csv").set_index("row")
     groups = train.loc[table.row, "group"].astype(str).to_numpy()
-    spk = (pd.DataFrame(dict(speaker=groups, wrong=true != pred)).groupby("speaker").wrong
+    spk = (pd.DataFrame(dict(speaker=groups, wrong=wrong)).groupby("speaker").wrong
            .agg(["sum", "size"]).rename(columns={"sum": "errors", "size": "clips"}))
     spk["error rate"] = spk.errors / spk.clips
-    spk = (spk[spk.errors > 0].sort_values(["error rate", "errors"], ascending=False).head(15)
-           .reset_index())
+    return (spk[spk.errors > 0].sort_values(["error rate", "errors"], ascending=False).head(15)
+            .reset_index())
 
-    command = (folds[ks[0]] / "command.txt").read_text().strip() \
-        if (folds[ks[0]] / "command.txt").is_file() else ""
-    config = pd.DataFrame(sorted(read_config(folds[ks[0]]).items()), columns=["setting", "value"])
+
+def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
+    """run_dir/report.html: config and command, CV per fold, test accuracy, learning curves,
+    per-class table, confusion matrix, most confused pairs, the `audit` OOF clips with the
+    highest loss (audio, log-mel, labels) and the speakers with the highest error rate. One
+    self-contained file: images and audio are embedded. None while a fold is unfinished."""
+    from arg import Config
+    from dataset import read_classes
+
+    run, work = Run.at(run_dir), Path(work)
+    classes = read_classes(work)
+    folds = run.folds()
+    if not folds or not all(fold_done(d) for d in folds.values()):
+        return None
+    ks = sorted(folds)
+    tta = load_oof([run.dir], ks, "oof_tta", classes)
+    got = tta or load_oof([run.dir], ks, "oof", classes)
+    if got is None:
+        return None
+    table, probs = got
+    saved = read_config(folds[ks[0]])
+    cfg = Config.from_dict(saved)
+    true, pred = label_index(table.label, classes), probs.argmax(1)
+    which = "with TTA" if tta else "plain"
+    kpis, per_fold = html_scores(run, folds)
+    hists = {k: pd.read_csv(d / "history.csv") for k, d in folds.items()
+             if (d / "history.csv").is_file()}
+    curves = _figure_uri(plot_curves(hists, f"{run.name}: every fold"))
+    confusion = _figure_uri(plot_confusion(true, pred, classes, f"OOF {which}: accuracy "
+                                           f"{(true == pred).mean():.4f}"), dpi=80)
+    per_class, pairs = html_per_class(true, pred, classes)
+    audit_rows = html_audit(work, cfg, table, probs, true, classes, audit)
+    command = folds[ks[0]] / "command.txt"
+    command = command.read_text().strip() if command.is_file() else ""
+    config = pd.DataFrame(sorted(saved.items()), columns=["setting", "value"])
     esc = html.escape
     body = f"""
-<h1>{esc(run_dir.name)}</h1>
+<h1>{esc(run.name)}</h1>
 <div>{esc(cfg.model)} at {cfg.size}x{cfg.size}, augmentation <code>{esc(augmentation_label(
-        read_config(folds[ks[0]])))}</code>, {cfg.epochs} epochs, {len(ks)} folds, {len(table)}
+        saved))}</code>, {cfg.epochs} epochs, {len(ks)} folds, {len(table)}
 OOF clips &middot; written {time.strftime('%Y-%m-%d %H:%M')}</div>
 <div>{''.join(f'<span class="kpi"><b>{v:.4f}</b>{esc(k)}</span>' for k, v in kpis
               if v is not None)}</div>
@@ -437,43 +423,43 @@ OOF clips &middot; written {time.strftime('%Y-%m-%d %H:%M')}</div>
 <h2>Most confused pairs</h2>{_table(pairs)}
 <h2>Error audit: the {len(audit_rows)} OOF clips with the highest loss</h2>
 <p>Listen for wrong labels, clipped words and noise: these are the clips to check first.</p>
-{_table(pd.DataFrame(audit_rows), "audit")}
-<h2>Speakers with the highest error rate</h2>{_table(spk)}
+{_table(audit_rows, "audit")}
+<h2>Speakers with the highest error rate</h2>{_table(html_speakers(work, table, true != pred))}
 """
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
-            f"<title>{esc(run_dir.name)}: run report</title><style>{CSS}</style></head>"
+            f"<title>{esc(run.name)}: run report</title><style>{CSS}</style></head>"
             f"<body>{body}</body></html>")
-    write_text(page, run_dir / "report.html")
-    return run_dir / "report.html"
+    write_text(page, run.dir / "report.html")
+    return run.dir / "report.html"
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    from arg import Parser
+    from arg import make_parser
 
-    p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default="work", help="work folder (preprocess.py --work)")
-    p.add_argument("--run", default="", help="also write this run's report.html")
+    p = make_parser(__doc__.split("\n")[0], only=("work", "run"))
     args = p.parse_args(argv)
     setup_logging()
-    work = Path(args.work)
-    if not (work / "runs").is_dir():
-        print(f"report: {work / 'runs'} not found: train a run first (python train.py --work "
-              f"{work} ...)", file=sys.stderr)
+    work = Path(getattr(args, "work", "work"))
+    try:
+        if not runs_dir(work).is_dir():
+            raise UsageError(f"{runs_dir(work)} not found: train a run first (python train.py "
+                             f"--work {work} ...)")
+        if getattr(args, "run", ""):
+            made = write_html(Run(work, args.run).dir, work)
+            if made is None:
+                raise UsageError(f"{Run(work, args.run).dir} has no finished folds with oof.csv "
+                                 f"yet")
+            log.info("report: %s (%.1f MB)", made, made.stat().st_size / 1e6)
+    except UsageError as e:
+        print(f"report: {e}", file=sys.stderr)
         return 2
-    if args.run:
-        made = write_html(work / "runs" / args.run, work)
-        if made is None:
-            print(f"report: {work / 'runs' / args.run} has no finished folds with oof.csv "
-                  f"yet", file=sys.stderr)
-            return 2
-        log.info("report: %s (%.1f MB)", made, made.stat().st_size / 1e6)
     board = leaderboard(work)
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.max_colwidth", 40):
         shown = board.assign(train_min=board.train_min.map("{:.1f}".format))
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"-> {work / 'runs' / 'leaderboard.csv'}")
+    print(f"-> {runs_dir(work) / 'leaderboard.csv'}")
     return 0
 
 

@@ -13,6 +13,8 @@ WORK/runs/<run>/{cv.json,report.html} once every fold is done.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import json
 import logging
@@ -26,46 +28,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from arg import RESUME_SAFE, Config, make_parser, parse_config, write_yaml
-from util import (FoldLock, UsageError, launched_rank_zero, setup_logging, strip_options,
-                  write_json)
+from arg import RESUME_SAFE, WORK_FIXED, Config, make_parser, parse_config, write_yaml
+from runs import FOLD_RECORDS, Run, fold_done, read_config, train_command
+from util import (FoldLock, UsageError, launched_rank_zero, parse_gpus, pick_device,
+                  setup_logging, strip_options, write_json)
 
 log = logging.getLogger(__name__)
-FOLD_FILES = ("result.json", "best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv",
-              "oof_tta.csv")
 LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
                    "wandb": ("wandb",)}
-
-
-def parse_gpus(spec: str) -> list[int]:
-    """'0,1' -> [0, 1]; '-1' or 'cpu' -> [-1]; 'cpu,cpu' -> two CPU workers."""
-    try:
-        return [-1 if g.strip() == "cpu" else int(g) for g in str(spec).split(",") if g.strip()]
-    except ValueError:
-        raise UsageError(f"-g {spec}: expected GPU indices (0 or 0,1), -1 or cpu") from None
-
-
-def pick_device(cfg: Config) -> tuple[str, list[int] | int]:
-    """('gpu', [ids]) or ('cpu', processes). No GPU at all -> CPU with a warning; a GPU index
-    that is not there -> UsageError listing those that are."""
-    gpus = parse_gpus(cfg.gpus)
-    n = torch.cuda.device_count()
-    if not gpus or all(g < 0 for g in gpus):
-        return "cpu", cfg.devices
-    if n == 0:
-        log.warning("no GPU is visible: training on the CPU (pass -g -1 to say so)")
-        return "cpu", cfg.devices
-    missing = [g for g in gpus if g >= n]
-    if missing:
-        have = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(n))
-        raise UsageError(f"GPU {missing} requested with -g {cfg.gpus}, but the visible GPUs "
-                         f"are: {have}. Use -g with one of those, or -g -1 for the CPU")
-    if cfg.devices > 1:
-        ids = gpus if len(gpus) == cfg.devices else list(range(cfg.devices))
-        if max(ids) >= n:
-            raise UsageError(f"--devices {cfg.devices} needs {cfg.devices} GPUs; {n} visible")
-        return "gpu", ids
-    return "gpu", gpus[:1]
 
 
 def lightning_precision(p: str, accelerator: str) -> str:
@@ -75,6 +45,27 @@ def lightning_precision(p: str, accelerator: str) -> str:
 
 
 # ----------------------------------------------------------------------------- checks
+def work_settings(cfg: Config, given=()) -> Config:
+    """cfg with the settings WORK fixed (sample rate, clip length, folds, data) taken from its
+    prep.json; a config file that sets the rate or the clip length otherwise is refused."""
+    from dataset import work_folds
+
+    work = Path(cfg.work)
+    work_folds(work)  # WORK exists and is built
+    prep = json.loads((work / "prep.json").read_text())
+    fixed = {k: prep[k] for k in WORK_FIXED if k in prep}
+    clash = {k: (getattr(cfg, k), v) for k, v in fixed.items()
+             if k in ("sr", "seconds") and k in given and getattr(cfg, k) != v}
+    if clash:
+        said = ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in clash.items())
+        raise UsageError(f"{work / 'prep.json'} fixed {said}: drop them from the config file, or "
+                         f"preprocess again with those settings into another --work")
+    if any(getattr(cfg, k) != v for k, v in fixed.items() if k in ("sr", "seconds")):
+        log.info("clips of %s s at %s Hz, as %s was built", fixed.get("seconds"), fixed.get("sr"),
+                 work)
+    return dataclasses.replace(cfg, **fixed)
+
+
 def check_model(name: str) -> None:
     import timm
 
@@ -88,8 +79,6 @@ def check_model(name: str) -> None:
 def check_resume(cfg: Config, fold_dir: Path) -> None:
     """--resume continues only the fold it was: refuse, naming them, settings that differ
     in anything but RESUME_SAFE."""
-    from report import read_config
-
     saved = read_config(fold_dir)
     if not saved or not (fold_dir / "last.ckpt").is_file():
         return
@@ -101,17 +90,6 @@ def check_resume(cfg: Config, fold_dir: Path) -> None:
         raise UsageError(f"--resume: {fold_dir} was trained with other settings ({said}). Only "
                          f"{', '.join(RESUME_SAFE)} may change on --resume: resume with the same "
                          f"flags (--config {fold_dir / 'config.yaml'}), or train under a new --run")
-
-
-def teacher_checkpoint(cfg: Config, fold: int) -> Path:
-    """The teacher of fold k is the teacher run's fold k: it never saw fold k's clips."""
-    from report import fold_done, train_command
-
-    path = Path(cfg.work) / "runs" / cfg.teacher / f"fold{fold}" / "best.ckpt"
-    if not path.is_file() or not fold_done(path.parent):
-        raise UsageError(f"--teacher {cfg.teacher}: {path} is missing or its fold is unfinished; "
-                         f"make it with: {train_command(path.parent.parent, Path(cfg.work), str(fold))}")
-    return path
 
 
 def build_logger(cfg: Config, fold_dir: Path, fold: int):
@@ -141,132 +119,187 @@ def build_logger(cfg: Config, fold_dir: Path, fold: int):
 
 
 # ----------------------------------------------------------------------------- one fold
-def train_fold(cfg: Config, fold: int, progress: bool = True) -> dict:
-    """Fit one fold; returns its summary (best val accuracy, epochs, seconds). Every check
-    runs before anything is written."""
+@dataclasses.dataclass
+class Fold:
+    """What one fold trains with, every check done and nothing written yet."""
+    cfg: Config
+    k: int
+    run: Run
+    accelerator: str
+    devices: list[int] | int
+    data: object  # dataset.FoldData
+    model: object  # model.AudioClassifier
+    resume_from: str | None = None
+    teacher: str = ""  # the teacher's checkpoint
+    pseudo_clips: int = 0
+
+    @property
+    def dir(self) -> Path:
+        return self.run.fold(self.k)
+
+
+def load_pseudo(cfg: Config, run: Run):
+    """The pseudo-labelled test rows of --pseudo RUN, or None."""
+    from dataset import pseudo_labels, read_classes
+
+    if not cfg.pseudo:
+        return None
+    source = Run(cfg.work, cfg.pseudo)
+    if not source.test_probs.is_file():
+        raise UsageError(f"--pseudo {cfg.pseudo}: {source.test_probs} not found; make it with: "
+                         f"python inference.py --work {cfg.work} --run {cfg.pseudo} -f 5 -a y")
+    return pseudo_labels(cfg.work, source.test_probs, cfg.pseudo_threshold, read_classes(cfg.work))
+
+
+def load_teacher(cfg: Config, k: int, classes: list[str]):
+    """(teacher model, its checkpoint) for --teacher RUN: its fold k, which never saw fold k's
+    clips; (None, '') without --teacher."""
+    from model import load_checkpoint
+
+    if not cfg.teacher:
+        return None, ""
+    source = Run(cfg.work, cfg.teacher)
+    path = source.checkpoint(k)
+    if not path.is_file() or not fold_done(path.parent):
+        raise UsageError(f"--teacher {cfg.teacher}: {path} is missing or its fold is unfinished; "
+                         f"make it with: {train_command(source, str(k))}")
+    teacher = load_checkpoint(path)
+    if teacher.classes != classes:
+        raise UsageError(f"--teacher {cfg.teacher}: {path} was trained on other classes than "
+                         f"{Path(cfg.work) / 'classes.json'}")
+    if (teacher.cfg.sr, teacher.cfg.seconds) != (cfg.sr, cfg.seconds):
+        raise UsageError(f"--teacher {cfg.teacher}: {path} hears {teacher.cfg.sr} Hz x "
+                         f"{teacher.cfg.seconds} s clips, this run {cfg.sr} Hz x {cfg.seconds} s")
+    return teacher, str(path)
+
+
+def plan_fold(cfg: Config, k: int) -> Fold:
+    """Every check, the data and the model of fold k; nothing is written."""
+    import lightning as L
+
+    from dataset import FoldData, load_noise
+    from model import AudioClassifier
+
+    check_model(cfg.model)
+    run = Run(cfg.work, cfg.run_name)
+    accelerator, devices = pick_device(cfg.gpus, cfg.devices)
+    last = run.fold(k) / "last.ckpt"
+    resume_from = str(last) if cfg.resume and last.is_file() else None
+    if resume_from:
+        check_resume(cfg, run.fold(k))
+    pseudo = load_pseudo(cfg, run)
+    workers = cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)
+    data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo)
+    teacher, teacher_path = load_teacher(cfg, k, data.classes)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = AudioClassifier(cfg.to_dict(), data.classes)
+    model.set_noise(load_noise(cfg.work))
+    if teacher is not None:
+        model.set_teacher(teacher)
+        log.info("fold %d: distilling from %s (T=%g, weight %g)", k, teacher_path, cfg.kd_temp,
+                 cfg.kd_weight)
+    if pseudo is not None:
+        log.info("fold %d: %d pseudo-labelled test clips (p >= %g) join the training set", k,
+                 len(pseudo), cfg.pseudo_threshold)
+    return Fold(cfg, k, run, accelerator, devices, data, model, resume_from, teacher_path,
+                0 if pseudo is None else len(pseudo))
+
+
+def start_records(fold: Fold) -> None:
+    """A fresh fold starts without the records of an earlier one; config.yaml and
+    command.txt say what makes it."""
+    if fold.resume_from:
+        log.info("fold %d: resuming from %s", fold.k, fold.resume_from)
+    else:
+        if fold.cfg.resume:
+            log.warning("fold %d: --resume but no %s yet: starting from scratch", fold.k,
+                        fold.dir / "last.ckpt")
+        for name in FOLD_RECORDS:
+            (fold.dir / name).unlink(missing_ok=True)
+    write_yaml(fold.cfg, fold.dir / "config.yaml")
+    (fold.dir / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+
+
+def make_trainer(fold: Fold, progress: bool):
+    """(Trainer, the best-checkpoint callback): best.ckpt holds the weights of the best epoch,
+    last.ckpt everything --resume needs."""
     import lightning as L
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 
     from callback import AtomicCheckpointIO, History, OOFWriter
-    from dataset import FoldData, load_noise, pseudo_labels, read_classes, work_folds
-    from model import AudioClassifier, load_checkpoint
-    from report import cv_summary, write_html
 
-    work = Path(cfg.work)
-    work_folds(work)
-    check_model(cfg.model)
-    accelerator, devices = pick_device(cfg)
-    precision = lightning_precision(cfg.precision, accelerator)
-    run_dir = work / "runs" / cfg.run_name
-    fold_dir = run_dir / f"fold{fold}"
-    rank_zero = launched_rank_zero()
-    resume_from = str(fold_dir / "last.ckpt") if cfg.resume and (fold_dir / "last.ckpt").is_file() \
-        else None
-    if resume_from:
-        check_resume(cfg, fold_dir)
-    logger = build_logger(cfg, fold_dir, fold)
-
-    pseudo = None
-    if cfg.pseudo:
-        probs = work / "runs" / cfg.pseudo / "test_probs.csv"
-        if not probs.is_file():
-            raise UsageError(f"--pseudo {cfg.pseudo}: {probs} not found; make it with: python "
-                             f"inference.py --work {work} --run {cfg.pseudo} -f 5 -a y")
-        pseudo = pseudo_labels(work, probs, cfg.pseudo_threshold, read_classes(work))
-    workers = cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)
-    data = FoldData(work, fold, cfg.batch_size, workers, pseudo)
-    teacher = None
-    if cfg.teacher:
-        teacher_path = teacher_checkpoint(cfg, fold)
-        teacher = load_checkpoint(teacher_path)
-        if teacher.classes != data.classes:
-            raise UsageError(f"--teacher {cfg.teacher}: {teacher_path} was trained on other "
-                             f"classes than {work / 'classes.json'}")
-        if (teacher.cfg.sr, teacher.cfg.seconds) != (cfg.sr, cfg.seconds):
-            raise UsageError(f"--teacher {cfg.teacher}: {teacher_path} hears {teacher.cfg.sr} Hz "
-                             f"x {teacher.cfg.seconds} s clips, this run {cfg.sr} Hz x "
-                             f"{cfg.seconds} s")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = AudioClassifier(cfg.to_dict(), data.classes)
-    model.set_noise(load_noise(work))
-    if teacher is not None:
-        model.set_teacher(teacher)
-        log.info("fold %d: distilling from %s (T=%g, weight %g)", fold, teacher_path,
-                 cfg.kd_temp, cfg.kd_weight)
-    if pseudo is not None:
-        log.info("fold %d: %d pseudo-labelled test clips (p >= %g) join the training set",
-                 fold, len(pseudo), cfg.pseudo_threshold)
-
-    # nothing was written so far; from here on this process owns the fold folder
-    lock = None
-    if rank_zero:
-        lock = FoldLock(fold_dir).acquire()
-        if resume_from:
-            log.info("fold %d: resuming from %s", fold, resume_from)
-        else:
-            if cfg.resume:
-                log.warning("fold %d: --resume but no %s yet: starting from scratch", fold,
-                            fold_dir / "last.ckpt")
-            for name in FOLD_FILES:
-                (fold_dir / name).unlink(missing_ok=True)
-        write_yaml(cfg, fold_dir / "config.yaml")
-        (fold_dir / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
-    if accelerator == "cpu" and devices > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
-
-    # best.ckpt: weights of the best epoch; last.ckpt: everything --resume needs
-    best = ModelCheckpoint(dirpath=fold_dir, filename="best", monitor="val_acc", mode="max",
+    cfg, d = fold.cfg, fold.dir
+    best = ModelCheckpoint(dirpath=d, filename="best", monitor="val_acc", mode="max",
                            save_top_k=1, save_weights_only=True, enable_version_counter=False)
-    last = ModelCheckpoint(dirpath=fold_dir, filename="last", save_top_k=1,
+    last = ModelCheckpoint(dirpath=d, filename="last", save_top_k=1,
                            enable_version_counter=False)  # no monitor: the newest epoch
-    callbacks = [best, last, History(fold_dir, f"{cfg.run_name} fold {fold}", fold),
-                 OOFWriter(fold_dir, data.val_table, data.classes)]
+    callbacks = [best, last, History(d, f"{cfg.run_name} fold {fold.k}", fold.k),
+                 OOFWriter(d, fold.data.val_table, fold.data.classes)]
     if cfg.ema > 0:  # start once the learning-rate warmup is over
-        steps = len(data.train_ds) // cfg.batch_size
+        steps = len(fold.data.train_ds) // cfg.batch_size
         lim = cfg.limit_batches
         steps = max(1, int(lim) if lim > 1 else int(steps * lim))
         callbacks.append(EMAWeightAveraging(decay=cfg.ema,
                                             update_starting_at_step=int(cfg.warmup * steps)))
     if progress:
         callbacks.append(TQDMProgressBar(leave=True))
-    strategy = cfg.strategy
-    if strategy == "auto" and (devices if isinstance(devices, int) else len(devices)) * \
-            cfg.num_nodes > 1:
-        strategy = "ddp"
+    n = fold.devices if isinstance(fold.devices, int) else len(fold.devices)
+    strategy = "ddp" if cfg.strategy == "auto" and n * cfg.num_nodes > 1 else cfg.strategy
+    cpu = fold.accelerator == "cpu"
+    if cpu and n > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=cfg.num_nodes,
-        precision=precision, max_epochs=cfg.epochs, callbacks=callbacks, logger=logger,
-        plugins=[AtomicCheckpointIO()], deterministic=accelerator == "cpu",
-        benchmark=accelerator == "gpu", num_sanity_val_steps=0,
-        limit_train_batches=cfg.limit_batches, enable_progress_bar=progress,
-        enable_model_summary=False, default_root_dir=fold_dir)
-    t0 = time.time()
-    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
-    seconds = time.time() - t0
-    result = dict(fold=fold, val_acc=float(best.best_model_score or float("nan")),
-                  epochs=trainer.current_epoch, seconds=round(seconds, 1), device=accelerator,
-                  processes=trainer.world_size, ema=cfg.ema,
-                  teacher=str(teacher_path) if teacher is not None else "",
-                  pseudo_clips=0 if pseudo is None else len(pseudo))
-    if trainer.is_global_zero:
-        if cfg.tta == "y":
-            device = torch.device(f"cuda:{devices[0]}" if accelerator == "gpu" else "cpu")
-            write_oof_tta(fold_dir, work, data.classes, device, cfg.batch_size * 2)
-        result["seconds"] = round(time.time() - t0, 1)
-        write_json(result, fold_dir / "result.json")  # last: the fold is finished
-        log.info("fold %d: best val_acc %.4f, %d epochs in %.0f s -> %s", fold, result["val_acc"],
-                 result["epochs"], seconds, fold_dir)
-        folds = sorted(data.table.fold.unique().tolist())
-        cv = cv_summary([run_dir], data.classes, folds, run_dir)
-        if cv:
-            log.info("all %d folds done: CV accuracy %.4f -> %s", len(folds), cv["accuracy"],
-                     run_dir / "cv.json")
-            made = write_html(run_dir, work)
-            if made:
-                log.info("run report: %s", made)
-    if lock:
-        lock.release()
+        accelerator=fold.accelerator, devices=fold.devices, strategy=strategy,
+        num_nodes=cfg.num_nodes, precision=lightning_precision(cfg.precision, fold.accelerator),
+        max_epochs=cfg.epochs, callbacks=callbacks, logger=build_logger(cfg, d, fold.k),
+        plugins=[AtomicCheckpointIO()], deterministic=cpu, benchmark=not cpu,
+        num_sanity_val_steps=0, limit_train_batches=cfg.limit_batches,
+        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=d)
+    return trainer, best
+
+
+def finish_fold(fold: Fold, trainer, best, t0: float) -> dict:
+    """result.json (last: the fold is finished), the TTA OOF with -a y, and the run's CV and
+    report once every fold is done."""
+    from report import cv_summary, write_html
+
+    cfg = fold.cfg
+    result = dict(fold=fold.k, val_acc=float(best.best_model_score or float("nan")),
+                  epochs=trainer.current_epoch, seconds=round(time.time() - t0, 1),
+                  device=fold.accelerator, processes=trainer.world_size, ema=cfg.ema,
+                  teacher=fold.teacher, pseudo_clips=fold.pseudo_clips)
+    if not trainer.is_global_zero:
+        return result
+    if cfg.tta == "y":
+        gpu = fold.accelerator == "gpu"
+        device = torch.device(f"cuda:{fold.devices[0]}" if gpu else "cpu")
+        write_oof_tta(fold.dir, Path(cfg.work), fold.data.classes, device, cfg.batch_size * 2)
+    write_json(dict(result, seconds=round(time.time() - t0, 1)), fold.dir / "result.json")
+    log.info("fold %d: best val_acc %.4f, %d epochs in %.0f s -> %s", fold.k, result["val_acc"],
+             result["epochs"], result["seconds"], fold.dir)
+    folds = sorted(fold.data.table.fold.unique().tolist())
+    cv = cv_summary([fold.run.dir], fold.data.classes, folds, fold.run.dir)
+    if cv:
+        log.info("all %d folds done: CV accuracy %.4f -> %s", len(folds), cv["accuracy"],
+                 fold.run.cv)
+        made = write_html(fold.run.dir, Path(cfg.work))
+        if made:
+            log.info("run report: %s", made)
     return result
+
+
+def train_fold(cfg: Config, k: int, progress: bool = True) -> dict:
+    """Fit fold k; returns its summary (best val accuracy, epochs, seconds). Every check runs
+    before anything is written; from the lock on, this process owns the fold folder."""
+    fold = plan_fold(cfg, k)
+    rank_zero = launched_rank_zero()
+    with FoldLock(fold.dir) if rank_zero else contextlib.nullcontext():
+        if rank_zero:
+            start_records(fold)
+        trainer, best = make_trainer(fold, progress)
+        t0 = time.time()
+        trainer.fit(fold.model, datamodule=fold.data, ckpt_path=fold.resume_from)
+        return finish_fold(fold, trainer, best, t0)
 
 
 def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch: int) -> None:
@@ -308,11 +341,11 @@ def train_all(cfg: Config, argv: list[str]) -> int:
     if torch.cuda.device_count() == 0 and any(g >= 0 for g in slots):
         log.warning("no GPU is visible: the folds train on the CPU, %d at a time", len(slots))
         slots = [-1] * len(slots)
-    pick_device(Config(gpus=",".join(str(g) for g in slots if g >= 0) or "-1"))  # validate ids
+    pick_device(",".join(str(g) for g in slots if g >= 0) or "-1")  # validate the GPU ids
     cpu_slots = max(1, sum(g < 0 for g in slots))
     threads = max(1, (os.cpu_count() or 1) // cpu_slots)
     base = strip_options(argv, ("-f", "--fold", "-g", "--gpus"))
-    run_dir = Path(cfg.work) / "runs" / cfg.run_name
+    run = Run(cfg.work, cfg.run_name)
     pending, running, results = list(folds), {}, []
     bar = tqdm(total=len(folds) * cfg.epochs, desc=f"{cfg.run_name}", unit="epoch",
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs [{elapsed}<{remaining}]{postfix}")
@@ -321,7 +354,7 @@ def train_all(cfg: Config, argv: list[str]) -> int:
         for i, slot in enumerate(slots):
             if pending and i not in running.values():
                 k = pending.pop(0)
-                fold_dir = run_dir / f"fold{k}"
+                fold_dir = run.fold(k)
                 fold_dir.mkdir(parents=True, exist_ok=True)
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads) if slot < 0 else "4")
                 cmd = [sys.executable, str(Path(__file__).resolve()), *base, "-f", str(k),
@@ -333,7 +366,7 @@ def train_all(cfg: Config, argv: list[str]) -> int:
                 bar.write(f"fold {k} -> {'GPU ' + str(slot) if slot >= 0 else 'CPU'} "
                           f"(log: {fold_dir / 'train.log'})")
         time.sleep(0.5)
-        status = {p.fold: fold_status(run_dir / f"fold{p.fold}", cfg.epochs) for p in running}
+        status = {p.fold: fold_status(run.fold(p.fold), cfg.epochs) for p in running}
         shown = (finished_epochs + sum(e for e, _ in status.values()),
                  " | ".join(f"fold {k}: epoch {e}/{cfg.epochs}"
                             + (f" val {acc:.3f}" if acc == acc else "")  # nan: not validated yet
@@ -344,8 +377,8 @@ def train_all(cfg: Config, argv: list[str]) -> int:
         for proc in [p for p in running if p.poll() is not None]:
             del running[proc]
             proc.logf.close()
-            done, acc = fold_status(run_dir / f"fold{proc.fold}", cfg.epochs)
-            hist_path = run_dir / f"fold{proc.fold}" / "history.csv"
+            done, acc = fold_status(run.fold(proc.fold), cfg.epochs)
+            hist_path = run.fold(proc.fold) / "history.csv"
             best = pd.read_csv(hist_path).val_acc.max() if hist_path.is_file() else float("nan")
             results.append(dict(fold=proc.fold, status="ok" if proc.returncode == 0 else
                                 f"failed ({proc.returncode}), see train.log",
@@ -353,34 +386,32 @@ def train_all(cfg: Config, argv: list[str]) -> int:
                                 minutes=round((time.time() - proc.t0) / 60, 1)))
             finished_epochs += cfg.epochs
             if proc.returncode != 0:
-                tail = (run_dir / f"fold{proc.fold}" / "train.log").read_text().strip()
+                tail = (run.fold(proc.fold) / "train.log").read_text().strip()
                 bar.write(f"fold {proc.fold} failed: {tail.splitlines()[-1] if tail else '?'}")
     bar.n = finished_epochs
     bar.close()
     summary = pd.DataFrame(results).sort_values("fold")
     print(summary.to_string(index=False))
-    cv_path = run_dir / "cv.json"
-    if cv_path.is_file() and (summary.status == "ok").all():
-        print(f"CV accuracy {json.loads(cv_path.read_text())['accuracy']:.4f} -> {cv_path}")
+    if run.cv.is_file() and (summary.status == "ok").all():
+        print(f"CV accuracy {json.loads(run.cv.read_text())['accuracy']:.4f} -> {run.cv}")
     return 0 if (summary.status == "ok").all() else 1
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = make_parser(__doc__.split("\n")[0], config_file=True)
+    p = make_parser(__doc__.split("\n")[0], config_file=True, skip=WORK_FIXED)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (logs to files)")
     cfg, args = parse_config(p, argv)
     setup_logging()
-    from model import CheckpointError, PretrainedError
-
     try:
+        cfg = work_settings(cfg, args.given)
         if cfg.fold == "all":
             return train_all(cfg, argv)
         if not cfg.fold.lstrip("-").isdigit():
             raise UsageError(f"-f {cfg.fold}: expected a fold number or 'all'")
         train_fold(cfg, int(cfg.fold), args.progress)
-    except (UsageError, FileNotFoundError, ValueError, PretrainedError, CheckpointError) as e:
+    except UsageError as e:
         print(f"train: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

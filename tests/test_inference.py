@@ -8,7 +8,8 @@ import soundfile as sf
 import torch
 
 from conftest import run_script
-from inference import ensemble, parse_folds
+from inference import ensemble
+from runs import parse_folds
 from model import CheckpointError, check_compatible, load_checkpoint, predict_waves
 from transform import tta_views
 
@@ -21,9 +22,12 @@ def test_soft_and_hard_voting_on_hand_made_probs():
     soft_pred, soft = ensemble(p, "soft")
     assert np.allclose(soft, p.mean(0)) and list(soft_pred) == [1, 2]
     hard_pred, votes = ensemble(p, "hard")
-    # clip 0: votes 0,1,1 -> class 1; clip 1: votes 0,1|2 (tie 1 vs 2 at .45 -> argmax picks 1), 2
+    # clip 0: votes 0, 1, 1 -> class 1. clip 1: member 1 is tied between classes 1 and 2 at .45
+    # and argmax picks 1, so the votes are 0, 1, 2: a three-way tie that the mean probability
+    # breaks (class 2 at .400 over class 1 at .367)
     assert list(votes[0]) == pytest.approx([1 / 3, 2 / 3, 0])
-    assert hard_pred[0] == 1
+    assert list(votes[1]) == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert list(hard_pred) == [1, 2]
     # a three-way tie is broken by the mean probability
     tie = np.array([[[0.5, 0.3, 0.2]], [[0.1, 0.6, 0.3]], [[0.2, 0.3, 0.5]]])
     assert ensemble(tie, "hard")[0][0] == np.argmax(tie.mean(0)[0]) == 1

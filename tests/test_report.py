@@ -146,6 +146,16 @@ def test_layout_a_newcomer_can_read():
 
     assert "inference" not in imports(ROOT / "train.py")
     assert "train" not in imports(ROOT / "inference.py")  # no import circle
+    import report
+
+    # the run folder layout and a fold's state live in runs.py; report.py holds what a
+    # person reads, and no script reaches into it for fold state
+    for script in ("train.py", "inference.py", "export.py", "report.py"):
+        assert "runs" in imports(ROOT / script), script
+    defined = {n for n, o in vars(report).items() if getattr(o, "__module__", "") == "report"}
+    assert not defined & {"fold_done", "train_command", "read_config", "fold_dirs"}
+    assert {"write_html", "leaderboard", "cv_summary"} <= defined
+    assert "inference" not in imports(ROOT / "export.py")
     import callback
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.plugins.io import CheckpointIO
@@ -156,8 +166,22 @@ def test_layout_a_newcomer_can_read():
     code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('uac', "
             f"{str(ROOT / '__init__.py')!r}); m = importlib.util.module_from_spec(s); "
             "s.loader.exec_module(m); print(m.__version__, m.__doc__.count(chr(10)), "
-            "len(sys.modules))")
-    version, lines, _ = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                                       text=True, check=True).stdout.split()
+            "sum(m.split('.')[0] in ('torch', 'numpy', 'pandas', 'lightning', 'timm') "
+            "for m in sys.modules))")
+    version, lines, loaded = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                            text=True, check=True).stdout.split()
     assert version.count(".") == 2 and lines == "0"  # a version and a one-line docstring
     assert imports(ROOT / "__init__.py") == set()  # nothing runs at import
+    assert loaded == "0"  # importing the package loads none of the libraries
+
+
+def test_functions_fit_on_a_screen():
+    """No function of the top-level modules is longer than 80 lines."""
+    long = []
+    for path in sorted(ROOT.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert long == []

@@ -143,30 +143,53 @@ def one_line_error(capsys, fn, *args) -> str:
     return err
 
 
-def test_bad_requests_exit_2_with_one_line(work, tmp_path, capsys):
+BAD_TRAIN = {  # argv after the base flags -> what the one line says
+    "unknown model": (["-m", "resnet19", "-f", "0"], "did you mean resnet18"),
+    "fold not in WORK": (["-f", "7"], "fold 7 is not in"),
+    "fold not a number": (["-f", "x"], "expected a fold number"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN)
+def test_bad_train_request_exits_2_with_one_line(work, capsys, case):
+    import train
+
+    argv, said = BAD_TRAIN[case]
+    base = ["--work", work, *TINY, "-g", "cpu", "--no-progress"]
+    assert said in one_line_error(capsys, train.main, *base, *argv)
+    assert not (work / "runs" / "resnet18_32").exists()  # nothing written
+
+
+def test_pretrained_file_that_is_no_weights_exits_2(work, tmp_path, capsys):
+    import train
+
+    junk = tmp_path / "weights.pth"
+    junk.write_text("not a checkpoint")
+    err = one_line_error(capsys, train.main, "--work", work, *TINY, "-g", "cpu", "-f", 0,
+                         "--pretrained", junk)
+    assert "--pretrained" in err and "weights.pth" in err
+    assert not (work / "runs" / "resnet18_32").exists()
+
+
+def test_missing_work_exits_2_in_train_and_inference(tmp_path, capsys):
     import inference
     import train
 
-    base = ["--work", work, *TINY, "-g", "cpu", "--no-progress"]
-    assert "did you mean resnet18" in one_line_error(capsys, train.main, *base, "-m", "resnet19",
-                                                     "-f", 0)
-    assert "fold 7 is not in" in one_line_error(capsys, train.main, *base, "-f", 7)
-    assert "expected a fold number" in one_line_error(capsys, train.main, *base, "-f", "x")
-    junk = tmp_path / "weights.pth"
-    junk.write_text("not a checkpoint")
-    err = one_line_error(capsys, train.main, *base, "-f", 0, "--pretrained", junk)
-    assert "--pretrained" in err and "weights.pth" in err
     missing = tmp_path / "nowhere"
     assert "does not exist" in one_line_error(capsys, train.main, "--work", missing, "-f", 0)
     assert "python preprocess.py" in one_line_error(capsys, inference.main, "--work", missing)
-    for argv, said in ((["--norm", "bogus"], "invalid choice: 'bogus'"),
-                       (["--config", str(tmp_path / "x.yaml")], "x.yaml: no such file")):
-        with pytest.raises(SystemExit) as e:
-            train.main(argv)
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and len(err.splitlines()) == 1
-        assert said in err and "--help" in err
-    assert not (work / "runs" / "resnet18_32").exists()  # none of them wrote anything
+
+
+@pytest.mark.parametrize("argv,said", [(["--norm", "bogus"], "invalid choice: 'bogus'"),
+                                       (["--config", "x.yaml"], "x.yaml: no such file")])
+def test_bad_flag_values_exit_2_with_one_line_and_help(capsys, argv, said):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert said in err and "--help" in err
 
 
 def test_unknown_model_as_a_user_types_it(work):

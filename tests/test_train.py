@@ -17,35 +17,47 @@ def work(demo_data, tmp_path_factory):
     return prepared(demo_data, tmp_path_factory, folds=2)
 
 
-def test_all_folds_write_records(e2e):
-    run, work = e2e["run"], e2e["work"]
+FOLD_FILES = ("best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv", "oof_tta.csv",
+              "config.yaml", "command.txt", "train.log", "result.json")
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_every_fold_writes_its_records(e2e, k):
+    fold = e2e["run"] / f"fold{k}"
+    assert [n for n in FOLD_FILES if not (fold / n).is_file()] == []
+    hist = pd.read_csv(fold / "history.csv")
+    assert list(hist.epoch) == [0] and hist.train_loss.gt(0).all()
+    assert hist.val_acc.between(0, 1).all() and (hist.seconds > 0).all()
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_oof_holds_the_fold_once_with_the_best_epochs_probabilities(e2e, k):
+    fold, work = e2e["run"] / f"fold{k}", e2e["work"]
     classes = json.loads((work / "classes.json").read_text())
     table = pd.read_csv(work / "train.csv")
-    for k in (0, 1):
-        fold = run / f"fold{k}"
-        for name in ("best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv",
-                     "oof_tta.csv", "config.yaml", "command.txt", "train.log", "result.json"):
-            assert (fold / name).is_file(), fold / name
-        hist = pd.read_csv(fold / "history.csv")
-        assert list(hist.epoch) == [0] and hist.train_loss.gt(0).all()
-        assert hist.val_acc.between(0, 1).all() and (hist.seconds > 0).all()
-        oof = pd.read_csv(fold / "oof.csv")
-        val = table[table.fold == k]
-        assert sorted(oof.row) == sorted(val.row) and (oof.fold == k).all()
-        assert list(oof.columns[-len(classes):]) == classes
-        assert ((oof[classes].sum(axis=1) - 1).abs() < 1e-4).all()
-        # the OOF is the best epoch's: its accuracy is best.ckpt's score
-        acc = (oof[classes].to_numpy().argmax(1) == oof.label.map(classes.index)).mean()
-        assert acc == pytest.approx(hist.val_acc.max(), abs=1e-6)
-        ckpt = torch.load(fold / "best.ckpt", map_location="cpu", weights_only=False)
-        assert ckpt["hyper_parameters"]["classes"] == classes
-        assert ckpt["hyper_parameters"]["config"]["model"] == "resnet18"
-        assert "optimizer_states" not in ckpt or not ckpt["optimizer_states"]
-        last = torch.load(fold / "last.ckpt", map_location="cpu", weights_only=False)
-        assert last["optimizer_states"] and last["epoch"] == 0 and last["global_step"] > 0
-    cv = json.loads((run / "cv.json").read_text())
+    oof = pd.read_csv(fold / "oof.csv")
+    assert sorted(oof.row) == sorted(table[table.fold == k].row) and (oof.fold == k).all()
+    assert list(oof.columns[-len(classes):]) == classes
+    assert ((oof[classes].sum(axis=1) - 1).abs() < 1e-4).all()
+    acc = (oof[classes].to_numpy().argmax(1) == oof.label.map(classes.index)).mean()
+    assert acc == pytest.approx(pd.read_csv(fold / "history.csv").val_acc.max(), abs=1e-6)
+
+
+def test_best_is_weights_and_labels_last_is_everything_resume_needs(e2e):
+    fold = e2e["run"] / "fold0"
+    classes = json.loads((e2e["work"] / "classes.json").read_text())
+    ckpt = torch.load(fold / "best.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["classes"] == classes
+    assert ckpt["hyper_parameters"]["config"]["model"] == "resnet18"
+    assert "optimizer_states" not in ckpt or not ckpt["optimizer_states"]
+    last = torch.load(fold / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["optimizer_states"] and last["epoch"] == 0 and last["global_step"] > 0
+
+
+def test_cv_covers_every_training_clip_and_is_printed(e2e):
+    cv = json.loads((e2e["run"] / "cv.json").read_text())
     assert set(cv["plain"]["folds"]) == {"0", "1"} and 0 <= cv["accuracy"] <= 1
-    assert cv["plain"]["clips"] == len(table)
+    assert cv["plain"]["clips"] == len(pd.read_csv(e2e["work"] / "train.csv"))
     out = e2e["steps"]["train"].stdout
     assert "best_val_acc" in out and "CV accuracy" in out  # the summary table
 
@@ -84,16 +96,38 @@ def test_nan_loss_stops_with_clear_message(work):
 
 
 def test_missing_gpu_lists_the_visible_ones(monkeypatch):
-    import train
+    from util import UsageError, pick_device, torch_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"FakeGPU{i}")
-    with pytest.raises(train.UsageError, match=r"visible GPUs are: 0 \(FakeGPU0\), 1 \(FakeGPU1\)"):
-        train.pick_device(Config(gpus="3"))
-    assert train.pick_device(Config(gpus="1")) == ("gpu", [1])
-    assert train.pick_device(Config(gpus="0,1", devices=2)) == ("gpu", [0, 1])
+    with pytest.raises(UsageError, match=r"visible GPUs are: 0 \(FakeGPU0\), 1 \(FakeGPU1\)"):
+        pick_device("3")
+    assert pick_device("1") == ("gpu", [1])
+    assert pick_device("0,1", 2) == ("gpu", [0, 1])
+    assert torch_device("1,0") == torch.device("cuda:1")  # one process: the first listed
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert train.pick_device(Config(gpus="0")) == ("cpu", 1)
+    assert pick_device("0") == ("cpu", 1) and torch_device("cpu") == torch.device("cpu")
+
+
+def test_g_means_the_same_in_every_script(capsys):
+    """-g is one Config field: train, inference and bench parse it alike, and a GPU that is
+    not there is the same one-line refusal from inference as from train."""
+    from arg import GROUPS, make_parser
+    import bench
+    import export
+    import inference
+    import report
+
+    for parser in (make_parser("x", GROUPS), inference.make_parser()):
+        assert parser.parse_args(["-g", "cpu"]).gpus == "cpu"
+        assert parser.parse_args(["--gpus", "0,1"]).gpus == "0,1"
+    for main in (report.main, export.main):  # they run on the CPU: no -g to offer
+        with pytest.raises(SystemExit):
+            main(["-g", "0"])
+        assert "unrecognized arguments: -g" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda"])  # the old flag: -g now, as everywhere
+    assert "unrecognized arguments: --device" in capsys.readouterr().err
 
 
 def test_config_flags_round_trip():
@@ -128,3 +162,69 @@ def test_same_seed_same_weights(work):
     other = torch.load(work / "runs" / "det_c" / "fold0" / "last.ckpt", map_location="cpu",
                        weights_only=False)["state_dict"]
     assert not all(torch.equal(states[0][k], other[k]) for k in other)
+
+
+def test_sample_rate_and_clip_length_come_from_work(e2e, tmp_path, capsys):
+    """train.py offers no --sr/--seconds/--data/--folds: WORK's prep.json fixed them. A config
+    file that says otherwise is refused with one line; else they are taken from prep.json."""
+    import shutil
+
+    import train
+    from arg import write_yaml
+
+    work = tmp_path / "work"
+    shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
+    for flag in ("--seconds", "--sr", "--data", "--manifest", "--folds"):
+        with pytest.raises(SystemExit):
+            train.main(["--work", str(work), flag, "2"])
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    prep = json.loads((work / "prep.json").read_text())
+    assert train.work_settings(Config(work=str(work), seconds=2.0, folds=9)).seconds == 1.0
+    prep.update(seconds=0.5, sr=8000)
+    (work / "prep.json").write_text(json.dumps(prep))
+    got = train.work_settings(Config(work=str(work)))
+    assert (got.sr, got.seconds, got.clip_samples, got.folds) == (8000, 0.5, 4000, prep["folds"])
+    write_yaml(Config(work=str(work), seconds=2.0), tmp_path / "two.yaml")
+    code = train.main(["--config", str(tmp_path / "two.yaml"), "-f", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "seconds 2.0 here, 0.5 there" in err and "prep.json" in err
+    assert not (work / "runs").exists()
+
+
+def test_a_bug_keeps_its_traceback(work, monkeypatch):
+    """main turns only a bad request (UsageError) into one line; anything else is a bug."""
+    import train
+
+    def broken(cfg, k):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(train, "plan_fold", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        train.main(["--work", str(work), *TINY, "-f", "0", "-g", "cpu"])
+
+
+def test_bad_request_errors_are_one_type():
+    from model import CheckpointError, PretrainedError
+    from preprocess import DataLayoutError
+    from util import UsageError
+
+    assert all(issubclass(e, UsageError) for e in (CheckpointError, PretrainedError,
+                                                   DataLayoutError))
+
+
+def test_fold_lock_is_released_when_training_fails(work):
+    """The fold lock is released however train_fold ends: here by a non-finite loss."""
+    import train
+    from arg import make_parser, parse_config
+    from util import FoldLock, UsageError
+
+    cfg, _ = parse_config(make_parser("x"), ["--work", str(work), *TINY, "-g", "cpu",
+                                             "--run", "boom", "-l1", "1e30", "-e", "2"])
+    cfg = train.work_settings(cfg)
+    fold_dir = work / "runs" / "boom" / "fold0"
+    with pytest.raises(FloatingPointError):
+        train.train_fold(cfg, 0, progress=False)
+    with FoldLock(fold_dir):  # free again
+        with pytest.raises(UsageError, match="being trained by pid"):
+            FoldLock(fold_dir).acquire()
