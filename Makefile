@@ -12,7 +12,10 @@ HARD_WORK ?= work/hard
 CPU_RECIPE ?= -m resnet18 -t 64 -e 8 -b 64 -g cpu
 GPU_RECIPE ?= -m res2next50 -t 224 -e 20 -b 64
 
-.PHONY: install test demo hard bench clean
+SHIFT_DATA ?= data/shift
+SHIFT_WORK ?= work/shift
+
+.PHONY: install test demo hard shift bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +51,19 @@ hard: $(STAMP)
 	  --solution $(HARD_DATA)/solution.csv
 	$(BIN)/python report.py --work $(HARD_WORK)
 
+# domain shift: in-domain vs shifted test speakers, scratch vs BYOL-A pretrained (fold 0)
+shift: $(STAMP)
+	$(BIN)/python demo.py --preset shift --out $(SHIFT_DATA)
+	$(BIN)/python preprocess.py --data $(SHIFT_DATA) --work $(SHIFT_WORK)
+	$(BIN)/python pretrain.py --work $(SHIFT_WORK) -m resnet18 -t 64 -e 10 -b 64 -g cpu --run byol
+	$(BIN)/python train.py --work $(SHIFT_WORK) --run shift_ssl -f 0 -a y $(CPU_RECIPE) \
+	  --pretrained $(SHIFT_WORK)/pretrain/byol/encoder.pth
+	$(BIN)/python inference.py --work $(SHIFT_WORK) --run shift_ssl -f 1 -a y -g -1 \
+	  --solution $(SHIFT_DATA)/solution.csv
+	$(BIN)/python report.py --work $(SHIFT_WORK)
+
 bench: $(STAMP)
 	$(BIN)/python bench.py --work $(DEMO_WORK) -t 224
 
 clean:
-	rm -rf $(VENV) data/demo work/demo data/hard work/hard
+	rm -rf $(VENV) data/demo work/demo data/hard work/hard data/shift work/shift

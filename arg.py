@@ -32,6 +32,8 @@ class Config:
     sr: int = opt(16000, "sample rate every clip is converted to", "data")
     seconds: float = opt(1.0, "clip length: shorter clips are zero-padded, longer cropped", "data")
     seed: int = opt(2020, "one seed for folds, weights, augmentation and data order", "data")
+    labels: float = opt(1.0, "share of each fold's training rows kept, stratified by class and "
+                        "seeded (label-efficiency runs: 0.05 keeps 5 %)", "data")
 
     # features
     size: int = opt(224, "image size: mel bands and time frames (the seed's -t)", "features",
@@ -86,7 +88,14 @@ class Config:
 
     # model
     model: str = opt("res2next50", "any timm model name", "model", ("-m", "--model"))
-    pretrained: str = opt("", "'' (from scratch), 'timm' (hub) or a local weights file", "model")
+    pretrained: str = opt("", "'' (from scratch), 'timm' (hub), or a file: pretrain.py's "
+                          "encoder.pth, another run's best.ckpt (its backbone; the head is new) "
+                          "or timm weights (.pth, .safetensors)", "model")
+    freeze_epochs: int = opt(0, "train the head alone for this many epochs, then everything",
+                             "model")
+    layer_decay: float = opt(0.0, "layer-wise learning-rate decay (timm's), e.g. 0.75: each "
+                             "layer below the head learns at this share of the one above; "
+                             "0 = off", "model")
     drop_rate: float = opt(0.2, "dropout before the classifier", "model")
     drop_path_rate: float = opt(0.05, "stochastic depth", "model")
     channels_last: bool = opt(True, "channels_last memory format", "model")
@@ -140,6 +149,18 @@ class Config:
     logger: str = opt("none", "experiment logger besides history.csv", "run",
                       choices=("none", "csv", "tensorboard", "mlflow", "wandb"))
 
+    # self-supervised pretraining (pretrain.py)
+    ssl_data: str = opt("all", "audio to learn from: all (WORK's train and test clips, the "
+                        "background noise, --unlabelled) or train (WORK's training clips and "
+                        "--unlabelled)", "pretrain", choices=("all", "train"))
+    unlabelled: tuple = opt((), "folders of unlabelled audio of any length (random crops of "
+                            "the clip length)", "pretrain", nargs="+", type=str)
+    ssl_tau: float = opt(0.99, "BYOL: first momentum of the target network (cosine to 1)",
+                         "pretrain")
+    ssl_dim: int = opt(256, "BYOL: projection size (the MLP hidden size is 4x)", "pretrain")
+    probe_every: int = opt(5, "epochs between two probe accuracies (logistic regression on "
+                           "frozen embeddings, fold 0)", "pretrain")
+
     @property
     def run_name(self) -> str:
         return self.run or f"{self.model}_{self.size}"
@@ -151,7 +172,7 @@ class Config:
 
     def __post_init__(self):
         self.noise_snr, self.bg_snr = tuple(self.noise_snr), tuple(self.bg_snr)
-        self.reverb_rt60 = tuple(self.reverb_rt60)
+        self.reverb_rt60, self.unlabelled = tuple(self.reverb_rt60), tuple(self.unlabelled)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,7 +202,7 @@ PRESETS = {  # what each --aug sets when the command line or YAML does not
 }
 # settings that preprocess.py fixes in WORK (prep.json): train.py takes them from there
 WORK_FIXED = ("data", "manifest", "folds", "sr", "seconds")
-GROUPS = ("data", "features", "augmentation", "model", "optim", "teacher", "run")
+GROUPS = ("data", "features", "augmentation", "model", "optim", "teacher", "run")  # train.py
 # settings that --resume may change: where and how the fold runs, not what it learns
 RESUME_SAFE = ("data", "work", "workers", "gpus", "devices", "strategy", "num_nodes", "precision",
                "tta", "logger", "compile", "channels_last", "resume", "limit_batches")

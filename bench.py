@@ -18,6 +18,7 @@ at t=64 and res2next50 at t=224. The section ends with `feature_speedup <(b)/(a)
 augment: samples/s of the front end (log-mel at -t) with one augmentation on for every
 sample, beside the front end with none, and pitch shift beside librosa.effects.pitch_shift
 per clip (the original recipe's reason to leave pitch shift out).
+ssl: samples/s of a BYOL-A pretraining step (pretrain.py) beside a supervised step.
 onnx: RUN's folds exported with TTA; clips/s of ONNX Runtime and of PyTorch (the same
 ensemble, inference.py's way) at batch 1 and 64 on the CPU; the .onnx size; the cold start
 (process start to printed label, one file) of predict.py and of `inference.py --predict`.
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
                    help="DataLoader workers of the original per-sample pipeline (a)")
     p.add_argument("--skip-steps", action="store_true", help="no training-step shares")
     p.add_argument("--sections", default="features,augment",
-                   help="comma-separated: features, augment, onnx")
+                   help="comma-separated: features, augment, onnx, ssl")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
@@ -179,7 +180,43 @@ def main(argv=None) -> int:
         augmentations(args, waves, device)
     if "onnx" in sections:
         onnx_section(args, waves)
+    if "ssl" in sections:
+        ssl_section(args, waves, device)
     return 0
+
+
+def ssl_section(args, waves, device) -> None:
+    """samples/s of one BYOL-A pretraining step (two views, online + target networks) beside
+    one supervised step (one view), resnet18 at -t, batch -b, on the -g device."""
+    from model import AudioClassifier
+    from pretrain import BYOL, byol_loss
+
+    cfg = Config(work=args.work, size=args.size, model="resnet18")
+    wave = torch.from_numpy(np.array(waves[:args.batch_size])).to(device)
+    y = torch.randint(0, 30, (len(wave),), device=device)
+    ssl = BYOL(cfg.to_dict()).to(device).train()
+    sup = AudioClassifier(cfg.to_dict(), [str(i) for i in range(30)]).to(device).train()
+    opts = [torch.optim.AdamW(m.parameters()) for m in (ssl, sup)]
+
+    def ssl_step():
+        v1, v2 = ssl.view(wave), ssl.view(wave)
+        p1, p2 = (ssl.predictor(ssl.projector(ssl.encoder(v))) for v in (v1, v2))
+        with torch.no_grad():
+            z1, z2 = ssl.target(v1), ssl.target(v2)
+        (byol_loss(p1, z2) + byol_loss(p2, z1)).backward()
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+        sync(device)
+
+    def sup_step():
+        F.cross_entropy(sup(wave), y).backward()
+        opts[1].step()
+        opts[1].zero_grad(set_to_none=True)
+        sync(device)
+
+    a, b = rate(ssl_step, len(wave), repeat=3), rate(sup_step, len(wave), repeat=3)
+    print(f"ssl: resnet18@{args.size} batch {len(wave)}: BYOL-A step {a:.1f} samples/s, "
+          f"supervised step {b:.1f} samples/s -> an SSL epoch costs {b / a:.1f}x a supervised one")
 
 
 AUGMENTATIONS = {  # the Config settings that turn one augmentation on for every sample

@@ -32,8 +32,9 @@ class History(Callback):
     COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "train_acc", "val_acc", "train_f1",
                "val_f1", "seconds"]
 
-    def __init__(self, folder: str | Path, title: str = "", fold: int = 0):
+    def __init__(self, folder: str | Path, title: str = "", fold: int = 0, columns=None):
         self.folder, self.title, self.fold, self._t0 = Path(folder), title, fold, time.time()
+        self.columns = list(columns or self.COLUMNS)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0 = time.time()
@@ -42,11 +43,11 @@ class History(Callback):
         if not trainer.is_global_zero:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        row = {c: m.get(c, np.nan) for c in self.COLUMNS}
+        row = {c: m.get(c, np.nan) for c in self.columns}
         row.update(epoch=trainer.current_epoch, lr=trainer.optimizers[0].param_groups[0]["lr"],
                    seconds=round(time.time() - self._t0, 2))
         path = self.folder / "history.csv"
-        old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=self.COLUMNS)
+        old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=self.columns)
         hist = pd.concat([old[old.epoch < trainer.current_epoch], pd.DataFrame([row])])
         write_csv(hist, path)
         save_figure(plot_curves({self.fold: hist}, self.title), self.folder / "curve.png")

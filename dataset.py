@@ -134,13 +134,27 @@ def pseudo_labels(work: str | Path, test_probs: str | Path, threshold: float,
                          "y": p.argmax(1)[keep], "p": p.max(1)[keep]})
 
 
+def labelled_share(train: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    """The stratified, seeded `share` of `train`'s rows (at least one per class): the rows a
+    label-efficiency run (--labels) keeps."""
+    from sklearn.model_selection import train_test_split
+
+    if share >= 1.0:
+        return train
+    if not 0.0 < share:
+        raise UsageError(f"--labels {share}: expected a share in (0, 1]")
+    n = max(int(round(share * len(train))), train.y.nunique())
+    keep, _ = train_test_split(train, train_size=n, stratify=train.y, random_state=seed)
+    return keep.sort_values("row")
+
+
 class FoldData(L.LightningDataModule):
     """Train on every fold but `fold` (plus pseudo-labelled test rows), validate on `fold`.
     Pseudo-labelled rows carry row ids -1 - test row, so nothing mistakes them for
     training rows, and they never enter validation."""
 
-    def __init__(self, work: str | Path, fold: int, batch_size: int = 64, workers: int = 0,
-                 pseudo: pd.DataFrame | None = None):
+    def __init__(self, work: str | Path, fold: int, batch_size: int, workers: int,
+                 pseudo: pd.DataFrame | None = None, labels: float = 1.0, seed: int = 0):
         super().__init__()
         self.work, self.fold, self.batch_size, self.workers = Path(work), fold, batch_size, workers
         self.classes = read_classes(work)
@@ -150,7 +164,7 @@ class FoldData(L.LightningDataModule):
             raise UsageError(f"fold {fold} is not in {self.work / 'train.csv'} (folds "
                              f"{', '.join(map(str, folds))})")
         self.val_table = self.table[self.table.fold == fold]
-        train = self.table[self.table.fold != fold]
+        train = labelled_share(self.table[self.table.fold != fold], labels, seed)
         wave = self.work / "train_wave.npy"
         self.train_ds = WaveDataset(wave, train.row, train.y)
         if pseudo is not None and len(pseudo):

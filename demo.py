@@ -2,6 +2,7 @@
 
     python demo.py --out data/demo                      # the demo: 160 speakers, easy
     python demo.py --preset hard --out data/hard        # the benchmark that ranks recipes
+    python demo.py --preset shift --out data/shift      # in-domain vs shifted test speakers
     python demo.py --out data/yesno --words yes,no --speakers 40
 
 A "speaker" is one espeak-ng voice (accent + variant) with its own pitch, pitch range and
@@ -21,6 +22,16 @@ mixed into the clips. The layout is the contest's:
     OUT/submission.csv (file_name,label empty)    OUT/solution.csv (the truth)
     OUT/_background_noise_/*.wav                  OUT/meta.csv (how each clip was made)
     OUT/voices.json (the voice variants of training speakers, and those heard only in test)
+
+`--preset shift` (240 speakers: 5,040 train clips, 1,080 in-domain and 1,080 shifted test
+clips) measures domain shift: training speakers use 4 English accents, half of the voice
+variants, pitch 30-70 and rate 130-220, white/pink/hum noise and small rooms; half of the
+test speakers are drawn the same way (in-domain), the other half use 6 other accents and
+languages (Caribbean, Welsh, Lancastrian and New York English, Dutch, German) reading the
+English words, the other half of the variants, pitch 0-100 and rate 90-320, brown noise,
+babble and music, larger rooms, and channels never heard in training (telephone band with
+mu-law, clipping, 4-6 bit depth, a codec-like low-pass). solution.csv has a `domain` column
+(in / shift); inference.py --solution scores each domain.
 """
 from __future__ import annotations
 
@@ -60,6 +71,7 @@ class Preset:
     variants: tuple = VARIANTS           # () = every variant espeak-ng ships
     test_only_variants: float = 0.0      # share of variants heard only by test speakers
     pitch: tuple = (20, 80)              # espeak-ng pitch, pitch range, words per minute [lo, hi)
+                                         # (or two ranges: lo1, hi1, lo2, hi2)
     prange: tuple = (20, 90)
     rate: tuple = (120, 230)
     gain_db: tuple = (-12.0, 3.0)
@@ -75,8 +87,15 @@ class Preset:
     p_band: float = 0.0                  # band limiting: low-pass and high-pass corners in Hz
     lowpass: tuple = (2500.0, 7000.0)
     highpass: tuple = (80.0, 500.0)
+    p_channel: float = 0.0               # a channel degradation, one of `channels`
+    channels: tuple = ()                 # phone (300-3400 Hz + mu-law), clip, bits, codec
+    shifted: "Preset | None" = None      # how the shifted test speakers are made (--preset shift)
 
 
+SHIFT_TRAIN = dict(accents=("en", "en-us", "en-gb-x-rp", "en-gb-scotland"), variants=(),
+                   test_only_variants=0.5, pitch=(30, 70), prange=(30, 80), rate=(130, 220),
+                   gain_db=(-12.0, 3.0), p_noise=0.7, snr=(5.0, 30.0),
+                   noises=("white", "pink", "hum"), p_reverb=0.3, rt60=(0.1, 0.5))
 PRESETS = {
     "demo": Preset(),
     "hard": Preset(speakers=420, test_share=0.2, variants=(), test_only_variants=0.2,
@@ -84,6 +103,15 @@ PRESETS = {
                    p_short=0.3, short=(0.4, 0.95), p_cut=0.05, max_cut=0.3, p_noise=0.85,
                    snr=(0.0, 30.0), noises=("white", "pink", "brown", "hum", "babble", "music"),
                    p_reverb=0.4, rt60=(0.1, 0.8), p_band=0.3),
+    # training speakers from one part of what espeak-ng can do; the shifted test speakers
+    # from the rest: other accents and languages, the other half of the voice variants,
+    # pitch and rate outside the training range, other noises, channels never heard
+    "shift": Preset(speakers=240, test_share=0.3, **SHIFT_TRAIN, shifted=Preset(
+        accents=("en-029", "en-gb-x-gbcwmd", "en-gb-x-gbclan", "en-us-nyc", "nl", "de"),
+        pitch=(0, 30, 70, 100), prange=(0, 100), rate=(90, 130, 220, 320), gain_db=(-20.0, 6.0),
+        p_noise=0.7,
+        snr=(5.0, 30.0), noises=("brown", "babble", "music"), p_reverb=0.3, rt60=(0.3, 0.9),
+        p_channel=0.7, channels=("phone", "clip", "bits", "codec"))),
 }
 
 # espeak-ng C API constants (speak_lib.h)
@@ -215,9 +243,35 @@ def reverberate(x: np.ndarray, h: np.ndarray) -> np.ndarray:
     return y * np.sqrt(np.mean(x ** 2) / (np.mean(y[: len(x)] ** 2) + 1e-12))
 
 
+def degrade(x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A channel the training data never went through: a telephone (300-3400 Hz band, 8-bit
+    mu-law), hard clipping, a low bit depth, or a codec-like steep low-pass."""
+    peak = np.abs(x).max() + 1e-9
+    if kind == "phone":
+        y = band_limit(x, 300.0, 3400.0)
+        y = y / (np.abs(y).max() + 1e-9)
+        mu = 255.0
+        q = np.round(np.sign(y) * np.log1p(mu * np.abs(y)) / np.log1p(mu) * 127) / 127
+        return (np.sign(q) * np.expm1(np.abs(q) * np.log1p(mu)) / mu * peak).astype(np.float32)
+    if kind == "clip":
+        t = peak / rng.uniform(3.0, 10.0)
+        return (np.clip(x, -t, t) * (peak / t) ** 0.5).astype(np.float32)
+    if kind == "bits":
+        levels = 2 ** int(rng.integers(4, 7)) / 2
+        return (np.round(x / peak * levels) / levels * peak).astype(np.float32)
+    cut = rng.uniform(2000.0, 3500.0)  # codec: a steep low-pass
+    return fft_filter(x, lambda f: 1 / np.sqrt(1 + (f / cut) ** 24)).astype(np.float32)
+
+
 def trim(wav: np.ndarray, thresh: float = 0.01) -> np.ndarray:
     loud = np.flatnonzero(np.abs(wav) > thresh)
     return wav[loud[0]:loud[-1] + 1] if loud.size else wav
+
+
+def draw_int(rng: np.random.Generator, ranges: tuple) -> int:
+    """An integer from [lo, hi), or from one of two ranges (lo1, hi1, lo2, hi2) at random."""
+    k = 2 * int(rng.integers(0, len(ranges) // 2))
+    return int(rng.integers(ranges[k], ranges[k + 1]))
 
 
 def uniform(rng: np.random.Generator, lo_hi: tuple) -> float:
@@ -237,11 +291,12 @@ def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
     p: Preset = preset
     rng = np.random.default_rng([seed, idx])
     voice = f"{rng.choice(p.accents)}+{rng.choice(voices)}"
-    prosody = dict(pitch=int(rng.integers(*p.pitch)), prange=int(rng.integers(*p.prange)),
-                   rate=int(rng.integers(*p.rate)))
+    prosody = dict(pitch=draw_int(rng, p.pitch), prange=draw_int(rng, p.prange),
+                   rate=draw_int(rng, p.rate))
     out = []
     for word in words:
-        meta = dict(voice=voice, **prosody, rt60=0.0, cut=0.0, lowpass=0.0, noise="", snr=np.inf)
+        meta = dict(voice=voice, **prosody, rt60=0.0, cut=0.0, lowpass=0.0, noise="", snr=np.inf,
+                    channel="")
         wav = espeak_at_sr(_ESPEAK, word, voice, rng, **prosody)
         if p.p_reverb and rng.random() < p.p_reverb:
             meta["rt60"] = uniform(rng, p.rt60)
@@ -262,6 +317,9 @@ def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
         if p.p_band and rng.random() < p.p_band:
             meta["highpass"], meta["lowpass"] = uniform(rng, p.highpass), uniform(rng, p.lowpass)
             clip = band_limit(clip, meta["highpass"], meta["lowpass"])
+        if p.p_channel and rng.random() < p.p_channel:
+            meta["channel"] = str(rng.choice(p.channels))
+            clip = degrade(clip, meta["channel"], rng)
         if rng.random() < p.p_noise:
             rms = np.sqrt(np.mean(clip ** 2)) + 1e-6
             meta["snr"] = uniform(rng, p.snr)
@@ -305,6 +363,11 @@ def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
 
     jobs = [(seed, i, p, tuple(words), train_voices if i < n_train else tuple(variants))
             for i in range(p.speakers)]
+    n_in = n_train + n_test // 2  # --preset shift: speakers from n_in on are the shifted ones
+    if p.shifted is not None:  # the in-domain test speakers speak like the training ones
+        jobs = [(seed, i, p, tuple(words), train_voices) if i < n_in else
+                (seed, i, p.shifted, tuple(words), tuple(sorted(held_out)))
+                for i in range(p.speakers)]
     solution, metas = [], []
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(speak_speaker, jobs, chunksize=4)
@@ -317,12 +380,15 @@ def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
                 else:
                     name = hashlib.sha1(f"{speaker}-{word}".encode()).hexdigest()[:10] + ".wav"
                     path = Path("test") / name
-                    solution.append((name, word))
+                    solution.append((name, word, "shift" if idx >= n_in else "in"))
                 sf.write(out / path, clip, SR, subtype="PCM_16")
                 metas.append(dict(path=str(path), speaker=speaker, word=word, **meta))
-    solution = pd.DataFrame(solution, columns=["file_name", "label"]).sort_values("file_name")
+    solution = pd.DataFrame(solution, columns=["file_name", "label", "domain"])
+    if p.shifted is None:  # a domain column only where test speakers differ in kind
+        solution = solution.drop(columns="domain")
+    solution = solution.sort_values("file_name")
     solution.to_csv(out / "solution.csv", index=False)
-    solution.assign(label="").to_csv(out / "submission.csv", index=False)
+    solution[["file_name"]].assign(label="").to_csv(out / "submission.csv", index=False)
     pd.DataFrame(metas).to_csv(out / "meta.csv", index=False)
     (out / "voices.json").write_text(json.dumps(dict(train=train_voices,
                                                     test_only=sorted(held_out)), indent=1))
@@ -333,7 +399,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/demo", help="dataset folder to write")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                   help="demo: clean and quick; hard: the benchmark that tells recipes apart")
+                   help="demo: clean and quick; hard: the benchmark that tells recipes apart; "
+                        "shift: test speakers, accents and channels unlike any in training")
     p.add_argument("--speakers", type=int, default=None,
                    help="number of speakers, each saying every word once (default: the preset's, "
                         "160 for demo, 420 for hard); a share of them go to test")

@@ -121,21 +121,28 @@ def oof_for_blend(work: Path, runs: list[str], folds: list[int], name: str,
 
 # ----------------------------------------------------------------------------- reports
 def score_test(test: pd.DataFrame, labels: list[str], solution: str | None, out: Path,
-               how: str) -> float | None:
-    truth = None
+               how: str) -> dict | None:
+    """Test accuracy against --solution (or test.csv's labels), and per value of any other
+    column of the solution (demo.py --preset shift writes `domain`: in / shift) ->
+    test_score.json; None without true labels."""
+    truth, groups = None, {}
     if solution:
         if not Path(solution).is_file():
             raise UsageError(f"--solution {solution}: no such file")
         sol = pd.read_csv(solution, dtype=str, keep_default_na=False).set_index("file_name")
         truth = test.file_name.map(sol.label)
+        groups = {c: test.file_name.map(sol[c]) for c in sol.columns if c != "label"}
     elif "label" in test and (test.label != "").all():
         truth = test.label
     if truth is None or truth.isna().any():
         return None
-    acc = float((truth.to_numpy() == np.asarray(labels)).mean())
-    write_json({"accuracy": acc, "clips": len(test), "solution": solution or "test.csv",
-                "with": how}, out / "test_score.json")
-    return acc
+    right = truth.to_numpy() == np.asarray(labels)
+    by = {c: {str(v): float(right[(g == v).to_numpy()].mean()) for v in sorted(g.unique())}
+          for c, g in groups.items()}
+    score = {"accuracy": float(right.mean()), "clips": len(test),
+             "solution": solution or "test.csv", "with": how, **({"by": by} if by else {})}
+    write_json(score, out / "test_score.json")
+    return score
 
 
 # ----------------------------------------------------------------------------- predict
@@ -275,9 +282,13 @@ def write_submission(work: Path, out: Path, labels: list[str], score: np.ndarray
     write_csv(pd.DataFrame({"file_name": test.file_name, "label": labels}), out / "submission.csv")
     write_csv(probs_frame(test.file_name, score, classes), out / "test_probs.csv")
     log.info("submission: %d rows -> %s", len(test), out / "submission.csv")
-    acc = score_test(test, labels, solution, out, how)
-    if acc is not None:
-        log.info("test accuracy %.4f (%s%s)", acc, how, f", {solution}" if solution else "")
+    score = score_test(test, labels, solution, out, how)
+    if score is not None:
+        log.info("test accuracy %.4f (%s%s)", score["accuracy"], how,
+                 f", {solution}" if solution else "")
+        for col, accs in score.get("by", {}).items():
+            log.info("test accuracy by %s: %s", col,
+                     ", ".join(f"{v} {a:.4f}" for v, a in accs.items()))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ inference.py both use it).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,8 @@ from tqdm import tqdm
 from arg import Config
 from transform import Frontend, mixup, tta_views
 from util import UsageError
+
+log = logging.getLogger(__name__)
 
 
 class PretrainedError(UsageError):
@@ -50,26 +53,19 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: f
 
 # ----------------------------------------------------------------------------- model
 def create_backbone(cfg: Config, num_classes: int, pretrained: str | None = None):
-    """One timm factory call; `pretrained` is '', 'timm' (the hub) or a local weights file."""
+    """One timm factory call; `pretrained` is '', 'timm' (the hub) or a weights file, whose
+    backbone tensors are loaded by `load_backbone` (the head stays new)."""
     import timm
 
     pretrained = cfg.pretrained if pretrained is None else pretrained
     kw = dict(num_classes=num_classes, in_chans=1, drop_rate=cfg.drop_rate)
     if cfg.drop_path_rate > 0:
         kw["drop_path_rate"] = cfg.drop_path_rate
-    if pretrained and pretrained != "timm":
-        if not Path(pretrained).is_file():
-            raise PretrainedError(f"--pretrained {pretrained}: no such weights file")
-        kw["pretrained_cfg_overlay"] = dict(file=str(pretrained))
     try:
-        return timm.create_model(cfg.model, pretrained=bool(pretrained), **kw)
+        net = timm.create_model(cfg.model, pretrained=pretrained == "timm", **kw)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise PretrainedError(f"timm has no model {cfg.model!r} (see timm.list_models())") from e
-        if pretrained and pretrained != "timm":
-            raise PretrainedError(
-                f"--pretrained {pretrained}: its weights do not fit {cfg.model} "
-                f"({str(e).splitlines()[0][:160]}); pass the timm weights file of {cfg.model}")
         raise
     except Exception as e:
         if pretrained == "timm":  # no hub reachable (LocalEntryNotFoundError, OSError, ...)
@@ -77,11 +73,68 @@ def create_backbone(cfg: Config, num_classes: int, pretrained: str | None = None
                 f"could not fetch pretrained {cfg.model} weights from the hub ({type(e).__name__}). "
                 f"Download them where a hub is reachable and pass --pretrained path/to/file "
                 f"(.pth or .safetensors), or train from scratch with --pretrained ''") from e
-        if pretrained:
-            raise PretrainedError(f"--pretrained {pretrained}: not a weights file timm can read "
-                                  f"({type(e).__name__}); pass a .pth or .safetensors file of "
-                                  f"{cfg.model}'s weights") from e
         raise
+    if pretrained and pretrained != "timm":
+        counts = load_backbone(net, pretrained)
+        log.info("--pretrained %s: %d backbone tensors loaded, %d skipped (head or not in %s), "
+                 "%d of another shape", pretrained, counts["loaded"], counts["skipped"],
+                 cfg.model, counts["mismatched"])
+    return net
+
+
+def read_weights(path: str | Path) -> dict:
+    """The tensors of a weights file: a timm state dict (.pth, .safetensors), pretrain.py's
+    encoder.pth, or a run's checkpoint (its backbone `net.*`). Nothing in it is run: pickles
+    are read with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(f"--pretrained {path}: no such weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, SafetensorError, ...
+        raise PretrainedError(f"--pretrained {path}: not a weights file this project can read "
+                              f"({type(e).__name__}); pass pretrain.py's encoder.pth, a run's "
+                              f"best.ckpt or a timm .pth/.safetensors file") from None
+    for key in ("state_dict_ema", "state_dict", "model"):  # timm prefers the EMA weights
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise PretrainedError(f"--pretrained {path}: holds no tensors by name")
+    if any(k.startswith("net.") for k in sd):  # a LightningModule's: keep the backbone's
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def load_backbone(net: torch.nn.Module, path: str | Path) -> dict:
+    """Load the backbone tensors of `path` into the timm model `net`, the classifier left
+    as initialised; an RGB stem is summed to one channel (as timm does). Returns the counts
+    loaded / skipped / mismatched; PretrainedError when nothing loads into the backbone."""
+    sd, own = read_weights(path), net.state_dict()
+    head = {f"{n}.{p}" for n in [net.default_cfg.get("classifier", "")] if n
+            for p in ("weight", "bias")}
+    take, skipped, mismatched = {}, 0, 0
+    for k, v in sd.items():
+        if k in head or k not in own:
+            skipped += 1
+        elif v.shape == own[k].shape:
+            take[k] = v
+        elif v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] == 1 and \
+                v.shape[0] == own[k].shape[0] and v.shape[2:] == own[k].shape[2:]:
+            take[k] = v.sum(1, keepdim=True)  # the RGB stem of image weights, as timm adapts it
+        else:
+            mismatched += 1
+    if not take:
+        raise PretrainedError(f"--pretrained {path}: none of its {len(sd)} tensors fits "
+                              f"{type(net).__name__}'s backbone (another model? pass weights "
+                              f"of the -m model)")
+    net.load_state_dict(take, strict=False)
+    return dict(loaded=len(take), skipped=skipped, mismatched=mismatched)
 
 
 class AudioClassifier(L.LightningModule):
@@ -116,6 +169,15 @@ class AudioClassifier(L.LightningModule):
     def on_fit_start(self):
         for t in self._teacher:
             t.to(self.device)
+
+    def on_train_epoch_start(self):
+        """--freeze-epochs K: the head alone learns for K epochs, then every layer."""
+        if self.cfg.freeze_epochs > 0:
+            head = set(map(id, self.net.get_classifier().parameters()))
+            frozen = self.current_epoch < self.cfg.freeze_epochs
+            for p in self.net.parameters():
+                if id(p) not in head:
+                    p.requires_grad_(not frozen)
 
     def feature_settings(self) -> dict:
         c = self.cfg
@@ -201,16 +263,24 @@ class AudioClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2
-        from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
         c = self.cfg
-        opt = create_optimizer_v2(self.net, opt=c.optimizer, lr=c.lr, weight_decay=c.weight_decay)
-        total = max(2, int(self.trainer.estimated_stepping_batches))
-        warm = min(total - 1, max(1, round(c.warmup * total / max(1, self.trainer.max_epochs))))
-        sched = SequentialLR(opt, [LinearLR(opt, start_factor=0.01, total_iters=warm),
-                                   CosineAnnealingLR(opt, T_max=total - warm, eta_min=c.min_lr)],
-                             milestones=[warm])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt = create_optimizer_v2(self.net, opt=c.optimizer, lr=c.lr, weight_decay=c.weight_decay,
+                                  layer_decay=c.layer_decay or None)
+        return warmup_cosine(opt, self.trainer, c)
+
+
+def warmup_cosine(opt, trainer, cfg: Config) -> dict:
+    """Lightning's optimiser config: linear warm-up over `cfg.warmup` epochs, then cosine to
+    `cfg.min_lr`, stepped per batch."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    total = max(2, int(trainer.estimated_stepping_batches))
+    warm = min(total - 1, max(1, round(cfg.warmup * total / max(1, trainer.max_epochs))))
+    sched = SequentialLR(opt, [LinearLR(opt, start_factor=0.01, total_iters=warm),
+                               CosineAnnealingLR(opt, T_max=total - warm, eta_min=cfg.min_lr)],
+                         milestones=[warm])
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -89,16 +89,16 @@ def plot_confusion(y_true, y_pred, classes: list[str], title: str = ""):
 
 
 def plot_curves(histories: dict, title: str = ""):
-    """Loss, accuracy and macro-F1 per epoch: train dashed, validation solid, one colour per
-    fold of `histories` ({fold: history.csv table})."""
+    """Loss, accuracy and macro-F1 per epoch: train dashed, validation solid (a pretraining's
+    probe dotted), one colour per fold of `histories` ({fold: history.csv table})."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ("loss", "acc", "f1")):
         for k, (fold, hist) in enumerate(sorted(histories.items())):
-            for stage, style in (("train", "--"), ("val", "-")):
+            for stage, style in (("train", "--"), ("val", "-"), ("probe", ":")):
                 col = f"{stage}_{metric}"
                 if col in hist and hist[col].notna().any():
-                    ax.plot(hist.epoch, hist[col], style, marker="o" if stage == "val" else None,
+                    ax.plot(hist.epoch, hist[col], style, marker=None if stage == "train" else "o",
                             ms=3, color=f"C{k}", label=f"fold {fold} {stage}")
         ax.set_title(metric)
         ax.set_xlabel("epoch")
@@ -214,15 +214,30 @@ def run_row(run_dir: Path, n_folds: int, classes: list[str]) -> dict | None:
     row = dict(run=run_dir.name, model=cfg.get("model", "?"), size=cfg.get("size"),
                aug=augmentation_label(cfg), epochs=cfg.get("epochs"), ema=cfg.get("ema", 0.0),
                pseudo=cfg.get("pseudo", ""), teacher=cfg.get("teacher", ""),
+               init=initialised_from(cfg.get("pretrained", "")), labels=cfg.get("labels", 1.0),
                folds_done=f"{len(done)}/{n_folds}")
     for name, key in (("oof", "cv"), ("oof_tta", "cv_tta")):
         got = load_oof([run_dir], done, name, classes) if done else None
         row[key] = (float((got[1].argmax(1) == label_index(got[0].label, classes)).mean())
                     if got else np.nan)
     test = json.loads(run.test_score.read_text()) if run.test_score.is_file() else {}
-    row.update(test_acc=test.get("accuracy", np.nan), test_with=test.get("with", ""),
+    by = " ".join(f"{v} {a:.4f}" for accs in test.get("by", {}).values() for v, a in accs.items())
+    row.update(test_acc=test.get("accuracy", np.nan), test_by=by, test_with=test.get("with", ""),
                train_min=round(minutes, 1))
     return row
+
+
+def initialised_from(pretrained: str) -> str:
+    """What a run's weights started from: scratch, timm, pretrain:<name> (pretrain.py's
+    encoder), run:<run> (another run's checkpoint) or the weights file's name."""
+    if not pretrained or pretrained == "timm":
+        return pretrained or "scratch"
+    p = Path(pretrained)
+    if p.name == "encoder.pth" and p.parent.parent.name == "pretrain":
+        return f"pretrain:{p.parent.name}"
+    if p.suffix == ".ckpt" and p.parent.name.startswith("fold"):
+        return f"run:{p.parent.parent.name}"
+    return p.name
 
 
 def leaderboard(work: str | Path) -> pd.DataFrame:
@@ -236,8 +251,9 @@ def leaderboard(work: str | Path) -> pd.DataFrame:
     rows = [r for d in sorted(runs_dir(work).glob("*")) if d.is_dir()
             for r in [run_row(d, n_folds, classes)] if r]
     board = pd.DataFrame(rows, columns=["run", "model", "size", "aug", "epochs", "ema", "pseudo",
-                                        "teacher", "folds_done", "cv", "cv_tta", "test_acc",
-                                        "test_with", "train_min"])
+                                        "teacher", "init", "labels", "folds_done", "cv",
+                                        "cv_tta", "test_acc", "test_by", "test_with",
+                                        "train_min"])
     board = board.sort_values(["cv", "cv_tta"], ascending=False, na_position="last")
     if len(board):
         write_csv(board, runs_dir(work) / "leaderboard.csv")

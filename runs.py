@@ -6,6 +6,7 @@ script reads, and a fold's state (finished, its config, the command that trains 
     WORK/runs/<run>/          cv.json report.html submission.csv test_probs.csv ...
     WORK/runs/blend_<a>+<b>/  the same for a blend of runs (inference.py --runs)
     WORK/runs/leaderboard.csv
+    WORK/pretrain/<name>/     encoder.pth config.yaml history.csv curve.png last.ckpt (pretrain.py)
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ FOLD_RECORDS = ("result.json", "best.ckpt", "last.ckpt", "history.csv", "curve.p
 
 def runs_dir(work: str | Path) -> Path:
     return Path(work) / "runs"
+
+
+def pretrain_dir(work: str | Path, name: str) -> Path:
+    """WORK/pretrain/<name>/: encoder.pth, config.yaml, history.csv, curve.png, last.ckpt."""
+    return Path(work) / "pretrain" / name
 
 
 class Run:

@@ -189,7 +189,7 @@ def plan_fold(cfg: Config, k: int) -> Fold:
         check_resume(cfg, run.fold(k))
     pseudo = load_pseudo(cfg, run)
     workers = cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)
-    data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo)
+    data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo, cfg.labels, cfg.seed)
     teacher, teacher_path = load_teacher(cfg, k, data.classes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = AudioClassifier(cfg.to_dict(), data.classes)

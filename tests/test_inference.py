@@ -139,3 +139,17 @@ def test_unreadable_test_row_still_gets_a_label(e2e, tmp_path):
     assert "1 test files could not be read" in proc.stderr and test.file_name[3] in proc.stderr
     sub = pd.read_csv(work / "runs" / "resnet18_32" / "submission.csv", keep_default_na=False)
     assert list(sub.file_name) == list(test.file_name) and (sub.label != "").all()
+
+
+def test_test_score_per_domain_of_the_solution(tmp_path):
+    """A solution column besides the label (the shift preset's `domain`) is scored per value."""
+    from inference import score_test
+
+    sol = pd.DataFrame({"file_name": ["a", "b", "c", "d"], "label": ["yes", "no", "yes", "no"],
+                        "domain": ["in", "in", "shift", "shift"]})
+    sol.to_csv(tmp_path / "solution.csv", index=False)
+    test = pd.DataFrame({"file_name": ["d", "c", "b", "a"], "label": ""})
+    score = score_test(test, ["no", "no", "no", "yes"], str(tmp_path / "solution.csv"), tmp_path,
+                       "1 fold")
+    assert score["accuracy"] == 0.75 and score["by"] == {"domain": {"in": 1.0, "shift": 0.5}}
+    assert json.loads((tmp_path / "test_score.json").read_text())["by"]["domain"]["shift"] == 0.5

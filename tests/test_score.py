@@ -161,12 +161,22 @@ def test_leaderboard_lists_every_run_best_cv_first(work):
     proc = run_script("report.py", "--work", work)
     board = pd.read_csv(work / "runs" / "leaderboard.csv", keep_default_na=False)
     assert {"resnet18_32", "ema", "pseudo", "student"} <= set(board.run)
-    assert list(board.columns[:9]) == ["run", "model", "size", "aug", "epochs", "ema", "pseudo",
-                                       "teacher", "folds_done"]
+    assert list(board.columns[:11]) == ["run", "model", "size", "aug", "epochs", "ema",
+                                        "pseudo", "teacher", "init", "labels", "folds_done"]
     cv = pd.to_numeric(board.cv, errors="coerce").dropna()
     assert list(cv) == sorted(cv, reverse=True)
     row = board.set_index("run").loc["resnet18_32"]
     assert row.folds_done == "2/2" and float(row.test_acc) >= 0 and "TTA" in row.test_with
     assert board.set_index("run").loc["ema"].ema == 0.9
     assert board.set_index("run").loc["student"].teacher == "teach"
+    assert set(board.init) == {"scratch"} and set(board.labels.astype(float)) == {1.0}
     assert "resnet18_32" in proc.stdout
+
+
+def test_initialised_from_names_what_a_run_started_from():
+    from report import initialised_from
+
+    assert initialised_from("") == "scratch" and initialised_from("timm") == "timm"
+    assert initialised_from("w/pretrain/byol/encoder.pth") == "pretrain:byol"
+    assert initialised_from("w/runs/hard_cpu/fold0/best.ckpt") == "run:hard_cpu"
+    assert initialised_from("/x/resnet18.a1_in1k.safetensors") == "resnet18.a1_in1k.safetensors"

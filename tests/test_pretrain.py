@@ -1,0 +1,150 @@
+"""Self-supervised pretraining, transfer of weights between runs, label shares, the shift preset."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from arg import Config
+from conftest import TINY, run_script
+
+
+def backbone_state(model) -> dict:
+    head = {f"{model.net.default_cfg['classifier']}.{p}" for p in ("weight", "bias")}
+    return {k: v for k, v in model.net.state_dict().items() if k not in head}
+
+
+@pytest.fixture(scope="module")
+def two_kinds(tmp_path_factory):
+    """A WORK of two clearly different kinds of clip, tones and noise bursts, 2 folds."""
+    from preprocess import prepare
+
+    root = tmp_path_factory.mktemp("kinds")
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    for n in range(48):
+        speaker = f"s{n % 12}"
+        on = slice(int(rng.integers(0, 6000)), None)
+        tone = np.zeros(16000)
+        tone[on] = np.sin(2 * np.pi * rng.uniform(300, 3000) * t[on])
+        noise = np.zeros(16000)
+        noise[on] = rng.standard_normal(16000)[on] * 0.3
+        for kind, y in (("tone", tone), ("noise", noise)):
+            (root / "data" / "train" / kind).mkdir(parents=True, exist_ok=True)
+            sf.write(root / "data" / "train" / kind / f"{speaker}_nohash_{n}.wav",
+                     (y * rng.uniform(0.1, 0.5)).astype(np.float32), 16000)
+    (root / "data" / "test").mkdir()
+    prepare(Config(data=str(root / "data"), work=str(root / "work"), folds=2), workers=1)
+    return root / "work"
+
+
+def test_pretraining_writes_an_encoder_and_a_probe_that_separates_two_kinds(two_kinds):
+    proc = run_script("pretrain.py", "--work", two_kinds, "-m", "resnet18", "-t", 32, "-e", 2,
+                      "-b", 16, "-g", "cpu", "--run", "byol", "--probe-every", 1, "--no-progress")
+    out = two_kinds / "pretrain" / "byol"
+    for name in ("encoder.pth", "config.yaml", "history.csv", "curve.png", "last.ckpt"):
+        assert (out / name).is_file(), name
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist.epoch) == [0, 1] and np.isfinite(hist.train_loss).all()
+    assert hist.probe_acc.iloc[-1] > 0.85  # chance is 0.5: the probe reads the embeddings right
+    assert "fine-tune with: python train.py" in proc.stderr
+
+
+def test_an_encoder_loads_into_train_with_every_backbone_tensor_equal(two_kinds):
+    from model import AudioClassifier
+
+    encoder = torch.load(two_kinds / "pretrain" / "byol" / "encoder.pth", weights_only=True)
+    cfg = Config(model="resnet18", size=32, pretrained=str(two_kinds / "pretrain" / "byol" /
+                                                            "encoder.pth"))
+    model = AudioClassifier(cfg.to_dict(), ["a", "b", "c"])
+    mine = backbone_state(model)
+    assert set(mine) == set(encoder)
+    assert all(torch.equal(mine[k], encoder[k]) for k in encoder)
+    scratch = backbone_state(AudioClassifier(Config(model="resnet18", size=32).to_dict(),
+                                            ["a", "b"]))
+    assert not torch.equal(scratch["conv1.weight"], encoder["conv1.weight"])
+
+
+def test_a_checkpoint_with_other_classes_transfers_its_backbone(e2e, two_kinds):
+    """best.ckpt of the 30-class run into a 2-class run: backbone equal, head new."""
+    from model import AudioClassifier, load_checkpoint
+
+    src = e2e["run"] / "fold0" / "best.ckpt"
+    teacher = backbone_state(load_checkpoint(src))
+    proc = run_script("train.py", "--work", two_kinds, *TINY, "-f", 0, "-g", "cpu", "--run",
+                      "moved", "--pretrained", src, "--limit-batches", 1, "--no-progress")
+    assert "backbone tensors loaded, 2 skipped (head or not in resnet18), 0 of another shape" \
+        in proc.stderr
+    cfg = dict(Config(model="resnet18", size=32, pretrained=str(src)).to_dict())
+    model = AudioClassifier(cfg, ["noise", "tone"])
+    assert model.net.get_classifier().weight.shape == (2, 512)
+    mine = backbone_state(model)
+    assert all(torch.equal(mine[k], teacher[k]) for k in teacher)
+
+
+def test_weights_that_fit_nothing_are_refused_with_one_line(two_kinds, tmp_path, capsys):
+    import train
+
+    torch.save({"encoder.layer.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    code = train.main(["--work", str(two_kinds), *map(str, TINY), "-f", "0", "-g", "cpu",
+                       "--run", "nothing", "--pretrained", str(tmp_path / "other.pth")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "other.pth" in err and "none of its 1 tensors fits" in err
+    assert not (two_kinds / "runs" / "nothing").exists()
+
+
+def test_label_share_is_stratified_and_seeded(e2e):
+    from dataset import labelled_share, read_table
+
+    train = read_table(e2e["work"] / "train.csv")
+    a, b = labelled_share(train, 0.3, 1), labelled_share(train, 0.3, 1)
+    assert list(a.row) == list(b.row)  # the same seed keeps the same rows
+    assert list(labelled_share(train, 0.3, 2).row) != list(a.row)
+    assert len(a) == round(0.3 * len(train))
+    per_class = a.label.value_counts()
+    assert set(per_class.index) == set(train.label) and per_class.max() - per_class.min() <= 1
+
+
+def test_shift_preset_keeps_test_voices_and_channels_out_of_training(tmp_path):
+    import demo
+
+    demo.make_dataset(tmp_path / "s", preset="shift", speakers=12, words=("yes", "no"),
+                      workers=2, progress=False)
+    meta = pd.read_csv(tmp_path / "s" / "meta.csv", keep_default_na=False)
+    sol = pd.read_csv(tmp_path / "s" / "solution.csv")
+    assert set(sol.domain) == {"in", "shift"} and (sol.domain == "in").sum() == (
+        sol.domain == "shift").sum()
+    meta["file_name"] = meta.path.str.split("/").str[-1]
+    shifted = meta[meta.file_name.isin(sol.file_name[sol.domain == "shift"])]
+    train = meta[meta.path.str.startswith("train")]
+    accent = lambda v: v.split("+")[0]  # noqa: E731
+    assert not set(shifted.voice.map(accent)) & set(train.voice.map(accent))
+    assert not set(shifted.voice.str.split("+").str[1]) & set(train.voice.str.split("+").str[1])
+    assert ((shifted.pitch < 30) | (shifted.pitch >= 70)).all()
+    assert train.pitch.between(30, 69).all() and (train.channel == "").all()
+    assert (shifted.channel != "").any()
+
+
+def test_freeze_epochs_train_the_head_alone(two_kinds):
+    """--freeze-epochs 1: after one epoch the backbone's weights are the encoder's, the head's
+    are not its initial ones."""
+    enc_path = two_kinds / "pretrain" / "byol" / "encoder.pth"
+    encoder = torch.load(enc_path, weights_only=True)
+    run_script("train.py", "--work", two_kinds, *TINY, "-f", 0, "-g", "cpu", "--run", "frozen",
+               "--pretrained", enc_path, "--freeze-epochs", 1, "--limit-batches", 2,
+               "--no-progress")
+    state = torch.load(two_kinds / "runs" / "frozen" / "fold0" / "last.ckpt",
+                       weights_only=False)["state_dict"]
+    convs = [k for k in encoder if k.endswith("conv1.weight") or k.endswith("conv2.weight")]
+    assert convs and all(torch.equal(state[f"net.{k}"], encoder[k]) for k in convs)
+    import lightning as L
+
+    from model import AudioClassifier
+
+    L.seed_everything(Config().seed, verbose=False)  # as train.py does before building it
+    start = AudioClassifier(Config(model="resnet18", size=32, pretrained=str(enc_path)).to_dict(),
+                            ["noise", "tone"])
+    assert not torch.equal(state["net.fc.weight"], start.net.fc.weight)  # the head learned
