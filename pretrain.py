@@ -248,6 +248,9 @@ class Probe(Callback):
     def __init__(self, work: Path, every: int, batch: int):
         self.work, self.every, self.batch = work, max(1, every), batch
 
+    def on_train_epoch_start(self, trainer, pl_module):
+        trainer.callback_metrics.pop("probe_acc", None)  # an epoch without a probe shows none
+
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch + 1
         if not trainer.is_global_zero or (epoch % self.every and epoch != trainer.max_epochs):

@@ -41,13 +41,14 @@ def two_kinds(tmp_path_factory):
 
 
 def test_pretraining_writes_an_encoder_and_a_probe_that_separates_two_kinds(two_kinds):
-    proc = run_script("pretrain.py", "--work", two_kinds, "-m", "resnet18", "-t", 32, "-e", 2,
-                      "-b", 16, "-g", "cpu", "--run", "byol", "--probe-every", 1, "--no-progress")
+    proc = run_script("pretrain.py", "--work", two_kinds, "-m", "resnet18", "-t", 32, "-e", 3,
+                      "-b", 16, "-g", "cpu", "--run", "byol", "--probe-every", 2, "--no-progress")
     out = two_kinds / "pretrain" / "byol"
     for name in ("encoder.pth", "config.yaml", "history.csv", "curve.png", "last.ckpt"):
         assert (out / name).is_file(), name
     hist = pd.read_csv(out / "history.csv")
-    assert list(hist.epoch) == [0, 1] and np.isfinite(hist.train_loss).all()
+    assert list(hist.epoch) == [0, 1, 2] and np.isfinite(hist.train_loss).all()
+    assert np.isnan(hist.probe_acc[0]) and hist.probe_acc[1:].notna().all()  # every 2nd, last
     assert hist.probe_acc.iloc[-1] > 0.85  # chance is 0.5: the probe reads the embeddings right
     assert "fine-tune with: python train.py" in proc.stderr
 
