@@ -8,6 +8,8 @@ inference.py both use it).
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from pathlib import Path
 
 import lightning as L
@@ -82,6 +84,19 @@ def create_backbone(cfg: Config, num_classes: int, pretrained: str | None = None
     return net
 
 
+def safe_load(path: str | Path, error: type[UsageError] = UsageError, what: str = ""):
+    """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts come
+    back, and nothing in the file is run. A pickle that names any other global (a class, a
+    function: what a crafted file uses to run code) is refused with `error`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL ([\w.]+)|global '?([\w.]+)", str(e))
+        named = f"it names {m.group(1) or m.group(2)}" if m else str(e).splitlines()[0][:80]
+        raise error(f"{what}{path}: refused, it holds objects other than tensors and plain values "
+                    f"({named}); loading it could run code") from None
+
+
 def read_weights(path: str | Path) -> dict:
     """The tensors of a weights file: a timm state dict (.pth, .safetensors), pretrain.py's
     encoder.pth, or a run's checkpoint (its backbone `net.*`). Nothing in it is run: pickles
@@ -95,7 +110,9 @@ def read_weights(path: str | Path) -> dict:
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = safe_load(path, PretrainedError, "--pretrained ")
+    except PretrainedError:
+        raise
     except Exception as e:  # UnpicklingError, RuntimeError, SafetensorError, ...
         raise PretrainedError(f"--pretrained {path}: not a weights file this project can read "
                               f"({type(e).__name__}); pass pretrain.py's encoder.pth, a run's "
@@ -285,9 +302,10 @@ def warmup_cosine(opt, trainer, cfg: Config) -> dict:
 
 # ----------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> AudioClassifier:
-    """Rebuild a trained model from its checkpoint alone (no pretrained download), in eval mode."""
+    """Rebuild a trained model from its checkpoint alone (no pretrained download), in eval mode.
+    Nothing in the file is run (`safe_load`)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = safe_load(path, CheckpointError)
         hp = ckpt["hyper_parameters"]
         model = AudioClassifier(hp["config"], hp["classes"], load_pretrained=False)
         model.load_state_dict(ckpt["state_dict"])

@@ -267,6 +267,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
 
     from callback import AtomicCheckpointIO, History
     from dataset import loader
+    from model import CheckpointError, safe_load
     from train import check_model, lightning_precision, work_settings
     from util import FoldLock, atomic_write
 
@@ -277,6 +278,8 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     data = unlabelled_data(cfg)
     last = out / "last.ckpt"
     resume = str(last) if cfg.resume and last.is_file() else None
+    if resume:
+        safe_load(last, CheckpointError, "--resume ")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = BYOL(cfg.to_dict())
     rank_zero = launched_rank_zero()
@@ -303,7 +306,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
             enable_model_summary=False, default_root_dir=out, num_sanity_val_steps=0)
         trainer.fit(module, train_dataloaders=loader(data, cfg.batch_size, True, workers,
                                                      drop_last=len(data) > cfg.batch_size),
-                    ckpt_path=resume)
+                    ckpt_path=resume, weights_only=True)
         if trainer.is_global_zero:
             state = {k: v.detach().cpu().contiguous() for k, v in
                      module.encoder.state_dict().items()}

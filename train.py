@@ -78,9 +78,14 @@ def check_model(name: str) -> None:
 
 def check_resume(cfg: Config, fold_dir: Path) -> None:
     """--resume continues only the fold it was: refuse, naming them, settings that differ
-    in anything but RESUME_SAFE."""
+    in anything but RESUME_SAFE, and a last.ckpt that could run code (model.safe_load)."""
+    from model import CheckpointError, safe_load
+
     saved = read_config(fold_dir)
-    if not saved or not (fold_dir / "last.ckpt").is_file():
+    if not (fold_dir / "last.ckpt").is_file():
+        return
+    safe_load(fold_dir / "last.ckpt", CheckpointError, "--resume ")
+    if not saved:
         return
     old = Config.from_dict(saved).to_dict()
     diff = {k: (old[k], v) for k, v in cfg.to_dict().items()
@@ -298,7 +303,8 @@ def train_fold(cfg: Config, k: int, progress: bool = True) -> dict:
             start_records(fold)
         trainer, best = make_trainer(fold, progress)
         t0 = time.time()
-        trainer.fit(fold.model, datamodule=fold.data, ckpt_path=fold.resume_from)
+        trainer.fit(fold.model, datamodule=fold.data, ckpt_path=fold.resume_from,
+                    weights_only=True)
         return finish_fold(fold, trainer, best, t0)
 
 

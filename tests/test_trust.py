@@ -1,0 +1,115 @@
+"""Files that could run code are refused on every path that loads one, and faults end with one
+clear line: a full disk, a non-finite validation, a class with fewer clips than folds."""
+import errno
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY
+
+
+class Payload:
+    """What a crafted checkpoint carries: unpickling it would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def plant(path, marker, like=None):
+    """A checkpoint at `path` that looks like `like` (a real one) but carries a payload."""
+    ckpt = torch.load(like, map_location="cpu", weights_only=True) if like else {}
+    ckpt["hyper_parameters"] = {"config": Payload(marker), "classes": ["a", "b"]}
+    torch.save(ckpt, path)
+
+
+@pytest.fixture()
+def planted(e2e, tmp_path):
+    """A copy of the end-to-end WORK whose run's fold-0 checkpoints (best and last) carry a
+    payload; returns (work, marker)."""
+    work = tmp_path / "work"
+    shutil.copytree(e2e["work"], work)
+    marker = tmp_path / "payload_ran"
+    fold = work / "runs" / "resnet18_32" / "fold0"
+    for name in ("best.ckpt", "last.ckpt"):
+        plant(fold / name, marker, like=fold / name)
+    return work, marker
+
+
+def refused(capsys, code, marker):
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists(), "the payload ran"
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "refused" in err and "could run code" in err and "posix.mkdir" in err, err
+    return err
+
+
+def test_inference_refuses_a_checkpoint_that_could_run_code(planted, capsys):
+    import inference
+
+    work, marker = planted
+    code = inference.main(["--work", str(work), "-m", "resnet18", "-t", "32", "-f", "2",
+                           "-g", "cpu"])
+    assert "best.ckpt" in refused(capsys, code, marker)
+
+
+def test_export_refuses_it(planted, capsys):
+    import export
+
+    work, marker = planted
+    code = export.main(["--work", str(work), "--run", "resnet18_32", "-f", "2"])
+    refused(capsys, code, marker)
+    assert not (work / "runs" / "resnet18_32" / "resnet18_32.onnx").exists()
+
+
+def test_teacher_and_pretrained_refuse_it(planted, capsys):
+    import train
+
+    work, marker = planted
+    base = ["--work", str(work), *TINY, "-g", "cpu", "-f", "0", "--no-progress"]
+    refused(capsys, train.main(base + ["--run", "student", "--teacher", "resnet18_32"]), marker)
+    ckpt = work / "runs" / "resnet18_32" / "fold0" / "best.ckpt"
+    err = refused(capsys, train.main(base + ["--run", "tuned", "--pretrained", str(ckpt)]),
+                  marker)
+    assert err.startswith("train: --pretrained")
+    assert not (work / "runs" / "student").exists() and not (work / "runs" / "tuned").exists()
+
+
+def test_resume_refuses_it_and_leaves_the_fold(planted, capsys):
+    import train
+
+    work, marker = planted
+    fold = work / "runs" / "resnet18_32" / "fold0"
+    before = {p.name: p.stat().st_mtime_ns for p in fold.iterdir()}
+    code = train.main(["--config", str(fold / "config.yaml"), "--work", str(work), "-f", "0",
+                       "-g", "cpu", "--resume", "--no-progress"])
+    assert "--resume" in refused(capsys, code, marker)
+    assert {p.name: p.stat().st_mtime_ns for p in fold.iterdir()} == before
+
+
+def test_pretrain_resume_refuses_it(planted, capsys):
+    import pretrain
+
+    work, marker = planted
+    out = work / "pretrain" / "byol"
+    out.mkdir(parents=True)
+    plant(out / "last.ckpt", marker)
+    code = pretrain.main(["--work", str(work), "-m", "resnet18", "-t", "32", "-g", "cpu",
+                          "--run", "byol", "--resume", "--no-progress"])
+    refused(capsys, code, marker)
+    assert not (out / "encoder.pth").exists()
+
+
+def test_the_project_s_own_checkpoints_load_without_pickled_code(e2e):
+    """weights_only=True is no loss: every file a run writes loads with it."""
+    from model import load_checkpoint
+
+    for fold in sorted(e2e["run"].glob("fold*")):
+        for name in ("best.ckpt", "last.ckpt"):
+            torch.load(fold / name, map_location="cpu", weights_only=True)
+        assert load_checkpoint(fold / "best.ckpt").classes == sorted(
+            p.name for p in (e2e["data"] / "train").iterdir() if not p.name.startswith("_"))
