@@ -18,6 +18,9 @@ at t=64 and res2next50 at t=224. The section ends with `feature_speedup <(b)/(a)
 augment: samples/s of the front end (log-mel at -t) with one augmentation on for every
 sample, beside the front end with none, and pitch shift beside librosa.effects.pitch_shift
 per clip (the original recipe's reason to leave pitch shift out).
+frontend: a training step (resnet18 at -t) with --aug seed, with the default preset, and
+with the default preset done the earlier way (pitch shift resampling every clip's full
+spectrogram, reverberation computed for every clip): the epoch ratios and the speed-up.
 ssl: samples/s of a BYOL-A pretraining step (pretrain.py) beside a supervised step.
 onnx: RUN's folds exported with TTA; clips/s of ONNX Runtime and of PyTorch (the same
 ensemble, inference.py's way) at batch 1 and 64 on the CPU; the .onnx size; the cold start
@@ -40,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from arg import Config
 from dataset import load_noise, read_table
-from transform import Frontend
+from transform import Frontend, SpecWarp
 from util import setup_logging, torch_device
 
 
@@ -110,11 +113,13 @@ def bench_batched(waves, cfg: Config, batch, device, chans=1) -> float:
     return rate(run, len(waves), repeat=2)
 
 
-def step_share(cfg: Config, waves, batch, device) -> tuple[float, float, float]:
-    """(features s, fwd+bwd s, share) for one training step at the default augmentation."""
+def step_share(cfg: Config, waves, batch, device, front=None) -> tuple[float, float, float]:
+    """(features s, fwd+bwd s, share) for one training step at cfg's augmentation (through
+    `front`, a Frontend, when given)."""
     import timm
 
-    front = Frontend(cfg, noise=load_noise(cfg.work)).to(device).train()
+    front = front or Frontend(cfg, noise=load_noise(cfg.work))
+    front = front.to(device).train()
     net = timm.create_model(cfg.model, num_classes=30, in_chans=1).to(device)
     net = net.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(net.parameters())
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
                    help="DataLoader workers of the original per-sample pipeline (a)")
     p.add_argument("--skip-steps", action="store_true", help="no training-step shares")
     p.add_argument("--sections", default="features,augment",
-                   help="comma-separated: features, augment, onnx, ssl")
+                   help="comma-separated: features, augment, frontend, onnx, ssl")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
@@ -182,6 +187,8 @@ def main(argv=None) -> int:
         onnx_section(args, waves)
     if "ssl" in sections:
         ssl_section(args, waves, device)
+    if "frontend" in sections:
+        frontend_section(args, waves, device)
     return 0
 
 
@@ -252,6 +259,62 @@ def augmentations(args, waves, device) -> None:
     print(f"augment: pitch shift alone: librosa.effects.pitch_shift per clip {per_clip:.1f} "
           f"clips/s (warm); batched here (its added cost) {added:.1f} samples/s "
           f"-> {added / per_clip:.1f}x")
+
+
+class EarlierWarp(SpecWarp):
+    """The earlier pitch shift, kept to measure against: every clip's full power spectrogram
+    (n_fft/2 + 1 rows) resampled, the unchosen ones by 0 semitones."""
+
+    def forward(self, power, logmel, semitones=None, factor=None):
+        from transform import _coin, _uniform, resample_axis
+
+        if self.training and self.p_pitch > 0:
+            B, nf, _ = power.shape
+            semis = _uniform(B, -self.pitch, self.pitch, power.device) * _coin(B, self.p_pitch,
+                                                                              power.device)
+            ratio = 2.0 ** (semis / 12.0)
+            power = resample_axis(power, torch.arange(nf, device=power.device) / ratio[:, None], 1)
+        return logmel.mel(power)
+
+
+def earlier_frontend(cfg: Config) -> Frontend:
+    """The default front end as it was: pitch shift by resampling (EarlierWarp) and the room
+    convolution computed for every clip, the unchosen ones then put back."""
+    from transform import _coin, _uniform, reverberate, room_impulses
+
+    front = Frontend(cfg, noise=load_noise(cfg.work))
+    front.warp = EarlierWarp(cfg)
+    aug = front.wave_aug
+
+    def reverb_every_clip(x):
+        lo, hi = aug.reverb_rt60
+        B = x.shape[0]
+        rir = room_impulses(_uniform(B, lo, hi, x.device), aug.sr, int(aug.sr * hi * 1.1) + 1)
+        return torch.where(_coin(B, aug.p_reverb, x.device)[:, None], reverberate(x, rir), x)
+
+    aug.reverb = reverb_every_clip
+    return front
+
+
+def frontend_section(args, waves, device) -> None:
+    """One training step (front end + resnet18 at -t, batch -b) with the original's three
+    augmentations (--aug seed), with the default preset, and with the default preset the
+    earlier way (earlier_frontend): what an epoch costs with each."""
+    cfg = Config(work=args.work, size=args.size, model="resnet18")
+    seed = Config.preset("seed", work=args.work, size=args.size, model="resnet18")
+    fronts = {"--aug seed": (seed, None), "default": (cfg, None),
+              "default, earlier way": (cfg, earlier_frontend(cfg))}
+    ms = {}
+    for name, (c, front) in fronts.items():
+        f, s, _ = step_share(c, waves, args.batch_size, device, front)
+        ms[name] = (f, f + s)
+        print(f"frontend: {name:<21} front end {1e3 * f:7.1f} ms + fwd/bwd {1e3 * s:7.1f} ms "
+              f"per batch of {args.batch_size} -> {args.batch_size / (f + s):7.1f} samples/s")
+    seed_t, (new_f, new_t), (old_f, old_t) = ms["--aug seed"][1], ms["default"], \
+        ms["default, earlier way"]
+    print(f"frontend: a default epoch costs {new_t / seed_t:.2f}x a --aug seed epoch "
+          f"(the earlier way {old_t / seed_t:.2f}x); the default front end is "
+          f"{old_f / new_f:.1f}x faster than the earlier way")
 
 
 def cold_start(cmd: list[str]) -> float:

@@ -70,13 +70,12 @@ class LogMel(nn.Module):
             torch.matmul(fb[m0:m1, lo:hi], power[:, lo:hi], out=out[:, m0:m1])
         return out
 
-    def db(self, x: torch.Tensor, power_aug=None) -> torch.Tensor:
+    def db(self, x: torch.Tensor, warp=None) -> torch.Tensor:
         """(B, L) -> (B, n_mels, T) log-mel in dB (ref 1.0, amin 1e-10, per-sample top_db);
-        `power_aug` acts on the power spectrogram (B, F, T) before the mel filterbank."""
+        `warp` (a SpecWarp) makes the mel power from the power spectrogram in its place."""
         power = self.power(x)
-        if power_aug is not None:
-            power = power_aug(power)
-        s = 10.0 * torch.log10(self.mel(power).clamp_min(1e-10))
+        mel = self.mel(power) if warp is None else warp(power, self)
+        s = 10.0 * torch.log10(mel.clamp_min(1e-10))
         if self.top_db is not None:
             s = torch.maximum(s, s.amax(dim=(-2, -1), keepdim=True) - self.top_db)
         return s
@@ -173,6 +172,14 @@ def _coin(n: int, p: float, device) -> torch.Tensor:
     return torch.rand(n, device=device) < p
 
 
+def _chosen(n: int, p: float, device) -> torch.Tensor:
+    """Indices of the samples an augmentation of probability p acts on, so that the costly
+    ones run on those alone: each sample is chosen with probability p, the count p * n
+    rounded up or down at random (drawn on the host: no wait on the device)."""
+    k = min(n, int(p * n + float(torch.rand(()))))
+    return torch.rand(n, device=device).argsort()[:k]
+
+
 class WaveAugment(nn.Module):
     """Per-sample random time shift, reverberation, gain, background noise and Gaussian
     noise, batched. Does nothing in eval mode. `noise` is the 1-D background bank from
@@ -207,12 +214,13 @@ class WaveAugment(nn.Module):
         return x
 
     def reverb(self, x: torch.Tensor) -> torch.Tensor:
-        """The chosen samples convolved with rooms of random reverberation time."""
+        """The chosen samples convolved with rooms of random reverberation time (the others
+        cost nothing)."""
         lo, hi = self.reverb_rt60
-        B = x.shape[0]
-        chosen = _coin(B, self.p_reverb, x.device)
-        rir = room_impulses(_uniform(B, lo, hi, x.device), self.sr, int(self.sr * hi * 1.1) + 1)
-        return torch.where(chosen[:, None], reverberate(x, rir), x)
+        on = _chosen(x.shape[0], self.p_reverb, x.device)
+        rir = room_impulses(_uniform(len(on), lo, hi, x.device), self.sr,
+                            int(self.sr * hi * 1.1) + 1)
+        return x.index_copy(0, on, reverberate(x[on], rir))
 
 
 # ----------------------------------------------------------------------------- spectrogram ops
@@ -236,38 +244,61 @@ def resample_axis(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class SpecWarp(nn.Module):
-    """Pitch shift and time stretch of the power spectrogram (B, F, T), per sample, batched:
-    pitch shift reads bin f from f / 2**(semitones/12) (the harmonics and formants move, as
-    with librosa's pitch_shift); time stretch by factor s reads frame t from c + (t - c) / s
-    about the clip centre c, so a sound lasting d lasts s * d (a phase vocoder's magnitude).
-    Does nothing in eval mode."""
+    """Pitch shift and time stretch, per sample, batched, done where they cost least:
+    `forward(power, logmel)` turns the power spectrogram (B, F, T) into the mel power
+    (B, M, T) that the shifted and stretched clip would give.
+
+    Pitch shift by s semitones (ratio r = 2**(s/12)) is the power spectrogram read at bin
+    f / r (the harmonics and formants move, as with librosa's pitch_shift). Instead of
+    resampling the F = n_fft/2 + 1 rows of every clip, each chosen clip gets its own
+    filterbank, the mel filters read at f * r and scaled by r:
+    sum_f fb[m, f] P(f / r) = sum_g r fb[m, g r] P(g). Same image, one matmul.
+    Time stretch by factor s reads frame t from c + (t - c) / s about the clip centre c, so
+    a sound lasting d lasts s * d (a phase vocoder's magnitude); it commutes with the mel
+    filterbank, so it is done on the M mel rows rather than the F bins.
+    Does nothing in eval mode unless `semitones` or `factor` are given. Only the chosen
+    clips pay for the shift (`_chosen`)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.pitch, self.p_pitch = cfg.pitch, cfg.p_pitch
         self.stretch, self.p_stretch = cfg.stretch, cfg.p_stretch
 
-    def forward(self, power: torch.Tensor, semitones=None, factor=None) -> torch.Tensor:
-        """`semitones` and `factor` (per sample) fix the shift and stretch; otherwise both are
-        random (train mode only)."""
+    def forward(self, power: torch.Tensor, logmel: "LogMel", semitones=None,
+                factor=None) -> torch.Tensor:
+        """Power (B, F, T) -> mel power (B, M, T); `semitones` and `factor` (per sample) fix
+        the shift and stretch of every sample, otherwise both are random in train mode."""
         B, nf, nt = power.shape
         dev = power.device
-        if semitones is None and factor is None:
-            if not self.training:
-                return power
-            if self.p_pitch > 0:  # an axis whose probability is 0 is not resampled at all
-                semitones = _uniform(B, -self.pitch, self.pitch, dev) * _coin(B, self.p_pitch, dev)
+        on = torch.arange(B, device=dev)  # the samples whose pitch moves
+        if semitones is None and factor is None and self.training:
+            if self.p_pitch > 0:  # an axis whose probability is 0 is not touched at all
+                on = _chosen(B, self.p_pitch, dev)
+                semitones = _uniform(len(on), -self.pitch, self.pitch, dev)
             if self.p_stretch > 0:
                 factor = 1 + _uniform(B, -self.stretch, self.stretch, dev) * _coin(B, self.p_stretch,
                                                                                   dev)
+        mel = logmel.mel(power)
         if semitones is not None:
-            ratio = 2.0 ** (_per_sample(power, semitones) / 12.0)
-            power = resample_axis(power, torch.arange(nf, device=dev) / ratio[:, None], 1)
+            ratio = 2.0 ** (torch.as_tensor(semitones, dtype=power.dtype, device=dev)
+                            .expand(len(on)) / 12.0)
+            fb = shifted_filterbank(logmel.fb.to(power.dtype), ratio)
+            mel = mel.index_copy(0, on, torch.bmm(fb, power[on]))
         if factor is not None:
             c = (nt - 1) / 2
             t = torch.arange(nt, device=dev)
-            power = resample_axis(power, c + (t - c) / _per_sample(power, factor)[:, None], 2)
-        return power
+            mel = resample_axis(mel, c + (t - c) / _per_sample(power, factor)[:, None], 2)
+        return mel
+
+
+def shifted_filterbank(fb: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """(M, F) mel filterbank -> (B, M, F): filter m of sample b is fb[m] read at bin f * r_b
+    (linear interpolation, 0 beyond the top bin) and scaled by r_b, so that applying it to a
+    power spectrogram equals applying fb to that spectrogram pitch-shifted by r_b."""
+    M, nf = fb.shape
+    pos = torch.arange(nf, device=fb.device, dtype=ratio.dtype) * ratio[:, None]
+    warped = resample_axis(fb.expand(len(ratio), M, nf), pos, 2)
+    return warped * ratio.to(fb.dtype)[:, None, None]
 
 
 class FilterAugment(nn.Module):
