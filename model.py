@@ -249,6 +249,11 @@ class AudioClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         wave, y, rows = batch
         logits = self(wave)
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(
+                f"validation predictions are not finite at epoch {self.current_epoch} while the "
+                f"training loss was: the fold stops here, its last good checkpoint is kept. "
+                f"Try a lower -l1 (now {self.cfg.lr}) or -p 32")
         self.log("val_loss", F.cross_entropy(logits.float(), y), on_epoch=True, prog_bar=True,
                  sync_dist=True)
         self.val_acc(logits, y)

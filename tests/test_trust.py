@@ -113,3 +113,39 @@ def test_the_project_s_own_checkpoints_load_without_pickled_code(e2e):
             torch.load(fold / name, map_location="cpu", weights_only=True)
         assert load_checkpoint(fold / "best.ckpt").classes == sorted(
             p.name for p in (e2e["data"] / "train").iterdir() if not p.name.startswith("_"))
+
+
+# ----------------------------------------------------------------------------- faults
+@pytest.fixture(scope="module")
+def work(e2e, tmp_path_factory):
+    work = tmp_path_factory.mktemp("trust") / "work"
+    shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
+    return work
+
+
+def test_non_finite_validation_stops_the_fold_and_keeps_the_last_good_checkpoint(
+        work, monkeypatch, capsys):
+    """A model whose validation output turns NaN at epoch 1 (its training loss stays finite):
+    exit 1, one line, and epoch 0's checkpoints still load."""
+    import train
+    from model import AudioClassifier, load_checkpoint
+
+    forward = AudioClassifier.forward
+
+    def nan_in_validation(self, wave, view=None):
+        out = forward(self, wave, view)
+        return out * float("nan") if not self.training and self.current_epoch >= 1 else out
+
+    monkeypatch.setattr(AudioClassifier, "forward", nan_in_validation)
+    code = train.main(["--work", str(work), *TINY, "-e", "3", "-f", "0", "-g", "cpu",
+                       "--run", "nan_val", "--no-progress"])
+    err = capsys.readouterr().err  # Lightning's INFO lines, then the one line of the error
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(
+        "train: fold 0: validation predictions are not finite at epoch 1")
+    fold = work / "runs" / "nan_val" / "fold0"
+    assert not (fold / "result.json").exists()  # the fold is not finished
+    last = torch.load(fold / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0
+    model = load_checkpoint(fold / "best.ckpt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
