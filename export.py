@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from util import UsageError, setup_logging, write_text
+from util import UsageError, atomic_write, setup_logging, write_text
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -76,21 +76,21 @@ def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
         m.net.to(memory_format=torch.contiguous_format)
     net = Ensemble(models, tta).eval()
     example = torch.zeros(2, length)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     with torch.no_grad():
         program = torch.onnx.export(net, (example,), dynamo=True, verbose=False,
                                     input_names=["wave"],
                                     output_names=["probs"], opset_version=18,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
-    program.save(str(tmp))
-    model = onnx.load(str(tmp))
     props = dict(classes=json.dumps(models[0].classes), sample_rate=str(cfg.sr),
                  clip_samples=str(length), clip_seconds=str(cfg.seconds),
                  **{k: str(v) for k, v in meta.items()})
-    onnx.helper.set_model_props(model, props)
-    onnx.save(model, str(tmp))
-    tmp.replace(out)
+
+    def write(tmp):
+        program.save(str(tmp))
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, props)
+        onnx.save(model, str(tmp))
+    atomic_write(out, write)
     return out
 
 
@@ -155,12 +155,12 @@ def main(argv=None) -> int:
             raise UsageError("--run RUN: which run to export (a folder of WORK/runs)")
         folds = requested_folds(work, args.folds)
         models = load_members(work, cfg.run, folds)
+        out = Path(args.out) if args.out else Run(work, cfg.run).dir / f"{cfg.run}.onnx"
+        meta = dict(run=cfg.run, folds=len(folds), tta=tta)
+        export_onnx(models, tta, out, meta)
     except UsageError as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Run(work, cfg.run).dir / f"{cfg.run}.onnx"
-    meta = dict(run=cfg.run, folds=len(folds), tta=tta)
-    export_onnx(models, tta, out, meta)
     first = models[0].cfg
     log.info("export: %s (%.1f MB): %d fold(s)%s, input wave (batch, %d) at %d Hz",
              out, out.stat().st_size / 1e6, len(folds), " x 5 views" if tta else "",

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
 from predict import AudioError, fit, read_audio
-from util import UsageError, write_csv, write_json
+from util import UsageError, atomic_write, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +66,53 @@ def _decode_chunk(job):
     return waves, infos
 
 
+def write_rows(path: Path, n: int, length: int, blocks) -> None:
+    """An int16 [n, length] .npy at `path` from `blocks` (arrays of rows, in order), written
+    through the file one block at a time and moved into place: the process holds one block,
+    not the cache, and a full disk is one line (DiskFullError), not a crash."""
+    def write(tmp):
+        done = 0
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<i2", "fortran_order": False, "shape": (n, length)})
+            for block in blocks:
+                f.write(np.ascontiguousarray(block, dtype="<i2").tobytes())
+                done += len(block)
+        if done != n:
+            raise RuntimeError(f"{path}: {done} rows written, {n} expected")
+    atomic_write(path, write)
+
+
 def decode_all(paths: list[str], out: Path, sr: int, length: int, workers: int,
                desc: str) -> pd.DataFrame:
     """Decode `paths` in parallel into an int16 [N, length] .npy at `out`; returns per-clip info
     (status 'ok' or the reason it was rejected, in which case its row is zeros)."""
-    waves = np.lib.format.open_memmap(out, mode="w+", dtype=np.int16, shape=(len(paths), length))
     chunk = 64
     jobs = [(paths[i:i + chunk], sr, length) for i in range(0, len(paths), chunk)]
     infos = []
     bar = tqdm(total=len(paths), desc=desc, unit="clip", disable=None)
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        for i, (w, info) in enumerate(pool.map(_decode_chunk, jobs)):
-            waves[i * chunk:i * chunk + len(w)] = w
-            infos += info
+
+    def blocks(pool):
+        for w, info in pool.map(_decode_chunk, jobs):
+            infos.extend(info)
             bar.update(len(w))
+            yield w
+
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        try:
+            write_rows(out, len(paths), length, blocks(pool))
+        except BaseException:  # a full disk, ^C: do not decode the rest first
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     bar.close()
-    waves.flush()
-    del waves
     return pd.DataFrame(infos)
+
+
+def keep_rows(path: Path, keep: np.ndarray, chunk: int = 4096) -> None:
+    """Rewrite the cache at `path` with only the rows where `keep` is true, block by block."""
+    waves = np.load(path, mmap_mode="r")
+    write_rows(path, int(keep.sum()), waves.shape[1],
+               (waves[i:i + chunk][keep[i:i + chunk]] for i in range(0, len(waves), chunk)))
 
 
 # ---------------------------------------------------------------------------------- layouts
@@ -166,9 +196,31 @@ def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
                               f"lower --folds or add data")
     fold = np.full(len(train), -1)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, idx) in enumerate(splitter.split(train, train.label, train.group)):
-        fold[idx] = k
+    with warnings.catch_warnings():  # "least populated class": fold_gaps says it per class
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        for k, (_, idx) in enumerate(splitter.split(train, train.label, train.group)):
+            fold[idx] = k
     return fold
+
+
+def fold_gaps(train: pd.DataFrame) -> list[str]:
+    """One line for each class that some fold has no validation clip of (a class with fewer
+    clips, or speakers, than folds): its clips, the folds without it, and the folds that
+    train without it. Such data still trains; its CV is measured on fewer folds."""
+    folds = sorted(train.fold.unique())
+    lines = []
+    for label, g in train.groupby("label", sort=True):
+        held = set(g.fold)
+        missing = [k for k in folds if k not in held]
+        if not missing:
+            continue
+        line = (f"class {label!r}: {len(g)} clip(s) from {g.group.nunique()} speaker(s) for "
+                f"{len(folds)} folds; folds {', '.join(map(str, missing))} have no validation "
+                f"clip of it")
+        if len(held) == 1:
+            line += f", and fold {held.pop()} trains without it"
+        lines.append(line)
+    return lines
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -209,8 +261,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     rejected = [train.loc[train.status != "ok", ["path", "status"]]]
     ok = train.status == "ok"
     if not ok.all():  # keep only usable rows: rewrite the cache without the rejected ones
-        waves = np.load(work / "train_wave.npy", mmap_mode="r")[ok.to_numpy()]
-        np.save(work / "train_wave.npy", waves)
+        keep_rows(work / "train_wave.npy", ok.to_numpy())
         train = train[ok].reset_index(drop=True)
     classes = sorted(train.label.unique())
     if not classes:
@@ -219,6 +270,9 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         train["group"] = [speaker_of(p) for p in train.path]
     if "fold" not in train:
         train["fold"] = assign_folds(train, cfg.folds, cfg.seed)
+    gaps = fold_gaps(train)
+    for line in gaps:
+        print(f"preprocess: {line}", file=sys.stderr)
     train["y"] = train.label.map({c: i for i, c in enumerate(classes)})
     train.insert(0, "row", np.arange(len(train)))
     write_csv(train.drop(columns="status"), work / "train.csv")
@@ -229,7 +283,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         test = pd.concat([test.reset_index(drop=True), info], axis=1)
         rejected.append(test.loc[test.status != "ok", ["path", "status"]])
     else:
-        np.save(work / "test_wave.npy", np.zeros((0, length), np.int16))
+        write_rows(work / "test_wave.npy", 0, length, [])
         test = test.assign(status=pd.Series(dtype=str))
     test.insert(0, "row", np.arange(len(test)))
     write_csv(test, work / "test.csv")
@@ -241,7 +295,8 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         except AudioError as e:
             rejected.append(pd.DataFrame({"path": [p], "status": [str(e)]}))
     if noise_waves:
-        np.save(work / "noise.npy", np.concatenate(noise_waves))
+        noise_all = np.concatenate(noise_waves)
+        atomic_write(work / "noise.npy", lambda tmp: np.save(tmp, noise_all))
     elif (work / "noise.npy").exists():
         (work / "noise.npy").unlink()
 
@@ -255,7 +310,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     summary = dict(fingerprint=fp, layout=layout, classes=len(classes), train=len(train),
                    test=len(test), noise_seconds=sum(map(len, noise_waves)) / cfg.sr,
                    rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, folds=cfg.folds,
-                   data=cfg.data, manifest=cfg.manifest)
+                   data=cfg.data, manifest=cfg.manifest, fold_gaps=gaps)
     write_json(summary, prep_file)
     return dict(summary, reused=False)
 

@@ -269,7 +269,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     from dataset import loader
     from model import CheckpointError, safe_load
     from train import check_model, lightning_precision, work_settings
-    from util import FoldLock, atomic_write
+    from util import FoldLock, atomic_write, write_text
 
     cfg = work_settings(cfg)
     check_model(cfg.model)
@@ -286,7 +286,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     with FoldLock(out) if rank_zero else contextlib.nullcontext():
         if rank_zero:
             write_yaml(cfg, out / "config.yaml")
-            (out / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+            write_text(shlex.join([sys.executable, *sys.argv]) + "\n", out / "command.txt")
             if not resume:
                 (out / "history.csv").unlink(missing_ok=True)
         workers = cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)

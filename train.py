@@ -31,7 +31,7 @@ import torch
 from arg import RESUME_SAFE, WORK_FIXED, Config, make_parser, parse_config, write_yaml
 from runs import FOLD_RECORDS, Run, fold_done, read_config, train_command
 from util import (FoldLock, UsageError, launched_rank_zero, parse_gpus, pick_device,
-                  setup_logging, strip_options, write_json)
+                  setup_logging, strip_options, write_json, write_text)
 
 log = logging.getLogger(__name__)
 LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
@@ -222,7 +222,7 @@ def start_records(fold: Fold) -> None:
         for name in FOLD_RECORDS:
             (fold.dir / name).unlink(missing_ok=True)
     write_yaml(fold.cfg, fold.dir / "config.yaml")
-    (fold.dir / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+    write_text(shlex.join([sys.executable, *sys.argv]) + "\n", fold.dir / "command.txt")
 
 
 def make_trainer(fold: Fold, progress: bool):

@@ -2,6 +2,7 @@
 stripping, device choice, fold locks."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,8 +21,25 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------- I/O
+class DiskFullError(UsageError):
+    """A write found no room (full disk, quota, file-size limit). The file it was replacing
+    is untouched (atomic_write); the user frees space or writes elsewhere."""
+
+
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def no_room(e: OSError, path: str | Path) -> DiskFullError:
+    """The one-line error for a write to `path` that found no room."""
+    path = Path(path)
+    return DiskFullError(f"{path}: no room to write it ({os.strerror(e.errno).lower()}); the "
+                         f"{path.name} there before, if any, is untouched. Free space on that "
+                         f"disk (or write to another --work) and run the same command again")
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path) and move the file into place, so readers never see half a file."""
+    """Call write(tmp_path) and move the file into place, so readers never see half a file;
+    DiskFullError (the old file kept) when the disk has no room for the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
@@ -30,6 +48,10 @@ def atomic_write(path: str | Path, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise no_room(e, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -50,6 +72,7 @@ def write_text(text: str, path: str | Path) -> None:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
+    logging.raiseExceptions = False  # a log line that cannot be written is no traceback
 
 
 def probs_frame(names, probs: np.ndarray, classes: list[str], key: str = "file_name",

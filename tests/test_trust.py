@@ -149,3 +149,103 @@ def test_non_finite_validation_stops_the_fold_and_keeps_the_last_good_checkpoint
     assert last["epoch"] == 0
     model = load_checkpoint(fold / "best.ckpt")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_class_with_fewer_clips_than_folds_is_named_and_still_trains(demo_data, tmp_path):
+    """Two clips of a class for 5 folds: preprocess names it and the folds without it, and a
+    fold with no validation clip of it trains and writes its records."""
+    import json
+
+    import pandas as pd
+
+    from conftest import run_script
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    for d in (demo_data / "train").iterdir():
+        (data / "train" / d.name).symlink_to(d)
+    (data / "train" / "rare").mkdir()
+    for i, clip in enumerate(sorted((demo_data / "train" / "yes").iterdir())[:2]):
+        shutil.copy(clip, data / "train" / "rare" / f"rare{i}_nohash_0.wav")
+    work = tmp_path / "work"
+    proc = run_script("preprocess.py", "--data", data, "--work", work, "--folds", 5)
+    said = [line for line in proc.stderr.splitlines() if "'rare'" in line]
+    table = pd.read_csv(work / "train.csv")
+    held = sorted(table[table.label == "rare"].fold.unique())
+    without = [k for k in range(5) if k not in held]
+    assert said == [f"preprocess: class 'rare': 2 clip(s) from 2 speaker(s) for 5 folds; folds "
+                    f"{', '.join(map(str, without))} have no validation clip of it"
+                    + (f", and fold {held[0]} trains without it" if len(held) == 1 else "")]
+    assert "least populated" not in proc.stderr
+    assert json.loads((work / "prep.json").read_text())["fold_gaps"] == [said[0][12:]]
+    run_script("train.py", "--work", work, *TINY, "-f", without[0], "-g", "cpu", "--no-progress")
+    oof = pd.read_csv(work / "runs" / "resnet18_32" / f"fold{without[0]}" / "oof.csv")
+    assert "rare" in oof.columns and len(oof) == (table.fold == without[0]).sum()
+
+
+def no_room_after(limit_bytes):
+    """preexec_fn: writes past `limit_bytes` in any one file fail as on a full disk (EFBIG)."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_earlier_files(work):
+    """The disk fills after epoch 0 is saved: the save of epoch 1 ends the run with one line
+    naming the checkpoint, and epoch 0's checkpoints, history and config still load."""
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    from conftest import ROOT
+
+    fold = work / "runs" / "full" / "fold0"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--work", str(work), "-m", "resnet18",
+           "-t", "128", "-b", "4", "-e", "3", "-f", "0", "-g", "cpu", "--run", "full",
+           "--no-progress", "--aug", "none"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=no_room_after(resource.RLIM_INFINITY))
+    deadline = time.time() + 300
+    while not (fold / "last.ckpt").is_file() and time.time() < deadline:
+        time.sleep(0.02)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # now the disk is full
+    err = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"train: {fold}/") and ".ckpt: no room to write it" in line, line
+    assert "untouched" in line and "another --work" in line
+    assert torch.load(fold / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
+    torch.load(fold / "best.ckpt", map_location="cpu", weights_only=True)
+    assert list(pd.read_csv(fold / "history.csv").epoch)[:1] == [0]
+    assert not list(fold.glob(".*ckpt*")) and not (fold / "result.json").exists()
+
+
+def test_disk_full_while_writing_the_cache_is_one_line(e2e, tmp_path):
+    """preprocess into a WORK whose disk has room for small files only: one line naming the
+    cache, exit 2, no half-written file, and the earlier cache intact."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import ROOT
+
+    work = tmp_path / "work"
+    shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
+    before = (work / "train_wave.npy").read_bytes()
+    proc = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--data", str(e2e["data"]),
+                           "--work", str(work), "--folds", "2", "--force"], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=no_room_after(200_000))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"preprocess: {work / 'train_wave.npy'}: no room to write it"), line
+    assert (work / "train_wave.npy").read_bytes() == before
+    assert np.load(work / "train_wave.npy").shape[0] > 0
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
