@@ -15,13 +15,27 @@ GPU_RECIPE ?= -m res2next50 -t 224 -e 20 -b 64
 SHIFT_DATA ?= data/shift
 SHIFT_WORK ?= work/shift
 
-.PHONY: install test demo hard shift bench clean
+.PHONY: install test demo hard shift bench clean lock
 
-$(STAMP): requirements.txt requirements-dev.txt
+# installs the exact versions the tests passed with (requirements.lock); the loose
+# requirements*.txt are for installing into an environment of your own
+$(STAMP): requirements.txt requirements-dev.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt -c requirements.lock
 	touch $(STAMP)
+
+# a fresh environment from the loose requirements, frozen: run the tests after it
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+	{ sed -n '1,2p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable; } \
+	  > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf .lock-venv
+	@echo "requirements.lock refreshed: make clean test, then commit it"
 
 install: $(STAMP)
 

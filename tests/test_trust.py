@@ -1,8 +1,8 @@
 """Files that could run code are refused on every path that loads one, and faults end with one
 clear line: a full disk, a non-finite validation, a class with fewer clips than folds."""
-import errno
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +249,35 @@ def test_disk_full_while_writing_the_cache_is_one_line(e2e, tmp_path):
     assert (work / "train_wave.npy").read_bytes() == before
     assert np.load(work / "train_wave.npy").shape[0] > 0
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- installs
+def test_the_lock_pins_every_requirement_and_is_what_make_installed():
+    """requirements.lock names an exact version for every package of requirements*.txt, and
+    the environment `make` built (.venv) holds exactly those versions."""
+    import re
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    from conftest import ROOT
+
+    def norm(name):
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    lock = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, pinned = line.partition("==")
+            assert pinned, f"requirements.lock: {line!r} is not name==version"
+            lock[norm(name)] = pinned
+    for req in ("requirements.txt", "requirements-dev.txt"):
+        for line in (ROOT / req).read_text().splitlines():
+            name = norm(re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0])
+            assert not name or name in lock, f"{req}: {name} has no pinned version in the lock"
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        pytest.skip("not the .venv that make builds from the lock")
+    for name, pinned in lock.items():
+        try:
+            assert version(name) == pinned, f"{name} {version(name)} installed, lock {pinned}"
+        except PackageNotFoundError:
+            pytest.fail(f"{name} is in requirements.lock but not installed")
