@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,8 @@ from arg import Config
 from dataset import load_noise, read_table
 from transform import Frontend, SpecWarp
 from util import setup_logging, torch_device
+
+HERE = Path(__file__).resolve().parent
 
 
 class SeedClips(Dataset):
@@ -143,7 +146,7 @@ def step_share(cfg: Config, waves, batch, device, front=None) -> tuple[float, fl
     x = feats()
     step(x)
     t_feat, t_step = [], []
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         x = feats()
         t1 = time.perf_counter()
@@ -163,11 +166,19 @@ def main(argv=None) -> int:
                    help="DataLoader workers of the original per-sample pipeline (a)")
     p.add_argument("--skip-steps", action="store_true", help="no training-step shares")
     p.add_argument("--sections", default="features,augment",
-                   help="comma-separated: features, augment, frontend, onnx, ssl")
+                   help="comma-separated: features, augment, frontend, scale, onnx, ssl")
+    p.add_argument("--scale-sizes", default="6000,60000",
+                   help="scale: training clips of each generated set")
+    p.add_argument("--scale-dir", default="work/scale", help="scale: where the sets go")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
     args.work, args.size, args.batch_size, args.run = cfg.work, cfg.size, cfg.batch_size, cfg.run
+    sections = args.sections.split(",")
+    if "scale" in sections:  # makes its own data: needs no --work
+        scale_section(args)
+        if sections == ["scale"]:
+            return 0
     device = torch_device(cfg.gpus)
     torch.set_num_threads(os.cpu_count() or 1)
     table = read_table(Path(args.work) / "train.csv")
@@ -178,7 +189,6 @@ def main(argv=None) -> int:
           f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}")
 
-    sections = args.sections.split(",")
     if "features" in sections:
         features(args, waves, paths, device)
     if "augment" in sections:
@@ -304,17 +314,111 @@ def frontend_section(args, waves, device) -> None:
     seed = Config.preset("seed", work=args.work, size=args.size, model="resnet18")
     fronts = {"--aug seed": (seed, None), "default": (cfg, None),
               "default, earlier way": (cfg, earlier_frontend(cfg))}
-    ms = {}
+    front_s, step_s = {}, []
     for name, (c, front) in fronts.items():
         f, s, _ = step_share(c, waves, args.batch_size, device, front)
-        ms[name] = (f, f + s)
+        front_s[name] = f
+        step_s.append(s)
         print(f"frontend: {name:<21} front end {1e3 * f:7.1f} ms + fwd/bwd {1e3 * s:7.1f} ms "
-              f"per batch of {args.batch_size} -> {args.batch_size / (f + s):7.1f} samples/s")
-    seed_t, (new_f, new_t), (old_f, old_t) = ms["--aug seed"][1], ms["default"], \
-        ms["default, earlier way"]
-    print(f"frontend: a default epoch costs {new_t / seed_t:.2f}x a --aug seed epoch "
-          f"(the earlier way {old_t / seed_t:.2f}x); the default front end is "
-          f"{old_f / new_f:.1f}x faster than the earlier way")
+              f"per batch of {args.batch_size}")
+    # the forward/backward pass does not depend on the augmentation (same images): its
+    # median over the three keeps the timing noise of one measurement out of the ratios
+    s = float(np.median(step_s))
+    seed, new, old = (front_s[k] + s for k in fronts)
+    print(f"frontend: a default epoch costs {new / seed:.2f}x a --aug seed epoch (the earlier "
+          f"way {old / seed:.2f}x; fwd/bwd {1e3 * s:.0f} ms per batch); the default front end "
+          f"is {front_s['default, earlier way'] / front_s['default']:.2f}x faster than the "
+          f"earlier way")
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident MB of one process; (0, 0) once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0, 0.0
+    kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status.splitlines())
+          if k in ("RssAnon", "RssFile")}
+    return kb.get("RssAnon", 0) / 1024, kb.get("RssFile", 0) / 1024
+
+
+def measured(cmd: list[str], every: float = 0.1) -> dict:
+    """Run cmd; its wall seconds and peak resident memory, sampled every `every` s: `anon`
+    (the process tree's own memory, summed over it, the figure that must not grow with the
+    data) and `file` (memory-mapped cache pages the kernel may drop at any time)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    anon = file = 0.0
+    while proc.poll() is None:
+        rss = [rss_mb(p) for p in process_tree(proc.pid)]
+        anon, file = max(anon, sum(a for a, _ in rss)), max(file, sum(f for _, f in rss))
+        time.sleep(every)
+    err = proc.stderr.read()
+    if proc.returncode:
+        raise SystemExit(f"bench: {shlex.join(cmd)} exited {proc.returncode}\n{err[-2000:]}")
+    return dict(seconds=time.perf_counter() - t0, anon=anon, file=file)
+
+
+def scale_section(args) -> None:
+    """For each size in --scale-sizes (training clips; a sixth as many again are test clips,
+    as in the contest): demo.py's data, then preprocess, one epoch of train.py (resnet18 at
+    64x64, batch 64, --limit-batches 40 and the whole fold-0 validation) and inference with
+    TTA, each timed with its peak memory; then the growth per 10x data."""
+    py, root = sys.executable, Path(args.scale_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in [int(x) for x in args.scale_sizes.split(",")]:
+        data, work = root / f"data_{n}", root / f"work_{n}"
+        speakers = max(2, round(n * 1.2 / 30))
+        row = dict(clips=n)
+        if not (data / "solution.csv").is_file():
+            row["demo_s"] = measured([py, str(HERE / "demo.py"), "--out", str(data),
+                                      "--speakers", str(speakers)])["seconds"]
+        prep = measured([py, str(HERE / "preprocess.py"), "--data", str(data), "--work",
+                         str(work), "--force"])
+        table = read_table(work / "train.csv")
+        n_test = len(read_table(work / "test.csv"))
+        cache = sum(f.stat().st_size for f in work.glob("*.npy")) / 2 ** 20
+        train = measured([py, str(HERE / "train.py"), "--work", str(work), "-m", "resnet18",
+                          "-t", "64", "-b", "64", "-e", "1", "-f", "0", "-g", "cpu", "--run",
+                          "scale", "-a", "n", "--limit-batches", "40", "--no-progress"])
+        n_val = int((table.fold == 0).sum())
+        infer = measured([py, str(HERE / "inference.py"), "--work", str(work), "--run", "scale",
+                          "-f", "1", "-a", "y", "-g", "-1", "--solution",
+                          str(data / "solution.csv")])
+        row.update(train_clips=len(table), test_clips=n_test, cache_mb=cache,
+                   prep_s=prep["seconds"], prep_anon=prep["anon"], prep_file=prep["file"],
+                   epoch_s=train["seconds"], train_anon=train["anon"],
+                   train_samples_s=(40 * 64 + n_val) / train["seconds"],
+                   infer_s=infer["seconds"], infer_anon=infer["anon"],
+                   infer_clips_s=n_test / infer["seconds"])
+        rows.append(row)
+        print(f"scale: {len(table):7d} train + {n_test:6d} test clips, cache {cache:7.0f} MB | "
+              f"preprocess {prep['seconds']:6.1f} s, peak {prep['anon']:6.0f} MB own + "
+              f"{prep['file']:5.0f} MB mapped | train (40 batches + {n_val} val clips) "
+              f"{train['seconds']:6.1f} s, peak {train['anon']:6.0f} MB | inference x5 views "
+              f"{infer['seconds']:6.1f} s = {row['infer_clips_s']:6.1f} clips/s, peak "
+              f"{infer['anon']:6.0f} MB", flush=True)
+    for a, b in zip(rows, rows[1:]):
+        per10 = np.log(10) / np.log(b["train_clips"] / a["train_clips"])
+        g = {k: (b[k] / a[k]) ** per10 for k in ("prep_s", "prep_anon", "cache_mb", "epoch_s",
+                                                 "train_anon", "infer_s", "infer_anon")}
+        print(f"scale: per 10x data ({a['train_clips']} -> {b['train_clips']}): "
+              + ", ".join(f"{k} x{v:.2f}" for k, v in g.items()))
 
 
 def cold_start(cmd: list[str]) -> float:

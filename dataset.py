@@ -17,6 +17,20 @@ from torch.utils.data import DataLoader, Dataset
 from util import UsageError
 
 
+class Rows:
+    """waves[rows] of a memory-mapped cache, read a slice at a time (predict_waves takes it
+    batch by batch), so that the rows are never all in memory at once."""
+
+    def __init__(self, waves: np.ndarray, rows):
+        self.waves, self.rows = waves, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return self.waves[self.rows[s]]
+
+
 class WaveDataset(Dataset):
     """Rows of an int16 [N, L] .npy; `rows` picks a subset, `labels` are class indices."""
 

@@ -313,11 +313,12 @@ def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch:
     after training, rather than at every validation)."""
     import numpy as np
 
+    from dataset import Rows
     from model import predict_waves
     from util import write_csv
 
     oof = pd.read_csv(fold_dir / "oof.csv", keep_default_na=False)
-    waves = np.load(work / "train_wave.npy", mmap_mode="r")[oof.row.to_numpy()]
+    waves = Rows(np.load(work / "train_wave.npy", mmap_mode="r"), oof.row)
     probs = predict_waves([fold_dir / "best.ckpt"], waves, True, device, batch)[0][0]
     oof[classes] = probs
     write_csv(oof, fold_dir / "oof_tta.csv")

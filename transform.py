@@ -70,6 +70,26 @@ class LogMel(nn.Module):
             torch.matmul(fb[m0:m1, lo:hi], power[:, lo:hi], out=out[:, m0:m1])
         return out
 
+    def shifted(self, power: torch.Tensor, ratio: torch.Tensor, reach: float) -> torch.Tensor:
+        """The mel power of `power` (B, F, T) pitch-shifted by `ratio` (B,) per sample, i.e.
+        read at bin f / r: filter m of sample b is fb[m] read at bin f * r_b (linearly
+        interpolated, 0 past the top bin) and scaled by r_b, since
+        sum_f fb[m, f] P(f / r) = sum_g r fb[m, g r] P(g). Block-sparse like `mel`: a block's
+        bins are widened to what any ratio within [1 / reach, reach] can reach."""
+        B, nf, nt = power.shape
+        fbp = F.pad(self.fb.to(power.dtype), (1, 1))  # a zero each side of the bin axis
+        ratio = ratio.to(power.dtype)
+        out = power.new_empty(B, self.n_mels, nt)
+        for m0, m1, lo, hi in self.blocks:
+            a, b = max(0, int((lo - 1) / reach)), min(nf, math.ceil(hi * reach) + 1)
+            pos = torch.arange(a, b, device=power.device, dtype=power.dtype) * ratio[:, None]
+            i = pos.floor().long() + 1  # into the padded axis
+            frac = (pos - pos.floor())[None]
+            left, right = fbp[m0:m1, i.clamp(0, nf + 1)], fbp[m0:m1, (i + 1).clamp(0, nf + 1)]
+            fb = torch.lerp(left, right, frac).permute(1, 0, 2) * ratio[:, None, None]
+            torch.matmul(fb, power[:, a:b], out=out[:, m0:m1])
+        return out
+
     def db(self, x: torch.Tensor, warp=None) -> torch.Tensor:
         """(B, L) -> (B, n_mels, T) log-mel in dB (ref 1.0, amin 1e-10, per-sample top_db);
         `warp` (a SpecWarp) makes the mel power from the power spectrogram in its place."""
@@ -251,8 +271,8 @@ class SpecWarp(nn.Module):
     Pitch shift by s semitones (ratio r = 2**(s/12)) is the power spectrogram read at bin
     f / r (the harmonics and formants move, as with librosa's pitch_shift). Instead of
     resampling the F = n_fft/2 + 1 rows of every clip, each chosen clip gets its own
-    filterbank, the mel filters read at f * r and scaled by r:
-    sum_f fb[m, f] P(f / r) = sum_g r fb[m, g r] P(g). Same image, one matmul.
+    filterbank, the mel filters read at f * r and scaled by r (`LogMel.shifted`):
+    sum_f fb[m, f] P(f / r) = sum_g r fb[m, g r] P(g). Same image, block-sparse matmuls.
     Time stretch by factor s reads frame t from c + (t - c) / s about the clip centre c, so
     a sound lasting d lasts s * d (a phase vocoder's magnitude); it commutes with the mel
     filterbank, so it is done on the M mel rows rather than the F bins.
@@ -271,34 +291,25 @@ class SpecWarp(nn.Module):
         B, nf, nt = power.shape
         dev = power.device
         on = torch.arange(B, device=dev)  # the samples whose pitch moves
-        if semitones is None and factor is None and self.training:
+        if semitones is not None:
+            semitones = torch.as_tensor(semitones, dtype=power.dtype, device=dev).expand(B)
+            most = float(semitones.abs().max())
+        elif factor is None and self.training:
             if self.p_pitch > 0:  # an axis whose probability is 0 is not touched at all
                 on = _chosen(B, self.p_pitch, dev)
-                semitones = _uniform(len(on), -self.pitch, self.pitch, dev)
+                semitones, most = _uniform(len(on), -self.pitch, self.pitch, dev), self.pitch
             if self.p_stretch > 0:
                 factor = 1 + _uniform(B, -self.stretch, self.stretch, dev) * _coin(B, self.p_stretch,
                                                                                   dev)
         mel = logmel.mel(power)
         if semitones is not None:
-            ratio = 2.0 ** (torch.as_tensor(semitones, dtype=power.dtype, device=dev)
-                            .expand(len(on)) / 12.0)
-            fb = shifted_filterbank(logmel.fb.to(power.dtype), ratio)
-            mel = mel.index_copy(0, on, torch.bmm(fb, power[on]))
+            shifted = logmel.shifted(power[on], 2.0 ** (semitones / 12.0), 2.0 ** (most / 12.0))
+            mel = mel.index_copy(0, on, shifted)
         if factor is not None:
             c = (nt - 1) / 2
             t = torch.arange(nt, device=dev)
             mel = resample_axis(mel, c + (t - c) / _per_sample(power, factor)[:, None], 2)
         return mel
-
-
-def shifted_filterbank(fb: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """(M, F) mel filterbank -> (B, M, F): filter m of sample b is fb[m] read at bin f * r_b
-    (linear interpolation, 0 beyond the top bin) and scaled by r_b, so that applying it to a
-    power spectrogram equals applying fb to that spectrogram pitch-shifted by r_b."""
-    M, nf = fb.shape
-    pos = torch.arange(nf, device=fb.device, dtype=ratio.dtype) * ratio[:, None]
-    warped = resample_axis(fb.expand(len(ratio), M, nf), pos, 2)
-    return warped * ratio.to(fb.dtype)[:, None, None]
 
 
 class FilterAugment(nn.Module):
