@@ -407,7 +407,9 @@ def scale_section(args) -> None:
                    infer_s=infer["seconds"], infer_anon=infer["anon"],
                    infer_clips_s=n_test / infer["seconds"])
         rows.append(row)
-        print(f"scale: {len(table):7d} train + {n_test:6d} test clips, cache {cache:7.0f} MB | "
+        made = f"made in {row['demo_s']:.0f} s, " if "demo_s" in row else ""
+        print(f"scale: {len(table):7d} train + {n_test:6d} test clips ({made}cache "
+              f"{cache:.0f} MB) | "
               f"preprocess {prep['seconds']:6.1f} s, peak {prep['anon']:6.0f} MB own + "
               f"{prep['file']:5.0f} MB mapped | train (40 batches + {n_val} val clips) "
               f"{train['seconds']:6.1f} s, peak {train['anon']:6.0f} MB | inference x5 views "
