@@ -30,7 +30,11 @@ class Config:
     manifest: str = opt("", "CSV with path,label[,group,fold] instead of a folder layout", "data")
     folds: int = opt(5, "number of cross-validation folds", "data")
     sr: int = opt(16000, "sample rate every clip is converted to", "data")
-    seconds: float = opt(1.0, "clip length: shorter clips are zero-padded, longer cropped", "data")
+    seconds: float = opt(1.0, "clip length the model hears: a training crop of each clip (shorter "
+                         "clips zero-padded), and the test window", "data")
+    max_seconds: float = opt(60.0, "keep at most this much of each training clip (0: all)", "data")
+    crop: str = opt("random", "which SECONDS of a longer training clip an epoch reads: random (a "
+                    "new start each epoch) or start", "data", choices=("random", "start"))
     seed: int = opt(2020, "one seed for folds, weights, augmentation and data order", "data")
     labels: float = opt(1.0, "share of each fold's training rows kept, stratified by class and "
                         "seeded (label-efficiency runs: 0.05 keeps 5 %)", "data")
@@ -100,6 +104,11 @@ class Config:
     drop_path_rate: float = opt(0.05, "stochastic depth", "model")
     channels_last: bool = opt(True, "channels_last memory format", "model")
     compile: bool = opt(False, "torch.compile the backbone", "model")
+    head: str = opt("pool", "classifier: pool (timm's global pooling + linear) or sed (attention "
+                    "over time frames, clip-wise + max-frame loss; multilabel)", "model",
+                    choices=("pool", "sed"))
+    swa: float = opt(0.0, "stochastic weight averaging: the equal average of every epoch's weights "
+                     "from this share of the epochs on (e.g. 0.75); 0 = off", "model")
     ema: float = opt(0.0, "EMA of the weights with this decay (e.g. 0.998); 0 = off. "
                      "Validation, best.ckpt, OOF and inference use the averaged weights", "model")
 
@@ -115,6 +124,13 @@ class Config:
     smoothing: float = opt(0.0, "label smoothing", "optim", ("-s", "--smoothing"))
     ohem: float = opt(1.0, "OHEM: keep this share of the hardest samples per batch", "optim",
                       ("-o", "--ohem"))
+    multilabel: bool = opt(False, "several labels per clip: multi-hot targets, BCE loss, sigmoid "
+                           "outputs, mAP/AUC (on by itself when the data has secondary labels)",
+                           "optim")
+    secondary_weight: float = opt(0.5, "target of a secondary label (multilabel)", "optim")
+    focal: float = opt(0.0, "focal loss gamma for multilabel BCE; 0 = plain BCE", "optim")
+    balance: float = opt(0.0, "class-balanced sampling: rows drawn with weight count(class)^-P "
+                         "(1: every class equally often); 0 = off", "optim")
 
     # pseudo-labels and distillation
     pseudo: str = opt("", "run whose test_probs.csv gives pseudo-labels: test clips it predicts "
@@ -201,7 +217,7 @@ PRESETS = {  # what each --aug sets when the command line or YAML does not
     "all": {**{p: 0.5 for p in PROBS}, "p_noise": 0.3, "p_mixup": 0.3},
 }
 # settings that preprocess.py fixes in WORK (prep.json): train.py takes them from there
-WORK_FIXED = ("data", "manifest", "folds", "sr", "seconds")
+WORK_FIXED = ("data", "manifest", "folds", "sr", "seconds", "max_seconds")
 GROUPS = ("data", "features", "augmentation", "model", "optim", "teacher", "run")  # train.py
 # settings that --resume may change: where and how the fold runs, not what it learns
 RESUME_SAFE = ("data", "work", "workers", "gpus", "devices", "strategy", "num_nodes", "precision",

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from arg import Config
-from dataset import load_noise, read_table
+from dataset import Clips, load_noise, read_table
 from transform import Frontend, SpecWarp
 from util import setup_logging, torch_device
 
@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     table = read_table(Path(args.work) / "train.csv")
     n = min(args.clips, len(table))
-    waves = np.load(Path(args.work) / "train_wave.npy", mmap_mode="r")[:n]
+    clips = Clips.of(args.work, "train")
+    waves = clips.read(np.arange(n), int(clips.lengths[:n].max(initial=1)))
     paths = list(table.path[:n])
     print(f"# {n} clips, t={args.size}, batch {args.batch_size}, {os.cpu_count()} CPU cores, "
           f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from report import plot_curves, save_figure
@@ -30,7 +30,7 @@ class History(Callback):
     On resume the rows of epochs already done are kept."""
 
     COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "train_acc", "val_acc", "train_f1",
-               "val_f1", "seconds"]
+               "val_f1", "val_map", "val_auc", "seconds"]
 
     def __init__(self, folder: str | Path, title: str = "", fold: int = 0, columns=None):
         self.folder, self.title, self.fold, self._t0 = Path(folder), title, fold, time.time()
@@ -53,9 +53,46 @@ class History(Callback):
         save_figure(plot_curves({self.fold: hist}, self.title), self.folder / "curve.png")
 
 
+class SWA(WeightAveraging):
+    """Stochastic weight averaging (Izmailov et al.): the equal average of the weights at the
+    end of every epoch from `start` on. From then, validation, best.ckpt (so the OOF and
+    inference) and the final weights are the average; before it, the weights themselves.
+    Lightning's WeightAveraging does the averaging, the swaps and the checkpoints."""
+
+    def __init__(self, start: int):
+        super().__init__()  # no avg_fn: the equal (SWA) average
+        self.start, self._swapped = start, False
+
+    def should_update(self, step_idx=None, epoch_idx=None) -> bool:
+        return False  # updated below, before the epoch's validation, so that it counts there
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.current_epoch < self.start:
+            return
+        if trainer.current_epoch > self._latest_update_epoch:
+            self._average_model.update_parameters(pl_module)
+            self._latest_update_epoch = trainer.current_epoch
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._swapped = True
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self._swapped:
+            super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self._latest_update_epoch >= 0:  # nothing averaged yet: the weights as they are
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._latest_update_epoch >= 0:
+            super().on_train_end(trainer, pl_module)
+
+
 class OOFWriter(Callback):
-    """oof.csv from the epoch with the best validation accuracy (the epoch best.ckpt holds):
-    path, row, fold, label, then one probability column per class."""
+    """oof.csv from the epoch with the best validation score (accuracy, or mAP for multilabel:
+    the epoch best.ckpt holds): path, row, fold, label (the primary), secondary (multilabel),
+    then one probability column per class."""
 
     def __init__(self, folder: str | Path, val_table: pd.DataFrame, classes: list[str]):
         self.folder, self.classes = Path(folder), classes
@@ -65,13 +102,16 @@ class OOFWriter(Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not pl_module._val:
             return
-        rows, y, probs = (t.cpu().numpy() for t in pl_module.gathered_val())
-        acc = float((probs.argmax(1) == y).mean())
-        if not trainer.is_global_zero or acc <= self.best:
+        got = pl_module.gathered_val()
+        score = pl_module.val_score(*got[1:])
+        rows, probs = got[0].cpu().numpy(), got[2].cpu().numpy()
+        if not trainer.is_global_zero or score <= self.best:
             return
-        self.best = acc
+        self.best = score
         t = self.table.loc[rows]
         meta = dict(row=rows, fold=t.fold.to_numpy(), label=t.label.to_numpy())
+        if pl_module.cfg.multilabel and "secondary" in t:
+            meta["secondary"] = t.secondary.to_numpy()
         write_csv(probs_frame(t.path, probs, self.classes, key="path", **meta),
                   self.folder / "oof.csv")
 

@@ -17,51 +17,135 @@ from torch.utils.data import DataLoader, Dataset
 from util import UsageError
 
 
-class Rows:
-    """waves[rows] of a memory-mapped cache, read a slice at a time (predict_waves takes it
-    batch by batch), so that the rows are never all in memory at once."""
+class Clips:
+    """The clips of one split, each of its own length: WORK/{split}_wave.npy holds every sample
+    of every clip back to back (int16, 1-D, memory-mapped) and {split}_offsets.npy where each
+    clip starts (N + 1 entries). A WORK built before clips kept their length (a 2-D [N, L]
+    cache, no offsets) reads the same way. Opened lazily, once per worker process."""
 
-    def __init__(self, waves: np.ndarray, rows):
-        self.waves, self.rows = waves, np.asarray(rows, dtype=np.int64)
+    def __init__(self, wave: str | Path | np.ndarray, offsets=None):
+        self.path, self._wave = (None, wave) if isinstance(wave, np.ndarray) else (str(wave), None)
+        self._offsets = None if offsets is None else np.asarray(offsets, dtype=np.int64)
+        if self._wave is None and self._offsets is None:
+            off = Path(self.path).with_name(Path(self.path).name.replace("_wave.npy",
+                                                                          "_offsets.npy"))
+            if off.is_file():
+                self._offsets = np.load(off)
+            else:  # an older [N, L] cache
+                n, length = np.load(self.path, mmap_mode="r").shape
+                self._offsets = np.arange(n + 1, dtype=np.int64) * length
+
+    @classmethod
+    def of(cls, work: str | Path, split: str) -> "Clips":
+        return cls(Path(work) / f"{split}_wave.npy")
+
+    @classmethod
+    def from_arrays(cls, clips) -> "Clips":
+        """In memory, from a list of 1-D int16 arrays (tests, bench)."""
+        lengths = [len(c) for c in clips]
+        flat = np.concatenate(clips).astype(np.int16) if clips else np.zeros(0, np.int16)
+        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+    def __getstate__(self):  # a memmap would travel as a copy of the data: reopen instead
+        return {**self.__dict__, "_wave": None if self.path else self._wave}
+
+    @property
+    def wave(self) -> np.ndarray:
+        if self._wave is None:
+            self._wave = np.load(self.path, mmap_mode="r").reshape(-1).view(np.ndarray)
+        return self._wave
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self._offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def clip(self, i: int) -> np.ndarray:
+        return self.wave[self._offsets[i]:self._offsets[i + 1]]
+
+    def read(self, rows, length: int, starts=None) -> np.ndarray:
+        """[len(rows), length] int16: `length` samples of each clip from its start (or
+        `starts`), zero-padded past its end."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.zeros(len(rows), np.int64) if starts is None else np.asarray(starts, np.int64)
+        out = np.zeros((len(rows), length), np.int16)
+        begin, end = self._offsets[rows] + starts, self._offsets[rows + 1]
+        for i in np.argsort(begin):  # in file order
+            n = max(0, min(length, int(end[i] - begin[i])))
+            out[i, :n] = self.wave[begin[i]:begin[i] + n]
+        return out
+
+    def random_starts(self, rows, length: int) -> np.ndarray:
+        """A uniform random start for each clip longer than `length` (torch's generator:
+        seeded by Lightning, one stream per worker), 0 for the others."""
+        room = np.maximum(self.lengths[np.asarray(rows, dtype=np.int64)] - length, 0)
+        u = torch.rand(len(room), dtype=torch.float64).numpy()
+        return np.floor(u * (room + 1)).astype(np.int64)
+
+
+class Rows:
+    """`window` samples (default `length`) of clips[rows] from their start (or `starts`),
+    zero-padded or cut to `length`, read a slice at a time (predict_waves takes it batch by
+    batch): the rows are never all in memory at once."""
+
+    def __init__(self, clips: Clips, rows, length: int, starts=None, window: int | None = None):
+        self.clips, self.rows, self.length = clips, np.asarray(rows, dtype=np.int64), length
+        self.starts = np.zeros(len(self.rows), np.int64) if starts is None else np.asarray(starts)
+        self.window = window or length
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, s: slice) -> np.ndarray:
-        return self.waves[self.rows[s]]
+        w = self.clips.read(self.rows[s], self.window, self.starts[s])
+        if self.window == self.length:
+            return w
+        out = np.zeros((len(w), self.length), np.int16)
+        n = min(self.window, self.length)
+        out[:, :n] = w[:, :n]
+        return out
+
+
+def windows(clips: Clips, window: int, hop: int, sr: int) -> pd.DataFrame:
+    """Every clip's windows (predict.window_starts), in clip then time order: row, start
+    (samples), end_s (the window's end in whole seconds: BirdCLEF's row_id suffix)."""
+    from predict import window_starts
+
+    rows, starts, ends = [], [], []
+    for i, n in enumerate(clips.lengths):
+        for s in window_starts(int(n), window, hop):
+            rows.append(i), starts.append(s)
+            ends.append(int(round((s + window) / sr)))
+    return pd.DataFrame({"row": rows, "start": starts, "end_s": ends})
 
 
 class WaveDataset(Dataset):
-    """Rows of an int16 [N, L] .npy; `rows` picks a subset, `labels` are class indices."""
+    """`length`-sample crops of clips[rows]; `labels` are class indices (N,) or multi-hot
+    targets (N, C). crop 'random': a new random start each time a clip is read (training);
+    'start': from the beginning (validation, and every clip no longer than `length`)."""
 
-    def __init__(self, path: str | Path, rows=None, labels=None):
-        self.path = str(path)
-        n = np.load(self.path, mmap_mode="r").shape[0]
-        self.rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.labels = (np.full(len(self.rows), -1) if labels is None
-                       else np.asarray(labels, dtype=np.int64))
+    def __init__(self, clips: Clips, rows=None, labels=None, length: int | None = None,
+                 crop: str = "start"):
+        self.clips, self.crop = clips, crop
+        self.rows = np.arange(len(clips)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.length = int(length or clips.lengths.max(initial=1))
+        self.labels = (np.full(len(self.rows), -1) if labels is None else np.asarray(labels))
         self.row_ids = self.rows  # what a batch reports as its rows
-        self._waves = None  # opened lazily, once per worker process
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def waves(self) -> np.ndarray:
-        if self._waves is None:
-            self._waves = np.load(self.path, mmap_mode="r")
-        return self._waves
 
     def __getitem__(self, i: int):
         return self.__getitems__([i])
 
     def __getitems__(self, idx: list[int]):
-        """A whole batch in one memmap read (sorted rows, then put back in order)."""
+        """A whole batch in one pass over the cache (in file order, then put back in order)."""
         idx = np.asarray(idx)
         rows = self.rows[idx]
-        order = np.argsort(rows)
-        waves = np.empty((len(rows), self.waves.shape[1]), np.int16)
-        waves[order] = self.waves[rows[order]]
+        starts = self.clips.random_starts(rows, self.length) if self.crop == "random" else None
+        waves = self.clips.read(rows, self.length, starts)
         return (torch.from_numpy(waves), torch.from_numpy(self.labels[idx]),
                 torch.from_numpy(self.row_ids[idx]))
 
@@ -96,11 +180,12 @@ def _batch(x):  # __getitems__ already returns the collated batch
     return x
 
 
-def loader(ds: WaveDataset, batch_size: int, shuffle: bool, workers: int,
-           drop_last: bool = False) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=_batch, pin_memory=torch.cuda.is_available(),
-                      drop_last=drop_last, persistent_workers=workers > 0)
+def loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int,
+           drop_last: bool = False, sampler=None) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers, collate_fn=_batch,
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                      persistent_workers=workers > 0)
 
 
 def read_classes(work: str | Path) -> list[str]:
@@ -113,7 +198,37 @@ def read_classes(work: str | Path) -> list[str]:
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """A WORK csv with empty strings kept as '' (not NaN)."""
-    return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "file_name": str})
+    return pd.read_csv(path, keep_default_na=False,
+                       dtype={"label": str, "file_name": str, "secondary": str})
+
+
+def targets(table: pd.DataFrame, classes: list[str], multilabel: bool,
+            secondary_weight: float = 0.5) -> np.ndarray:
+    """Class indices (N,) of the rows' labels, or with `multilabel` multi-hot float32 targets
+    (N, C): 1 for the primary label, `secondary_weight` for each secondary one (the
+    space-separated `secondary` column)."""
+    if not multilabel:
+        return table.y.to_numpy(dtype=np.int64)
+    index = {c: i for i, c in enumerate(classes)}
+    out = np.zeros((len(table), len(classes)), np.float32)
+    second = table.secondary if "secondary" in table else [""] * len(table)
+    for i, (y, more) in enumerate(zip(table.y, second)):
+        for name in str(more).split():
+            if name in index:
+                out[i, index[name]] = secondary_weight
+        out[i, y] = 1.0
+    return out
+
+
+def balanced_sampler(y: np.ndarray, power: float, seed: int):
+    """--balance P: each row drawn with weight count(its class)^-P (0: as the data is, 1: every
+    class equally often), with replacement, as many draws an epoch as rows."""
+    from torch.utils.data import WeightedRandomSampler
+
+    counts = np.bincount(y)
+    w = counts[y].astype(np.float64) ** -power
+    return WeightedRandomSampler(torch.from_numpy(w), len(y), replacement=True,
+                                 generator=torch.Generator().manual_seed(seed))
 
 
 def work_folds(work: Path) -> list[int]:
@@ -164,11 +279,14 @@ def labelled_share(train: pd.DataFrame, share: float, seed: int) -> pd.DataFrame
 
 class FoldData(L.LightningDataModule):
     """Train on every fold but `fold` (plus pseudo-labelled test rows), validate on `fold`.
-    Pseudo-labelled rows carry row ids -1 - test row, so nothing mistakes them for
-    training rows, and they never enter validation."""
+    Training reads a random `length`-sample crop of each clip every epoch (`crop` 'start':
+    its beginning), validation the beginning. Pseudo-labelled rows carry row ids -1 - test
+    row, so nothing mistakes them for training rows, and they never enter validation."""
 
     def __init__(self, work: str | Path, fold: int, batch_size: int, workers: int,
-                 pseudo: pd.DataFrame | None = None, labels: float = 1.0, seed: int = 0):
+                 pseudo: pd.DataFrame | None = None, labels: float = 1.0, seed: int = 0,
+                 length: int | None = None, crop: str = "random", multilabel: bool = False,
+                 secondary_weight: float = 0.5, balance: float = 0.0):
         super().__init__()
         self.work, self.fold, self.batch_size, self.workers = Path(work), fold, batch_size, workers
         self.classes = read_classes(work)
@@ -179,17 +297,26 @@ class FoldData(L.LightningDataModule):
                              f"{', '.join(map(str, folds))})")
         self.val_table = self.table[self.table.fold == fold]
         train = labelled_share(self.table[self.table.fold != fold], labels, seed)
-        wave = self.work / "train_wave.npy"
-        self.train_ds = WaveDataset(wave, train.row, train.y)
+        clips = Clips.of(self.work, "train")
+        length = length or int(clips.lengths.max(initial=1))
+
+        def y(t):
+            return targets(t, self.classes, multilabel, secondary_weight)
+
+        self.train_ds = WaveDataset(clips, train.row, y(train), length, crop)
+        self.sampler = (balanced_sampler(train.y.to_numpy(), balance, seed) if balance > 0
+                        else None)
         if pseudo is not None and len(pseudo):
-            extra = WaveDataset(self.work / "test_wave.npy", pseudo.row, pseudo.y)
+            extra = WaveDataset(Clips.of(self.work, "test"), pseudo.row, y(pseudo.assign(
+                secondary="")), length, crop)
             extra.row_ids = -1 - extra.rows
             self.train_ds = JoinedDataset(self.train_ds, extra)
-        self.val_ds = WaveDataset(wave, self.val_table.row, self.val_table.y)
+            self.sampler = None  # --balance weighs the labelled rows only: refused in train.py
+        self.val_ds = WaveDataset(clips, self.val_table.row, y(self.val_table), length, "start")
 
     def train_dataloader(self):
         return loader(self.train_ds, self.batch_size, True, self.workers,
-                      drop_last=len(self.train_ds) > self.batch_size)
+                      drop_last=len(self.train_ds) > self.batch_size, sampler=self.sampler)
 
     def val_dataloader(self):
         return loader(self.val_ds, self.batch_size * 2, False, self.workers)

@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parent
 
 class Ensemble(nn.Module):
     """float32 waveforms (B, L) -> probabilities (B, C): the members' shared log-mel front end
-    for each view, every member's softmax, averaged with the members' weights and the views."""
+    for each view, every member's probabilities (softmax, or a sigmoid per class for multilabel
+    members; a SED member through its attention head), averaged with the members' weights and
+    the views."""
 
     def __init__(self, models: list, tta: bool, weights=None):
         from transform import tta_views
@@ -39,6 +41,9 @@ class Ensemble(nn.Module):
         super().__init__()
         self.frontend = models[0].frontend.eval()  # members are checked to share it
         self.nets = nn.ModuleList(m.net.eval() for m in models)
+        self.heads = nn.ModuleList((m.head or nn.Identity()).eval() for m in models)
+        self.sed = [m.head is not None for m in models]
+        self.multilabel = models[0].cfg.multilabel
         self.views = list(tta_views(tta).values())
         w = torch.ones(len(models)) if weights is None else torch.as_tensor(weights).float()
         self.register_buffer("weights", w / w.sum())
@@ -49,7 +54,9 @@ class Ensemble(nn.Module):
         img = torch.cat([self.frontend(wave, view) for view in self.views])
         probs = 0.0
         for k, net in enumerate(self.nets):
-            p = net(img).float().softmax(-1)
+            out = net(img)
+            logits = (self.heads[k](out)[0] if self.sed[k] else out).float()
+            p = logits.sigmoid() if self.multilabel else logits.softmax(-1)
             probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
         return probs
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model import predict_waves
+from model import load_checkpoint, predict_waves
 from report import cv_report, write_html
 from runs import Run, requested_folds, train_command
 from util import UsageError, probs_frame, setup_logging, torch_device, write_csv, write_json
@@ -189,6 +189,15 @@ def make_parser():
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="", help="output folder (default: the run's folder)")
     g.add_argument("--solution", default="", help="CSV file_name,label to score the test set")
+    g.add_argument("--rows", default="auto", choices=("auto", "file", "window"),
+                   help="one submission row per test file, or per window (row_id = file stem + "
+                        "end second, one probability column per class: BirdCLEF); auto: as "
+                        "preprocess.py found the data (a sample_submission.csv with row_id)")
+    g.add_argument("--window", type=float, default=0.0, metavar="SECONDS",
+                   help="test window length (default: the clip length the models were trained "
+                        "on); a window is zero-padded or cut to that length")
+    g.add_argument("--hop", type=float, default=0.0, metavar="SECONDS",
+                   help="step between windows (default: the window: no overlap)")
     g.add_argument("--predict", nargs="+", default=None, metavar="PATH",
                    help="print the top-3 labels of these audio files/folders instead")
     return p
@@ -212,10 +221,28 @@ def check_request(cfg, args) -> list[str]:
     runs = args.runs or [cfg.run_name]
     if args.weights and len(args.weights) != len(runs):
         raise UsageError(f"{len(args.weights)} --weights for {len(runs)} runs")
+    if args.window < 0 or args.hop < 0:
+        raise UsageError("--window and --hop are seconds > 0")
     if args.fit_weights and (args.weights or args.ensemble == "hard"):
         raise UsageError("--fit-weights chooses the weights of a soft blend: drop --weights "
                          "and --ensemble hard")
     return runs
+
+
+def test_windows(work: Path, args) -> tuple[object, pd.DataFrame, str]:
+    """The test set as windows (dataset.Rows over dataset.windows) and the row mode."""
+    import json
+
+    from dataset import Clips, Rows, windows
+
+    prep = json.loads((work / "prep.json").read_text())
+    sr, length = prep["sr"], int(round(prep["sr"] * prep["seconds"]))
+    win = int(round(args.window * sr)) if args.window else length
+    hop = int(round(args.hop * sr)) if args.hop else win
+    clips = Clips.of(work, "test")
+    wins = windows(clips, win, hop, sr)
+    mode = prep.get("rows", "file") if args.rows == "auto" else args.rows
+    return Rows(clips, wins.row, length, wins.start, win), wins, mode
 
 
 def run(cfg, args) -> int:
@@ -229,6 +256,9 @@ def run(cfg, args) -> int:
     classes = read_classes(work)
     weights, blend = np.asarray(args.weights or [1.0] * len(runs)), None  # one per run
     if args.fit_weights:
+        if load_checkpoint(paths[0]).cfg.multilabel:
+            raise UsageError("--fit-weights fits a softmax blend by log-loss: not for multilabel "
+                             "runs (blend them with --weights)")
         blend = fit_blend(*oof_for_blend(work, runs, folds, "oof_tta" if tta else "oof", classes))
         weights = np.asarray(blend["weights"])
     member_weights = np.repeat(weights, len(folds))  # a run's weight spread over its folds
@@ -237,18 +267,26 @@ def run(cfg, args) -> int:
         return predict_files(paths, args.predict, tta, args.ensemble, member_weights, device,
                              batch)
     out = Path(args.out) if args.out else Run.blend(work, runs).dir
-    probs, got = predict_waves(paths, np.load(work / "test_wave.npy", mmap_mode="r"), tta,
-                               device, batch, desc=f"{len(paths)} models x {1 + 4 * tta} views")
+    waves, wins, mode = test_windows(work, args)
+    probs, got = predict_waves(paths, waves, tta, device, batch,
+                               desc=f"{len(paths)} models x {1 + 4 * tta} views")
     if got != classes:
         raise UsageError(f"{paths[0]} was trained on other classes than {work / 'classes.json'}")
-    pred, score = ensemble(probs, args.ensemble, member_weights)
+    _, score = ensemble(probs, args.ensemble, member_weights)  # per window
+    if mode == "file":  # a file is the mean of its windows (one window for a short clip)
+        score = pd.DataFrame(score).groupby(wins.row.to_numpy()).mean().to_numpy()
+    pred = score.argmax(1)
     if blend:
         score = with_temperature(score, blend["temperature"])
         write_blend(blend, runs, folds, tta, out)
     how = (f"{len(folds)} fold{'s' * (len(folds) > 1)}" + (f" x {len(runs)} runs" if len(runs) > 1
                                                            else "")
            + f", {args.ensemble}" + (", TTA" if tta else "") + (", fitted weights" if blend else ""))
-    write_submission(work, out, [classes[i] for i in pred], score, classes, args.solution, how)
+    if mode == "window":
+        write_windows(work, out, wins, score, classes, args.solution, how)
+    else:
+        write_submission(work, out, [classes[i] for i in pred], score, classes, args.solution,
+                         how)
     cv_report([Run(work, r).dir for r in runs], weights, folds, classes, out)
     if len(runs) == 1 and not args.out:
         write_html(out, work)
@@ -265,6 +303,70 @@ def write_blend(blend: dict, runs: list[str], folds: list[int], tta: bool, out: 
              "weights) -> %.4f (fitted) -> %.4f (calibrated); ECE %.4f -> %.4f",
              ", ".join(f"{r} {w:.3f}" for r, w in zip(runs, blend["weights"])),
              blend["temperature"], *blend["oof_log_loss"].values(), *blend["oof_ece"].values())
+
+
+def padded_cmap(truth: np.ndarray, probs: np.ndarray, pad: int = 5) -> float:
+    """BirdCLEF's padded cmAP: `pad` rows of ones added to the truth and the predictions, then
+    the macro average precision over every class (torchmetrics)."""
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    t = np.concatenate([truth, np.ones((pad, truth.shape[1]))]).astype(np.int64)
+    p = np.concatenate([probs, np.ones((pad, probs.shape[1]))]).astype(np.float32)
+    return float(multilabel_average_precision(torch.from_numpy(p), torch.from_numpy(t),
+                                              truth.shape[1], average="macro"))
+
+
+def write_windows(work: Path, out: Path, wins: pd.DataFrame, score: np.ndarray,
+                  classes: list[str], solution: str, how: str) -> None:
+    """One row per window of every test file, in file then time order: row_id (the file's stem
+    and the window's end second) and one probability column per class, as submission.csv and
+    test_probs.csv; rows of a sample_submission.csv that no window made are added with zeros.
+    With --solution (row_id + one 0/1 column per class): padded cmAP, mAP and ROC-AUC."""
+    import json
+
+    from dataset import read_table
+    from model import multilabel_scores
+
+    test = read_table(work / "test.csv")
+    bad = test[test.status != "ok"]
+    if len(bad):
+        print(f"inference: {len(bad)} test files could not be read and were predicted from "
+              f"silence: " + ", ".join(f"{r.file_name} ({r.status})" for r in bad.itertuples()),
+              file=sys.stderr)
+    stems = test.file_name.map(lambda n: Path(n).stem).to_numpy()
+    ids = [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end_s)]
+    sub = probs_frame(pd.Series(ids), score, classes, key="row_id")
+    sample = Path(json.loads((work / "prep.json").read_text()).get("data", "")) / \
+        "sample_submission.csv"
+    if sample.is_file():
+        want = pd.read_csv(sample, usecols=[0], dtype=str).iloc[:, 0]
+        missing = want[~want.isin(set(ids))]
+        if len(missing):
+            print(f"inference: {len(missing)} rows of {sample} match no test window (their files "
+                  f"are not in the test folder): written with probability 0", file=sys.stderr)
+            sub = pd.concat([sub, pd.DataFrame({"row_id": missing, **{c: 0.0 for c in classes}})])
+    write_csv(sub, out / "submission.csv")
+    write_csv(sub, out / "test_probs.csv")
+    log.info("submission: %d windows of %d files -> %s", len(wins), len(test),
+             out / "submission.csv")
+    if not solution:
+        return
+    if not Path(solution).is_file():
+        raise UsageError(f"--solution {solution}: no such file")
+    sol = pd.read_csv(solution, dtype={"row_id": str})
+    if not {"row_id", *classes} <= set(sol.columns):
+        raise UsageError(f"--solution {solution}: needs row_id and one column per class")
+    sol = sol.set_index("row_id")
+    scored = sub.set_index("row_id").reindex(sol.index)
+    if scored.isna().any().any():
+        raise UsageError(f"--solution {solution}: its rows are not this test set's windows")
+    truth, p = sol[classes].to_numpy(), scored[classes].to_numpy()
+    found = multilabel_scores(torch.from_numpy(p), torch.from_numpy(truth))
+    score = {"cmap_pad5": padded_cmap(truth, p), **found, "windows": len(sol),
+             "solution": solution, "with": how}
+    write_json(score, out / "test_score.json")
+    log.info("test padded cmAP %.4f, mAP %.4f, AUC %.4f (%d windows, %s)", score["cmap_pad5"],
+             score.get("map", float("nan")), score.get("auc", float("nan")), len(sol), how)
 
 
 def write_submission(work: Path, out: Path, labels: list[str], score: np.ndarray,

@@ -53,14 +53,74 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: f
     return loss.mean()
 
 
+def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, focal: float = 0.0,
+                    ohem: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy of each class (multi-hot or mixed targets), summed over the
+    classes and averaged over the batch; focal (Lin et al.) weighs each term by (1 - p_t)^gamma.
+    OHEM keeps the `ohem` share of the batch with the largest loss."""
+    logits, target = logits.float(), target.float()
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if focal > 0:
+        p = torch.sigmoid(logits)
+        loss = loss * (1 - (target * p + (1 - target) * (1 - p))) ** focal
+    loss = loss.sum(-1)
+    if ohem < 1.0:
+        loss = loss.topk(max(1, int(round(ohem * loss.numel())))).values
+    return loss.mean()
+
+
+def top1_label(y: torch.Tensor) -> torch.Tensor:
+    """Class indices of labels that are indices already or multi-hot (the primary: the largest)."""
+    return y if y.dim() == 1 else y.argmax(-1)
+
+
+def multilabel_scores(probs: torch.Tensor, target: torch.Tensor) -> dict:
+    """Macro average precision (mAP) and ROC-AUC over the classes that have at least one
+    positive (and, for AUC, one negative) among the rows (torchmetrics)."""
+    from torchmetrics.functional.classification import (multilabel_auroc,
+                                                        multilabel_average_precision)
+
+    t = (target > 0).int()
+    n = t.shape[1]
+    pos = t.sum(0)
+    has, both = pos > 0, (pos > 0) & (pos < len(t))
+    out = {}
+    if has.any():
+        ap = multilabel_average_precision(probs.float(), t, n, average=None)
+        out["map"] = float(ap[has].mean())
+    if both.any():
+        auc = multilabel_auroc(probs.float(), t, n, average=None)
+        out["auc"] = float(auc[both].mean())
+    return out
+
+
+class AttentionHead(torch.nn.Module):
+    """SED head (Kong et al., PANNs; Cornell 2020 1st): the backbone's feature map averaged over
+    frequency, a class score per time frame and an attention weight per frame; the clip's
+    score is the attention-weighted sum of the frames'."""
+
+    def __init__(self, channels: int, classes: int, drop: float = 0.2):
+        super().__init__()
+        self.drop = torch.nn.Dropout(drop)
+        self.att = torch.nn.Conv1d(channels, classes, 1)
+        self.cla = torch.nn.Conv1d(channels, classes, 1)
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, F, T) features -> clip logits (B, K) and frame logits (B, K, T)."""
+        x = self.drop(feats.mean(2))
+        w = torch.softmax(torch.tanh(self.att(x)), -1)
+        frames = self.cla(x)
+        return (w * frames).sum(-1), frames
+
+
 # ----------------------------------------------------------------------------- model
-def create_backbone(cfg: Config, num_classes: int, pretrained: str | None = None):
+def create_backbone(cfg: Config, num_classes: int, pretrained: str | None = None, **extra):
     """One timm factory call; `pretrained` is '', 'timm' (the hub) or a weights file, whose
     backbone tensors are loaded by `load_backbone` (the head stays new)."""
     import timm
 
     pretrained = cfg.pretrained if pretrained is None else pretrained
-    kw = dict(num_classes=num_classes, in_chans=1, drop_rate=cfg.drop_rate)
+    kw = dict(num_classes=num_classes, in_chans=1, drop_rate=cfg.drop_rate, **extra)
     if cfg.drop_path_rate > 0:
         kw["drop_path_rate"] = cfg.drop_path_rate
     try:
@@ -162,7 +222,10 @@ class AudioClassifier(L.LightningModule):
         self.classes = list(classes)
         n = len(classes)
         self.frontend = Frontend(cfg)
-        self.net = create_backbone(cfg, n, None if load_pretrained else "")
+        sed = cfg.head == "sed"  # the timm model gives its feature map, the head classifies
+        self.net = create_backbone(cfg, 0 if sed else n, None if load_pretrained else "",
+                                   **(dict(global_pool="") if sed else {}))
+        self.head = AttentionHead(self.net.num_features, n, cfg.drop_rate) if sed else None
         if cfg.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if cfg.compile:
@@ -190,7 +253,7 @@ class AudioClassifier(L.LightningModule):
     def on_train_epoch_start(self):
         """--freeze-epochs K: the head alone learns for K epochs, then every layer."""
         if self.cfg.freeze_epochs > 0:
-            head = set(map(id, self.net.get_classifier().parameters()))
+            head = set(map(id, (self.head or self.net.get_classifier()).parameters()))
             frozen = self.current_epoch < self.cfg.freeze_epochs
             for p in self.net.parameters():
                 if id(p) not in head:
@@ -200,18 +263,37 @@ class AudioClassifier(L.LightningModule):
         c = self.cfg
         return dict(sr=c.sr, seconds=c.seconds, **self.frontend.logmel.settings())
 
-    def backbone(self, x: torch.Tensor) -> torch.Tensor:
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-mel images -> logits, and the SED head's frame logits (None without it)."""
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        out = self.net(x)
+        return self.head(out) if self.head is not None else (out, None)
+
+    def backbone(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(x)[0]
 
     def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
         return self.backbone(self.frontend(wave, view))
 
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities: a sigmoid per class (multilabel) or the softmax."""
+        return logits.float().sigmoid() if self.cfg.multilabel else logits.float().softmax(-1)
+
+    @property
+    def monitor(self) -> str:
+        """The validation score best.ckpt keeps: mAP for multilabel data, else accuracy."""
+        return "val_map" if self.cfg.multilabel else "val_acc"
+
+    def val_score(self, y: torch.Tensor, probs: torch.Tensor, target=None) -> float:
+        if self.cfg.multilabel:
+            return multilabel_scores(probs, target).get("map", 0.0)
+        return float((probs.argmax(1) == y).float().mean())
+
     @torch.no_grad()
     def predict_views(self, wave: torch.Tensor, views: dict) -> torch.Tensor:
-        """Softmax probabilities (V, B, C) for each deterministic view of the batch."""
-        return torch.stack([self(wave, fn).float().softmax(-1) for fn in views.values()])
+        """Probabilities (V, B, C) for each deterministic view of the batch."""
+        return torch.stack([self.probs(self(wave, fn)) for fn in views.values()])
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
@@ -223,14 +305,22 @@ class AudioClassifier(L.LightningModule):
         if self._teacher:
             with torch.no_grad():
                 teacher = (self._teacher[0](wave).float() / c.kd_temp).softmax(-1)
-        if c.mixup > 0 and torch.rand(()) < c.p_mixup:
+        if c.multilabel and c.mixup > 0 and torch.rand(()) < c.p_mixup:
+            x, target = mixup(x, y.float(), c.mixup, union=True)
+        elif c.mixup > 0 and torch.rand(()) < c.p_mixup:
             n = len(self.classes)
             soft = F.one_hot(y, n).float()
             x, mixed = mixup(x, soft if teacher is None else torch.cat([soft, teacher], 1), c.mixup)
             target, teacher = (mixed, None) if teacher is None else (mixed[:, :n], mixed[:, n:])
-        logits = self.backbone(x)
-        loss = classification_loss(logits, target, c.smoothing, c.ohem, teacher, c.kd_weight,
-                                   c.kd_temp)
+        logits, frames = self.classify(x)
+        if c.multilabel:  # SED: the clip's loss plus the loudest frame's (BirdCLEF 2023 1st)
+            loss = multilabel_loss(logits, target, c.focal, c.ohem)
+            if frames is not None:
+                loss = loss + 0.5 * multilabel_loss(frames.amax(-1), target, c.focal, c.ohem)
+        else:
+            loss = classification_loss(logits, target, c.smoothing, c.ohem, teacher, c.kd_weight,
+                                       c.kd_temp)
+        y = top1_label(y)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
@@ -247,20 +337,30 @@ class AudioClassifier(L.LightningModule):
         self._val = []
 
     def validation_step(self, batch, batch_idx):
-        wave, y, rows = batch
+        wave, target, rows = batch
+        y = top1_label(target)
         logits = self(wave)
         if not torch.isfinite(logits).all():
             raise FloatingPointError(
                 f"validation predictions are not finite at epoch {self.current_epoch} while the "
                 f"training loss was: the fold stops here, its last good checkpoint is kept. "
                 f"Try a lower -l1 (now {self.cfg.lr}) or -p 32")
-        self.log("val_loss", F.cross_entropy(logits.float(), y), on_epoch=True, prog_bar=True,
-                 sync_dist=True)
+        loss = (multilabel_loss(logits, target) if self.cfg.multilabel
+                else F.cross_entropy(logits.float(), y))
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.val_acc(logits, y)
         self.val_f1(logits, y)
         self.log_dict({"val_acc": self.val_acc, "val_f1": self.val_f1}, on_epoch=True,
                       prog_bar=True)
-        self._val.append((rows, y, logits.float().softmax(-1)))
+        probs = self.probs(logits)
+        self._val.append((rows, y, probs) + ((target,) if self.cfg.multilabel else ()))
+
+    def on_validation_epoch_end(self):
+        """Multilabel: macro mAP and ROC-AUC of the whole validation fold (not batch means)."""
+        if self.cfg.multilabel and self._val and not self.trainer.sanity_checking:
+            _, _, probs, target = self.gathered_val()
+            self.log_dict({f"val_{k}": v for k, v in multilabel_scores(probs, target).items()},
+                          prog_bar=True, sync_dist=False)
 
     def gathered_val(self) -> tuple[torch.Tensor, ...]:
         """(rows, labels, probs) of the epoch's validation, from every process, each row once
@@ -281,7 +381,8 @@ class AudioClassifier(L.LightningModule):
         for cb in self.trainer.callbacks:
             if isinstance(cb, WeightAveraging) and cb._average_model is not None:
                 cb.on_save_checkpoint(self.trainer, self, checkpoint)
-                del checkpoint["current_model_state"], checkpoint["averaging_state"]
+                checkpoint.pop("current_model_state", None)
+                checkpoint.pop("averaging_state", None)
 
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2
@@ -289,6 +390,9 @@ class AudioClassifier(L.LightningModule):
         c = self.cfg
         opt = create_optimizer_v2(self.net, opt=c.optimizer, lr=c.lr, weight_decay=c.weight_decay,
                                   layer_decay=c.layer_decay or None)
+        if self.head is not None:
+            opt.add_param_group(dict(params=list(self.head.parameters()), lr=c.lr,
+                                     weight_decay=c.weight_decay))
         return warmup_cosine(opt, self.trainer, c)
 
 

@@ -4,7 +4,8 @@
     python predict.py MODEL.onnx long.wav --window 1 --hop 0.25 [--min-prob 0.5] [--csv out.csv]
 
 Clips: each file is averaged to mono, resampled to the model's rate (soxr, as preprocess.py
-does) and zero-padded or cut to its clip length, as in training; one line per file with the top-k labels. Recordings:
+does) and zero-padded to its clip length, as in training (a longer file: the mean of its
+clip-length windows); one line per file with the top-k labels. Recordings:
 with --window, one row per window (start, end, label, probability; label '' for windows
 --silence-db below the loudest), then the segments: consecutive windows with the same label
 and at least --min-prob merged. Unreadable and empty files are listed on stderr and skipped.
@@ -31,6 +32,17 @@ class AudioError(ValueError):
 def fit(y: np.ndarray, length: int) -> np.ndarray:
     """y cut, or zero-padded at the end, to `length` samples."""
     return y[:length] if len(y) >= length else np.pad(y, (0, length - len(y)))
+
+
+def window_starts(n: int, win: int, hop: int) -> list[int]:
+    """Start samples of the windows of a recording of `n` samples: every `hop` from 0 while a
+    whole window fits, plus one that ends at the recording's end if the last one stops short;
+    one window at 0 for a recording no longer than a window. The one definition of windows:
+    inference.py's window rows and file averages, and this predictor's, use it."""
+    starts = list(range(0, max(1, n - win + 1), max(1, hop)))
+    if n > win and starts[-1] + win < n:
+        starts.append(n - win)
+    return starts
 
 
 def resample(y: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
@@ -75,18 +87,26 @@ def audio_files(paths) -> list[Path]:
 def predict_files(paths, sr: int, length: int, probs, classes: list[str], top_k: int = 3,
                   errors=None):
     """[(path, [(label, probability), ...])] for the readable files among `paths`, each read at
-    `sr` and fitted to `length` samples, `probs` mapping (N, length) float32 waveforms to
-    (N, classes) probabilities; (path, reason) of the others go to `errors` when given. The
-    one "label these files" path: Predictor here and `inference.py --predict` use it."""
-    good, waves = [], []
+    `sr`; a file longer than `length` samples is the mean of its `length`-sample windows
+    (window_starts, hop = length), a shorter one is zero-padded. `probs` maps (N, length)
+    float32 waveforms to (N, classes) probabilities; (path, reason) of the others go to
+    `errors` when given. The one "label these files" path: Predictor here and
+    `inference.py --predict` use it."""
+    good, waves, owner = [], [], []
     for p in paths:
         try:
-            waves.append(fit(read_audio(p, sr), length))
-            good.append(p)
+            y = read_audio(p, sr)
         except AudioError as e:
             if errors is not None:
                 errors.append((p, str(e)))
-    scores = probs(np.stack(waves)) if waves else []
+            continue
+        for s in window_starts(len(y), length, length):
+            waves.append(fit(y[s:s + length], length))
+            owner.append(len(good))
+        good.append(p)
+    owner = np.asarray(owner)
+    per_window = probs(np.stack(waves)) if waves else []
+    scores = [per_window[owner == i].mean(0) for i in range(len(good))]
     return [(p, [(classes[i], float(s[i])) for i in np.argsort(s)[::-1][:top_k]])
             for p, s in zip(good, scores)]
 
@@ -135,9 +155,7 @@ class Predictor:
         if len(y) < win and notes is not None:
             notes.append(f"{path}: {len(y) / self.sr:.2f} s, shorter than one {win / self.sr:g} s "
                          f"window: one padded window")
-        starts = list(range(0, max(1, len(y) - win + 1), step))
-        if len(y) > win and starts[-1] + win < len(y):
-            starts.append(len(y) - win)  # the end of the recording gets a window too
+        starts = window_starts(len(y), win, step)
         frames = np.stack([fit(y[s:s + win], self.length) for s in starts])
         level = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-20)
         probs = self.probs(frames)

@@ -3,14 +3,18 @@
     python preprocess.py --data DIR --work WORK [--folds 5] [--seed 2020] [--sr 16000] [--seconds 1.0]
     python preprocess.py --manifest clips.csv --work WORK          # path,label[,group,fold,split]
 
+Each clip is kept whole (at most --max-seconds); --seconds is the training crop.
 Accepted layouts:
+  birdclef         DIR/train_metadata.csv (primary_label, secondary_labels, filename, author),
+                   DIR/train_audio/, DIR/test_soundscapes/ (scored per window), sample_submission.csv
   contest          DIR/train/<label>/*.wav, DIR/test/*.wav, DIR/submission.csv (file_name,label)
   speech commands  DIR/<label>/*.wav, DIR/testing_list.txt (becomes the test set, labels kept)
-  manifest         a CSV of path,label with optional group, fold and split (train/test) columns
+  manifest         a CSV of path,label with optional secondary (space-separated labels), group,
+                   fold and split (train/test) columns
 Background noise comes from a `_background_noise_/` folder in DIR or DIR/train.
 
-Writes WORK/classes.json, train.csv, train_wave.npy, test.csv, test_wave.npy, noise.npy,
-rejected.csv and prep.json (the fingerprint that lets a re-run reuse WORK).
+Writes WORK/classes.json, train.csv, train_wave.npy + train_offsets.npy, test.csv, test_wave.npy +
+test_offsets.npy, noise.npy, rejected.csv and prep.json (the fingerprint that lets a re-run reuse WORK).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
 from predict import AudioError, fit, read_audio
-from util import UsageError, atomic_write, write_csv, write_json
+from util import UsageError, atomic_write, secondary_names, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,56 +45,78 @@ class DataLayoutError(UsageError):
 
 
 # ---------------------------------------------------------------------------------- decoding
-def decode(path: str | os.PathLike, sr: int, length: int | None) -> tuple[np.ndarray, dict]:
-    """int16 waveform of any soundfile format at `sr`, mono, padded with zeros or cut to
-    `length` samples (None: all), and the file's info; predict.read_audio reads it (the
-    torch-free predictor reads clips the same way). AudioError (a ValueError) with a short
-    reason for files that cannot be used."""
+CACHE_FORMAT = "clips-v2"  # whole clips back to back + offsets (dataset.Clips)
+
+
+def decode(path: str | os.PathLike, sr: int, length: int | None = None) -> tuple[np.ndarray, dict]:
+    """int16 waveform of any soundfile format at `sr`, mono, cut to at most `length` samples
+    (None: all), and the file's info; predict.read_audio reads it (the torch-free predictor
+    reads clips the same way). AudioError (a ValueError) with a short reason for files that
+    cannot be used."""
     info = {}
     y = read_audio(path, sr, info)
     if length is not None:
-        y = fit(y, length)
+        y = y[:length]
     return np.clip(np.round(y * 32768.0), -32768, 32767).astype(np.int16), info
 
 
 def _decode_chunk(job):
-    paths, sr, length = job
-    waves = np.zeros((len(paths), length), np.int16)
-    infos = []
-    for i, path in enumerate(paths):
+    paths, sr, most = job
+    waves, infos = [], []
+    for path in paths:
         try:
-            waves[i], info = decode(path, sr, length)
-            infos.append(dict(info, status="ok"))
+            w, info = decode(path, sr, most)
+            waves.append(w)
+            infos.append(dict(info, status="ok", samples=len(w)))
         except AudioError as e:
-            infos.append(dict(orig_sr=0, orig_channels=0, orig_seconds=0.0, status=str(e)))
+            waves.append(np.zeros(0, np.int16))  # a rejected clip holds no samples
+            infos.append(dict(orig_sr=0, orig_channels=0, orig_seconds=0.0, status=str(e),
+                              samples=0))
     return waves, infos
 
 
-def write_rows(path: Path, n: int, length: int, blocks) -> None:
-    """An int16 [n, length] .npy at `path` from `blocks` (arrays of rows, in order), written
-    through the file one block at a time and moved into place: the process holds one block,
-    not the cache, and a full disk is one line (DiskFullError), not a crash."""
+def npy_header(f, n: int) -> None:
+    """The .npy header of an int16 vector of `n` samples, always 128 bytes (so that it can be
+    written before the length is known, and again after)."""
+    f.seek(0)
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": "<i2", "fortran_order": False, "shape": (n,)})
+    if f.tell() != 128:
+        raise RuntimeError(f"npy header of {f.tell()} bytes, 128 expected")
+
+
+def write_clips(path: Path, blocks) -> np.ndarray:
+    """Clips one after another into an int16 .npy vector at `path`, from `blocks` (lists of
+    1-D arrays, in order), written through the file block by block and moved into place: the
+    process holds one block, never the cache, and a full disk is one line (DiskFullError).
+    Returns the offsets (N + 1) of dataset.Clips."""
+    lengths = []
+
     def write(tmp):
-        done = 0
         with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(
-                f, {"descr": "<i2", "fortran_order": False, "shape": (n, length)})
+            npy_header(f, 0)
             for block in blocks:
-                f.write(np.ascontiguousarray(block, dtype="<i2").tobytes())
-                done += len(block)
-        if done != n:
-            raise RuntimeError(f"{path}: {done} rows written, {n} expected")
+                for clip in block:
+                    f.write(np.ascontiguousarray(clip, dtype="<i2").tobytes())
+                    lengths.append(len(clip))
+            npy_header(f, int(sum(lengths)))
     atomic_write(path, write)
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
 
 
-def decode_all(paths: list[str], out: Path, sr: int, length: int, workers: int,
-               desc: str) -> pd.DataFrame:
-    """Decode `paths` in parallel into an int16 [N, length] .npy at `out`; returns per-clip info
-    (status 'ok' or the reason it was rejected, in which case its row is zeros)."""
+def save_offsets(work: Path, split: str, offsets: np.ndarray) -> None:
+    atomic_write(work / f"{split}_offsets.npy", lambda tmp: np.save(tmp, offsets))
+
+
+def decode_all(paths: list[str], work: Path, split: str, sr: int, most: int | None,
+               workers: int) -> pd.DataFrame:
+    """Decode `paths` in parallel, each whole (at most `most` samples), into WORK/{split}_wave.npy
+    and {split}_offsets.npy; returns per-clip info (status 'ok' or the reason it was
+    rejected, in which case the clip holds no samples)."""
     chunk = 64
-    jobs = [(paths[i:i + chunk], sr, length) for i in range(0, len(paths), chunk)]
+    jobs = [(paths[i:i + chunk], sr, most) for i in range(0, len(paths), chunk)]
     infos = []
-    bar = tqdm(total=len(paths), desc=desc, unit="clip", disable=None)
+    bar = tqdm(total=len(paths), desc=split, unit="clip", disable=None)
 
     def blocks(pool):
         for w, info in pool.map(_decode_chunk, jobs):
@@ -100,19 +126,22 @@ def decode_all(paths: list[str], out: Path, sr: int, length: int, workers: int,
 
     with ProcessPoolExecutor(max(1, workers)) as pool:
         try:
-            write_rows(out, len(paths), length, blocks(pool))
+            offsets = write_clips(work / f"{split}_wave.npy", blocks(pool))
         except BaseException:  # a full disk, ^C: do not decode the rest first
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     bar.close()
+    save_offsets(work, split, offsets)
     return pd.DataFrame(infos)
 
 
-def keep_rows(path: Path, keep: np.ndarray, chunk: int = 4096) -> None:
-    """Rewrite the cache at `path` with only the rows where `keep` is true, block by block."""
-    waves = np.load(path, mmap_mode="r")
-    write_rows(path, int(keep.sum()), waves.shape[1],
-               (waves[i:i + chunk][keep[i:i + chunk]] for i in range(0, len(waves), chunk)))
+def drop_rows(work: Path, split: str, keep: np.ndarray) -> None:
+    """Forget the clips where `keep` is false: rejected clips hold no samples, so only the
+    offsets change."""
+    off = np.load(work / f"{split}_offsets.npy")
+    if (np.diff(off)[~keep] != 0).any():
+        raise RuntimeError("only empty (rejected) clips can be dropped")
+    save_offsets(work, split, np.concatenate([off[:-1][keep], off[-1:]]))
 
 
 # ---------------------------------------------------------------------------------- layouts
@@ -140,7 +169,8 @@ def find_clips(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, list[str], str]
         man_path = Path(cfg.manifest)
         if not man_path.is_file():
             raise DataLayoutError(f"{man_path}: manifest not found")
-        man = pd.read_csv(man_path, dtype={"path": str, "label": str}, keep_default_na=False)
+        man = pd.read_csv(man_path, dtype={"path": str, "label": str, "secondary": str},
+                          keep_default_na=False)
         if not {"path", "label"} <= set(man.columns):
             raise DataLayoutError(f"{man_path}: needs the columns path,label "
                                   f"(optional group, fold, split); it has {list(man.columns)}")
@@ -153,6 +183,8 @@ def find_clips(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, list[str], str]
 
     if not data.is_dir():
         raise DataLayoutError(f"{data}: data folder not found (pass --data DIR or --manifest FILE)")
+    if (data / "train_metadata.csv").is_file():
+        return birdclef_clips(data)
     noise_dirs = [data / NOISE_DIR, data / "train" / NOISE_DIR]
     noise = [str(p) for d in noise_dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_file()]
     if (data / "train").is_dir():
@@ -184,6 +216,42 @@ def find_clips(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, list[str], str]
             f"{data}: no labelled clips found. Expected {data}/train/<label>/*.wav (contest), "
             f"{data}/<label>/*.wav with testing_list.txt (Speech Commands), or --manifest FILE.csv")
     return train, test, noise, layout
+
+
+AUDIO_EXTS = (".ogg", ".wav", ".flac", ".mp3", ".oga", ".aif", ".aiff")
+
+
+def birdclef_clips(data: Path):
+    """BirdCLEF: train_metadata.csv (primary_label, secondary_labels, filename under
+    train_audio/, author or site: the group), test_soundscapes/ (scored per window) and
+    sample_submission.csv (row_id, one column per class)."""
+    path = data / "train_metadata.csv"
+    meta = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"primary_label", "filename"} <= set(meta.columns):
+        raise DataLayoutError(f"{path}: needs the columns primary_label and filename (optional "
+                              f"secondary_labels, author); it has {list(meta.columns)}")
+    group = next((meta[c] for c in ("author", "site", "recordist") if c in meta), "")
+    train = pd.DataFrame({"path": [str(data / "train_audio" / f) for f in meta.filename],
+                          "label": meta.primary_label, "group": group,
+                          "secondary": [" ".join(secondary_names(v))
+                                        for v in meta.get("secondary_labels", [""] * len(meta))]})
+    soundscapes = data / "test_soundscapes"
+    files = sorted(f for f in soundscapes.glob("*") if f.suffix.lower() in AUDIO_EXTS) \
+        if soundscapes.is_dir() else []
+    test = pd.DataFrame({"file_name": [f.name for f in files], "path": [str(f) for f in files],
+                         "label": ""})
+    noise = [str(p) for p in sorted((data / NOISE_DIR).glob("*")) if p.is_file()]
+    return train, test, noise, "birdclef"
+
+
+def sample_classes(data: Path) -> list[str]:
+    """The class columns of a BirdCLEF-style sample_submission.csv (row_id, classes...): a
+    class no training recording has as its primary label is still predicted."""
+    path = data / "sample_submission.csv"
+    if not path.is_file():
+        return []
+    cols = list(pd.read_csv(path, nrows=0).columns)
+    return cols[1:] if cols and cols[0] == "row_id" else []
 
 
 def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
@@ -225,8 +293,8 @@ def fold_gaps(train: pd.DataFrame) -> list[str]:
 
 # ---------------------------------------------------------------------------------- pipeline
 def fingerprint(cfg: Config, paths: list[str], layout: str) -> str:
-    h = hashlib.sha1(json.dumps([layout, cfg.sr, cfg.seconds, cfg.folds, cfg.seed,
-                                 cfg.manifest]).encode())
+    h = hashlib.sha1(json.dumps([CACHE_FORMAT, layout, cfg.sr, cfg.seconds, cfg.max_seconds,
+                                 cfg.folds, cfg.seed, cfg.manifest]).encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -245,7 +313,8 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     prep_file = work / "prep.json"
     if not force and prep_file.is_file():
         old = json.loads(prep_file.read_text())
-        outputs = ["classes.json", "train.csv", "train_wave.npy", "test.csv", "rejected.csv"]
+        outputs = ["classes.json", "train.csv", "train_wave.npy", "train_offsets.npy", "test.csv",
+                   "test_wave.npy", "test_offsets.npy", "rejected.csv"]
         if old.get("fingerprint") == fp and all((work / f).exists() for f in outputs):
             log.info("%s is up to date with %s (%d clips): reusing it (--force rebuilds)",
                      work, cfg.manifest or cfg.data, len(all_paths))
@@ -254,17 +323,17 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     # the fingerprint goes first and comes back last: an interrupted build is never reused
     prep_file.unlink(missing_ok=True)
     workers = workers or os.cpu_count() or 1
-    length = cfg.clip_samples
+    most = int(round(cfg.max_seconds * cfg.sr)) if cfg.max_seconds > 0 else None
 
-    info = decode_all(list(train.path), work / "train_wave.npy", cfg.sr, length, workers, "train")
+    info = decode_all(list(train.path), work, "train", cfg.sr, most, workers)
     train = pd.concat([train.reset_index(drop=True), info], axis=1)
     rejected = [train.loc[train.status != "ok", ["path", "status"]]]
     ok = train.status == "ok"
-    if not ok.all():  # keep only usable rows: rewrite the cache without the rejected ones
-        keep_rows(work / "train_wave.npy", ok.to_numpy())
+    if not ok.all():  # keep only usable rows
+        drop_rows(work, "train", ok.to_numpy())
         train = train[ok].reset_index(drop=True)
-    classes = sorted(train.label.unique())
-    if not classes:
+    classes = sorted(set(train.label) | set(sample_classes(Path(cfg.data))))
+    if not len(train):
         raise DataLayoutError(f"{cfg.data}: every training clip was rejected (see rejected.csv)")
     if "group" not in train or (train.group.astype(str) == "").any():
         train["group"] = [speaker_of(p) for p in train.path]
@@ -274,19 +343,26 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     for line in gaps:
         print(f"preprocess: {line}", file=sys.stderr)
     train["y"] = train.label.map({c: i for i, c in enumerate(classes)})
+    known = set(classes)
+    second = train.get("secondary", pd.Series("", index=train.index)).astype(str)
+    train["secondary"] = [" ".join(n for n in secondary_names(v) if n in known and n != lab)
+                          for v, lab in zip(second, train.label)]
+    unknown = sorted({n for v in second for n in secondary_names(v)} - known)
+    if unknown:
+        print(f"preprocess: {len(unknown)} secondary label(s) name no class and are left out: "
+              f"{', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""), file=sys.stderr)
+    multilabel = layout == "birdclef" or bool((train.secondary != "").any())
     train.insert(0, "row", np.arange(len(train)))
-    write_csv(train.drop(columns="status"), work / "train.csv")
+    write_csv(train.drop(columns=["status", "samples"]), work / "train.csv")
     write_json(classes, work / "classes.json")
 
-    if len(test):
-        info = decode_all(list(test.path), work / "test_wave.npy", cfg.sr, length, workers, "test")
-        test = pd.concat([test.reset_index(drop=True), info], axis=1)
-        rejected.append(test.loc[test.status != "ok", ["path", "status"]])
-    else:
-        write_rows(work / "test_wave.npy", 0, length, [])
-        test = test.assign(status=pd.Series(dtype=str))
+    info = decode_all(list(test.path), work, "test", cfg.sr, None, workers)
+    test = pd.concat([test.reset_index(drop=True), info], axis=1)
+    if "status" not in test:  # no test clips
+        test = test.assign(status=pd.Series(dtype=str), samples=pd.Series(dtype=int))
+    rejected.append(test.loc[test.status != "ok", ["path", "status"]])
     test.insert(0, "row", np.arange(len(test)))
-    write_csv(test, work / "test.csv")
+    write_csv(test.drop(columns="samples"), work / "test.csv")
 
     noise_waves = []
     for p in noise:
@@ -310,7 +386,11 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     summary = dict(fingerprint=fp, layout=layout, classes=len(classes), train=len(train),
                    test=len(test), noise_seconds=sum(map(len, noise_waves)) / cfg.sr,
                    rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, folds=cfg.folds,
-                   data=cfg.data, manifest=cfg.manifest, fold_gaps=gaps)
+                   max_seconds=cfg.max_seconds, multilabel=multilabel,
+                   rows="window" if layout == "birdclef" else "file",
+                   train_seconds=round(len(np.load(work / "train_wave.npy", mmap_mode="r"))
+                                       / cfg.sr, 1),
+                   format=CACHE_FORMAT, data=cfg.data, manifest=cfg.manifest, fold_gaps=gaps)
     write_json(summary, prep_file)
     return dict(summary, reused=False)
 
@@ -327,9 +407,11 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"preprocess: {e}", file=sys.stderr)
         return 2
-    log.info("%s (%s layout): %d classes, %d train clips in %d folds, %d test clips, "
+    log.info("%s (%s layout): %d classes, %d train clips (%.0f s) in %d folds%s, %d test clips, "
              "%.0f s of background noise, %d rejected", cfg.work, s["layout"], s["classes"],
-             s["train"], s["folds"], s["test"], s["noise_seconds"], s["rejected"])
+             s["train"], s.get("train_seconds", 0), s["folds"],
+             ", several labels per clip" if s.get("multilabel") else "", s["test"],
+             s["noise_seconds"], s["rejected"])
     return 0
 
 

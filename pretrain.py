@@ -45,44 +45,20 @@ FIELDS = ("work", "seed", "size", "n_fft", "hop", "n_mels", "norm", "top_db", "m
 
 
 # ----------------------------------------------------------------------------- data
-class Crops(torch.utils.data.Dataset):
-    """Random clip-length crops of recordings of any length (int16), a fresh crop each time
-    an item is read; shorter recordings are zero-padded. Batches as dataset.WaveDataset's."""
-
-    def __init__(self, recordings: list[np.ndarray], length: int, per_recording: list[int]):
-        self.recs, self.length = recordings, length
-        self.index = np.repeat(np.arange(len(recordings)), per_recording)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int):
-        return self.__getitems__([i])
-
-    def __getitems__(self, idx):
-        out = np.zeros((len(idx), self.length), np.int16)
-        for j, i in enumerate(idx):
-            rec = self.recs[self.index[i]]
-            start = np.random.randint(0, max(1, len(rec) - self.length + 1))
-            piece = rec[start:start + self.length]
-            out[j, :len(piece)] = piece
-        none = torch.full((len(idx),), -1)
-        return torch.from_numpy(out), none, none
-
-
 def unlabelled_data(cfg: Config):
     """Every clip pretraining learns from: WORK's training clips, its readable test clips and
     background noise (--ssl-data all), and crops of the --unlabelled folders' audio."""
-    from dataset import JoinedDataset, WaveDataset, read_table
+    from dataset import Clips, JoinedDataset, WaveDataset, read_table
     from predict import AudioError, audio_files, read_audio
 
-    work = Path(cfg.work)
-    parts = [WaveDataset(work / "train_wave.npy")]
+    work, n = Path(cfg.work), cfg.clip_samples
+    parts = [WaveDataset(Clips.of(work, "train"), length=n, crop="random")]
     recordings = []
     if cfg.ssl_data == "all":
         test = read_table(work / "test.csv")
         if (test.status == "ok").any():
-            parts.append(WaveDataset(work / "test_wave.npy", test.row[test.status == "ok"]))
+            parts.append(WaveDataset(Clips.of(work, "test"), test.row[test.status == "ok"], None,
+                                     n, "random"))
         if (work / "noise.npy").is_file():
             recordings.append(np.load(work / "noise.npy"))
     for folder in cfg.unlabelled:
@@ -96,9 +72,9 @@ def unlabelled_data(cfg: Config):
                 log.warning("--unlabelled: %s skipped (%s)", f, e)
                 continue
             recordings.append(np.clip(np.round(y * 32768), -32768, 32767).astype(np.int16))
-    if recordings:
-        n = cfg.clip_samples
-        parts.append(Crops(recordings, n, [max(1, len(r) // n) for r in recordings]))
+    if recordings:  # one random crop per clip length of audio, each epoch
+        rows = np.repeat(np.arange(len(recordings)), [max(1, len(r) // n) for r in recordings])
+        parts.append(WaveDataset(Clips.from_arrays(recordings), rows, None, n, "random"))
     return JoinedDataset(*parts)
 
 
@@ -219,18 +195,18 @@ def probe_accuracy(module: BYOL, work: Path, batch: int, most: int = 2000) -> fl
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from dataset import read_table
+    from dataset import Clips, read_table
 
     table = read_table(work / "train.csv")
     train = table[table.fold != 0].sample(frac=1.0, random_state=0).head(most).sort_values("row")
     val = table[table.fold == 0]
-    waves = np.load(work / "train_wave.npy", mmap_mode="r")
+    clips, n = Clips.of(work, "train"), module.cfg.clip_samples
     was = module.training
     module.eval()
     feats = []
     with torch.no_grad():
         for rows in (train.row.to_numpy(), val.row.to_numpy()):  # ascending: memmap order
-            out = [module.embed(torch.from_numpy(np.array(waves[rows[i:i + batch]]))
+            out = [module.embed(torch.from_numpy(clips.read(rows[i:i + batch], n))
                                 .to(module.device)).float().cpu()
                    for i in range(0, len(rows), batch)]
             feats.append(torch.cat(out).numpy())

@@ -124,7 +124,31 @@ def load_oof(run_dirs: list[Path], folds: list[int], name: str, classes: list[st
         tables.append(pd.concat([pd.read_csv(p, keep_default_na=False) for p in paths])
                       .sort_values("row").reset_index(drop=True))
     probs = np.average(np.stack([t[classes].to_numpy() for t in tables]), axis=0, weights=weights)
-    return tables[0][["path", "row", "fold", "label"]], probs
+    keep = ["path", "row", "fold", "label"] + (["secondary"] if "secondary" in tables[0] else [])
+    return tables[0][keep], probs
+
+
+def multi_hot(table: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """(N, C) 0/1: each row's primary label and its secondary labels."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = np.zeros((len(table), len(classes)), np.float32)
+    for i, (label, more) in enumerate(zip(table.label, table.secondary)):
+        for name in [label, *str(more).split()]:
+            if name in index:
+                out[i, index[name]] = 1.0
+    return out
+
+
+def ranking_scores(table: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> dict:
+    """Macro mAP and ROC-AUC (model.multilabel_scores) of multilabel OOF rows; {} otherwise."""
+    import torch
+
+    from model import multilabel_scores
+
+    if "secondary" not in table:
+        return {}
+    return multilabel_scores(torch.from_numpy(np.asarray(probs, np.float32)),
+                             torch.from_numpy(multi_hot(table, classes)))
 
 
 def label_index(labels, classes: list[str]) -> np.ndarray:
@@ -142,10 +166,16 @@ def cv_summary(run_dirs: list[Path], classes: list[str], folds: list[int], out: 
             continue
         table, probs = got
         pred, true, fold = probs.argmax(1), label_index(table.label, classes), table.fold.to_numpy()
-        result[key] = dict(overall=scores(true, pred, len(classes)), clips=len(table), folds={
-            int(k): scores(true[fold == k], pred[fold == k], len(classes)) for k in folds})
+        def both(m):
+            return {**scores(true[m], pred[m], len(classes)),
+                    **ranking_scores(table[m], probs[m], classes)}
+
+        result[key] = dict(overall=both(np.ones(len(table), bool)), clips=len(table),
+                           folds={int(k): both(fold == k) for k in folds})
     if "plain" not in result:
         return None
+    if "map" in result["plain"]["overall"]:
+        result["map"] = result["plain"]["overall"]["map"]
     result.update(accuracy=result["plain"]["overall"]["acc"], folds=folds,
                   runs=[Path(d).name for d in run_dirs])
     write_json(result, Path(out) / "cv.json")
@@ -175,7 +205,9 @@ def cv_report(run_dirs: list[Path], weights, folds: list[int], classes: list[str
     for key in ("plain", "tta"):
         if key in cv:
             o = cv[key]["overall"]
-            log.info("CV %s: accuracy %.4f, macro-F1 %.4f", key, o["acc"], o["f1"])
+            log.info("CV %s: accuracy %.4f, macro-F1 %.4f%s", key, o["acc"], o["f1"],
+                     f", mAP {o['map']:.4f}, AUC {o.get('auc', float('nan')):.4f}"
+                     if "map" in o else "")
     pairs = most_confused(true, pred, classes)
     if pairs:
         log.info("most confused (true -> predicted: count): %s",
@@ -215,16 +247,30 @@ def run_row(run_dir: Path, n_folds: int, classes: list[str]) -> dict | None:
                aug=augmentation_label(cfg), epochs=cfg.get("epochs"), ema=cfg.get("ema", 0.0),
                pseudo=cfg.get("pseudo", ""), teacher=cfg.get("teacher", ""),
                init=initialised_from(cfg.get("pretrained", "")), labels=cfg.get("labels", 1.0),
+               recipe=recipe_label(cfg),
                folds_done=f"{len(done)}/{n_folds}")
     for name, key in (("oof", "cv"), ("oof_tta", "cv_tta")):
         got = load_oof([run_dir], done, name, classes) if done else None
         row[key] = (float((got[1].argmax(1) == label_index(got[0].label, classes)).mean())
                     if got else np.nan)
+        row[f"{key}_map"] = ranking_scores(*got, classes).get("map", np.nan) if got else np.nan
     test = json.loads(run.test_score.read_text()) if run.test_score.is_file() else {}
     by = " ".join(f"{v} {a:.4f}" for accs in test.get("by", {}).values() for v, a in accs.items())
-    row.update(test_acc=test.get("accuracy", np.nan), test_by=by, test_with=test.get("with", ""),
+    row.update(test_acc=test.get("accuracy", np.nan), test_cmap=test.get("cmap_pad5", np.nan),
+               test_by=by, test_with=test.get("with", ""),
                train_min=round(minutes, 1))
     return row
+
+
+def recipe_label(cfg: dict) -> str:
+    """The multilabel tools a run used: 'bce sed balance=0.5 swa=0.75 crop=start', or ''."""
+    if not cfg.get("multilabel"):
+        return ""
+    parts = ["focal" if cfg.get("focal") else "bce"]
+    parts += ["sed"] if cfg.get("head") == "sed" else []
+    parts += [f"{k}={_short(cfg[k])}" for k in ("balance", "swa") if cfg.get(k)]
+    parts += ["crop=start"] if cfg.get("crop") == "start" else []
+    return " ".join(parts)
 
 
 def initialised_from(pretrained: str) -> str:
@@ -251,10 +297,11 @@ def leaderboard(work: str | Path) -> pd.DataFrame:
     rows = [r for d in sorted(runs_dir(work).glob("*")) if d.is_dir()
             for r in [run_row(d, n_folds, classes)] if r]
     board = pd.DataFrame(rows, columns=["run", "model", "size", "aug", "epochs", "ema", "pseudo",
-                                        "teacher", "init", "labels", "folds_done", "cv",
-                                        "cv_tta", "test_acc", "test_by", "test_with",
-                                        "train_min"])
-    board = board.sort_values(["cv", "cv_tta"], ascending=False, na_position="last")
+                                        "teacher", "init", "labels", "recipe", "folds_done",
+                                        "cv", "cv_tta", "cv_map", "cv_tta_map", "test_acc",
+                                        "test_cmap", "test_by", "test_with", "train_min"])
+    rank = ["cv_map", "cv_tta_map"] if board.cv_map.notna().any() else ["cv", "cv_tta"]
+    board = board.sort_values(rank, ascending=False, na_position="last")
     if len(board):
         write_csv(board, runs_dir(work) / "leaderboard.csv")
     return board.reset_index(drop=True)
@@ -315,8 +362,13 @@ def html_scores(run: Run, folds: dict[int, Path]) -> tuple[list, pd.DataFrame]:
             ("CV accuracy, TTA", cv.get("tta", {}).get("overall", {}).get("acc")),
             ("CV macro-F1", cv.get("plain", {}).get("overall", {}).get("f1"))]
     test = json.loads(run.test_score.read_text()) if run.test_score.is_file() else {}
-    if test:
+    for key, name in (("map", "CV mAP"), ("auc", "CV ROC-AUC")):
+        if key in cv.get("plain", {}).get("overall", {}):
+            kpis.append((name, cv["plain"]["overall"][key]))
+    if "accuracy" in test:
         kpis.append((f"test accuracy ({test.get('with', '')})", test["accuracy"]))
+    if "cmap_pad5" in test:
+        kpis.append((f"test padded cmAP ({test.get('with', '')})", test["cmap_pad5"]))
     per_fold = []
     for k, d in sorted(folds.items()):
         done = json.loads((d / "result.json").read_text())
@@ -345,15 +397,14 @@ def html_per_class(true, pred, classes: list[str]) -> tuple[pd.DataFrame, pd.Dat
 def html_audit(work: Path, cfg, table: pd.DataFrame, probs: np.ndarray, true, classes: list[str],
                audit: int) -> pd.DataFrame:
     """The `audit` OOF clips with the highest loss: path, speaker, player, log-mel, labels."""
-    from dataset import read_table
+    from dataset import Clips, read_table
     from transform import Frontend
 
     train = read_table(work / "train.csv").set_index("row")
     pred, p_true = probs.argmax(1), probs[np.arange(len(true)), true]
     worst = np.argsort(-np.log(np.clip(p_true, 1e-12, 1)))[:audit]
     rows = table.row.to_numpy()[worst]
-    waves = np.load(work / "train_wave.npy", mmap_mode="r")[np.sort(rows)]
-    waves = waves[np.argsort(np.argsort(rows))]
+    waves = Clips.of(work, "train").read(rows, cfg.clip_samples)
     with torch.no_grad():
         imgs = Frontend(cfg).eval()(torch.from_numpy(np.ascontiguousarray(waves)))[:, 0]
         if imgs.shape[-1] > 128:

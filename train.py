@@ -60,10 +60,29 @@ def work_settings(cfg: Config, given=()) -> Config:
         said = ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in clash.items())
         raise UsageError(f"{work / 'prep.json'} fixed {said}: drop them from the config file, or "
                          f"preprocess again with those settings into another --work")
+    if prep.get("multilabel"):  # secondary labels in the data: multi-hot targets
+        fixed["multilabel"] = True
     if any(getattr(cfg, k) != v for k, v in fixed.items() if k in ("sr", "seconds")):
         log.info("clips of %s s at %s Hz, as %s was built", fixed.get("seconds"), fixed.get("sr"),
                  work)
-    return dataclasses.replace(cfg, **fixed)
+    cfg = dataclasses.replace(cfg, **fixed)
+    check_options(cfg)
+    return cfg
+
+
+def check_options(cfg: Config) -> None:
+    """Options that do not go together, refused before anything runs."""
+    clash = [(cfg.teacher and cfg.multilabel, "--teacher distils softmax outputs: not with "
+                                              "multilabel data"),
+             (cfg.head == "sed" and not cfg.multilabel, "--head sed is a multilabel head (its "
+                                                        "loss is BCE): add --multilabel"),
+             (cfg.ema > 0 and cfg.swa > 0, "--ema and --swa both average the weights: pick one"),
+             (cfg.balance > 0 and cfg.pseudo, "--balance weighs labelled rows only: not with "
+                                              "--pseudo"),
+             (not 0 <= cfg.swa < 1, f"--swa {cfg.swa}: a share of the epochs in [0, 1)")]
+    for bad, why in clash:
+        if bad:
+            raise UsageError(why)
 
 
 def check_model(name: str) -> None:
@@ -194,7 +213,8 @@ def plan_fold(cfg: Config, k: int) -> Fold:
         check_resume(cfg, run.fold(k))
     pseudo = load_pseudo(cfg, run)
     workers = cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)
-    data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo, cfg.labels, cfg.seed)
+    data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo, cfg.labels, cfg.seed,
+                    cfg.clip_samples, cfg.crop, cfg.multilabel, cfg.secondary_weight, cfg.balance)
     teacher, teacher_path = load_teacher(cfg, k, data.classes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = AudioClassifier(cfg.to_dict(), data.classes)
@@ -231,10 +251,10 @@ def make_trainer(fold: Fold, progress: bool):
     import lightning as L
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 
-    from callback import AtomicCheckpointIO, History, OOFWriter
+    from callback import SWA, AtomicCheckpointIO, History, OOFWriter
 
     cfg, d = fold.cfg, fold.dir
-    best = ModelCheckpoint(dirpath=d, filename="best", monitor="val_acc", mode="max",
+    best = ModelCheckpoint(dirpath=d, filename="best", monitor=fold.model.monitor, mode="max",
                            save_top_k=1, save_weights_only=True, enable_version_counter=False)
     last = ModelCheckpoint(dirpath=d, filename="last", save_top_k=1,
                            enable_version_counter=False)  # no monitor: the newest epoch
@@ -246,6 +266,8 @@ def make_trainer(fold: Fold, progress: bool):
         steps = max(1, int(lim) if lim > 1 else int(steps * lim))
         callbacks.append(EMAWeightAveraging(decay=cfg.ema,
                                             update_starting_at_step=int(cfg.warmup * steps)))
+    if cfg.swa > 0:
+        callbacks.append(SWA(int(cfg.swa * cfg.epochs)))
     if progress:
         callbacks.append(TQDMProgressBar(leave=True))
     n = fold.devices if isinstance(fold.devices, int) else len(fold.devices)
@@ -269,7 +291,7 @@ def finish_fold(fold: Fold, trainer, best, t0: float) -> dict:
     from report import cv_summary, write_html
 
     cfg = fold.cfg
-    result = dict(fold=fold.k, val_acc=float(best.best_model_score or float("nan")),
+    result = dict(fold=fold.k, **{best.monitor: float(best.best_model_score or float("nan"))},
                   epochs=trainer.current_epoch, seconds=round(time.time() - t0, 1),
                   device=fold.accelerator, processes=trainer.world_size, ema=cfg.ema,
                   teacher=fold.teacher, pseudo_clips=fold.pseudo_clips)
@@ -278,10 +300,11 @@ def finish_fold(fold: Fold, trainer, best, t0: float) -> dict:
     if cfg.tta == "y":
         gpu = fold.accelerator == "gpu"
         device = torch.device(f"cuda:{fold.devices[0]}" if gpu else "cpu")
-        write_oof_tta(fold.dir, Path(cfg.work), fold.data.classes, device, cfg.batch_size * 2)
+        write_oof_tta(fold.dir, Path(cfg.work), fold.data.classes, device, cfg.batch_size * 2,
+                      cfg.clip_samples)
     write_json(dict(result, seconds=round(time.time() - t0, 1)), fold.dir / "result.json")
-    log.info("fold %d: best val_acc %.4f, %d epochs in %.0f s -> %s", fold.k, result["val_acc"],
-             result["epochs"], result["seconds"], fold.dir)
+    log.info("fold %d: best %s %.4f, %d epochs in %.0f s -> %s", fold.k, best.monitor,
+             result[best.monitor], result["epochs"], result["seconds"], fold.dir)
     folds = sorted(fold.data.table.fold.unique().tolist())
     cv = cv_summary([fold.run.dir], fold.data.classes, folds, fold.run.dir)
     if cv:
@@ -308,17 +331,18 @@ def train_fold(cfg: Config, k: int, progress: bool = True) -> dict:
         return finish_fold(fold, trainer, best, t0)
 
 
-def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch: int) -> None:
+def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch: int,
+                  length: int) -> None:
     """oof_tta.csv: oof.csv's rows predicted by best.ckpt with the TTA views averaged (once,
     after training, rather than at every validation)."""
     import numpy as np
 
-    from dataset import Rows
+    from dataset import Clips, Rows
     from model import predict_waves
     from util import write_csv
 
     oof = pd.read_csv(fold_dir / "oof.csv", keep_default_na=False)
-    waves = Rows(np.load(work / "train_wave.npy", mmap_mode="r"), oof.row)
+    waves = Rows(Clips.of(work, "train"), oof.row, length)
     probs = predict_waves([fold_dir / "best.ckpt"], waves, True, device, batch)[0][0]
     oof[classes] = probs
     write_csv(oof, fold_dir / "oof_tta.csv")

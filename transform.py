@@ -413,14 +413,18 @@ class SpecAugment(nn.Module):
         return s.masked_fill(fmask[:, None, :, None] | tmask[:, None, None, :], 0.0)
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
+          union: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each sample with a random partner: lam ~ Beta(alpha, alpha) per sample, applied to
-    the inputs and the (soft) targets alike."""
+    the inputs and the (soft) targets alike; with `union` (multilabel) the target is the
+    union of both label sets (the larger of the two targets): both sounds are there."""
     B = x.shape[0]
     lam = torch.distributions.Beta(alpha, alpha).sample((B,)).to(x.device, x.dtype)
     lam = torch.maximum(lam, 1 - lam)  # the sample keeps the larger share of itself
     perm = torch.randperm(B, device=x.device)
     lx = lam.view(B, *([1] * (x.dim() - 1)))
+    if union:
+        return lx * x + (1 - lx) * x[perm], torch.maximum(y, y[perm])
     return lx * x + (1 - lx) * x[perm], lam[:, None] * y + (1 - lam[:, None]) * y[perm]
 
 

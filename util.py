@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -182,3 +183,9 @@ class FoldLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def secondary_names(value) -> list[str]:
+    """The labels in a secondary-labels cell: "['a', 'b']" (BirdCLEF), "a b" or "a,b"."""
+    s = str(value).strip().strip("[]")
+    return [n for n in (t.strip().strip("'\"") for t in re.split(r"[,\s]+", s)) if n]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,3 +59,11 @@ def e2e(tmp_path_factory, demo_data) -> dict:
                                 "-f", 2, "-a", "y", "--solution", demo_data / "solution.csv"),
     }
     return dict(work=work, data=demo_data, run=work / "runs" / "resnet18_32", steps=steps)
+
+
+def cached(work, split: str = "train", rows=None, length: int = 16000) -> np.ndarray:
+    """[N, length] int16 of WORK's clip cache (every clip, or `rows`), from each clip's start."""
+    from dataset import Clips
+
+    clips = Clips.of(work, split)
+    return clips.read(np.arange(len(clips)) if rows is None else np.asarray(rows), length)

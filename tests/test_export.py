@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, cached, run_script
 
 BLOCKED = ("torch", "torchvision", "torchaudio", "lightning", "pytorch_lightning", "timm",
            "librosa", "sklearn", "scipy", "pandas", "matplotlib")
@@ -35,7 +35,7 @@ def test_onnx_matches_the_pytorch_ensemble(e2e, exported, tta):
     from inference import ensemble
     from model import predict_waves
 
-    waves = np.load(e2e["work"] / "test_wave.npy")
+    waves = cached(e2e["work"], "test")
     paths = [e2e["run"] / f"fold{k}" / "best.ckpt" for k in (0, 1)]
     probs, classes = predict_waves(paths, waves, tta, torch.device("cpu"), 64)
     want = ensemble(probs, "soft")[1]

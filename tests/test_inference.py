@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import run_script
+from conftest import cached, run_script
 from inference import ensemble
 from runs import parse_folds
 from model import CheckpointError, check_compatible, load_checkpoint, predict_waves
@@ -59,7 +59,7 @@ def test_submission_has_every_sample_row_in_order(e2e):
 
 def test_tta_views_differ_and_their_mean_is_used(e2e):
     model = load_checkpoint(e2e["run"] / "fold0" / "best.ckpt")
-    waves = torch.from_numpy(np.load(e2e["work"] / "test_wave.npy")[:16])
+    waves = torch.from_numpy(cached(e2e["work"], "test", range(16)))
     per_view = model.predict_views(waves, tta_views(True))
     assert per_view.shape == (5, 16, len(model.classes))
     assert not torch.allclose(per_view[1], per_view[0])  # a shifted view changes the output

@@ -8,7 +8,8 @@ import soundfile as sf
 
 import demo
 from arg import Config
-from conftest import prepared, run_script
+from conftest import cached, prepared, run_script
+from dataset import Clips
 from preprocess import prepare, speaker_of
 
 
@@ -34,19 +35,19 @@ def test_folds_stratified_and_speaker_disjoint(work):
 
 def test_cached_rows_equal_librosa_load(work):
     train = pd.read_csv(work / "train.csv")
-    waves = np.load(work / "train_wave.npy", mmap_mode="r")
-    assert waves.dtype == np.int16 and waves.shape == (len(train), 16000)
+    clips = Clips.of(work, "train")
+    assert clips.wave.dtype == np.int16 and len(clips) == len(train)
     for i in [0, 17, len(train) - 1]:
         y, _ = librosa.load(train.path[i], sr=16000)
-        y = np.pad(y, (0, max(0, 16000 - len(y))))[:16000]
-        assert np.abs(waves[i] / 32768.0 - y).max() <= 1 / 32768 + 1e-7
+        assert len(clips.clip(i)) == len(y)  # whole, neither padded nor cut
+        assert np.abs(clips.clip(i) / 32768.0 - y).max() <= 1 / 32768 + 1e-7
 
 
 def test_test_order_is_submission_order(work, demo_data):
     sub = pd.read_csv(demo_data / "submission.csv")
     test = pd.read_csv(work / "test.csv")
     assert list(test.file_name) == list(sub.file_name)
-    assert np.load(work / "test_wave.npy", mmap_mode="r").shape[0] == len(sub)
+    assert len(Clips.of(work, "test")) == len(sub)
     assert (work / "noise.npy").is_file()
 
 
@@ -99,7 +100,7 @@ def test_bad_inputs_listed_and_converted(tmp_path):
                           "broken.wav", "gone.wav"}
     assert names["empty_nohash_0.wav"].startswith(("empty", "not readable"))
     train = pd.read_csv(work / "train.csv")
-    waves = np.load(work / "train_wave.npy")
+    waves = cached(work)
     by_name = {p.split("/")[-1]: i for i, p in enumerate(train.path)}
     for name in ("stereo", "u8", "float", "cd", "long", "short", "silent", "lossless"):
         assert any(k.startswith(name + "_") for k in by_name), name
@@ -113,7 +114,8 @@ def test_bad_inputs_listed_and_converted(tmp_path):
     test = pd.read_csv(work / "test.csv", keep_default_na=False)
     assert list(test.file_name) == ["c.wav", "broken.wav", "a.wav", "gone.wav"]
     assert list(test.status == "ok") == [True, False, True, False]
-    assert np.abs(np.load(work / "test_wave.npy")[1]).max() == 0  # unreadable -> silence
+    assert Clips.of(work, "test").lengths[1] == 0  # unreadable: no samples, read as silence
+    assert np.abs(cached(work, "test", [1])).max() == 0
     assert test.orig_sr[0] == 8000
 
 
@@ -163,7 +165,7 @@ def test_manifest_layout_keeps_its_folds(tmp_path):
     assert s["layout"] == "manifest" and s["train"] == 7 and s["test"] == 1
     train = pd.read_csv(tmp_path / "w" / "train.csv")
     assert list(train.fold) == [i % 4 for i in range(7)]
-    assert np.load(tmp_path / "w" / "train_wave.npy").shape == (7, 8000)
+    assert list(Clips.of(tmp_path / "w", "train").lengths) == [1600] * 7  # whole, at 16 kHz
 
 
 def test_predictor_reads_a_file_as_training_did(tmp_path):

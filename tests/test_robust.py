@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, cached, run_script
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def assert_oof_matches_best(work, fold_dir, k):
     table = pd.read_csv(work / "train.csv")
     oof = pd.read_csv(fold_dir / "oof.csv", keep_default_na=False)
     assert sorted(oof.row) == sorted(table[table.fold == k].row)  # each val row exactly once
-    waves = np.load(work / "train_wave.npy")[oof.row.to_numpy()]
+    waves = cached(work, "train", oof.row)
     probs = predict_waves([fold_dir / "best.ckpt"], waves, False, torch.device("cpu"), 64)[0][0]
     assert np.abs(probs - oof[classes].to_numpy()).max() < 1e-5
 
@@ -90,7 +90,7 @@ def test_killed_preprocess_is_rebuilt_not_reused(demo_data, tmp_path):
     proc = run_script("preprocess.py", "--data", demo_data, "--work", work, "--folds", 2)
     assert "reusing" not in proc.stderr + proc.stdout and (work / "prep.json").is_file()
     table = pd.read_csv(work / "train.csv")
-    assert len(np.load(work / "train_wave.npy", mmap_mode="r")) == len(table)
+    assert len(cached(work)) == len(table)
     # and train.py refuses a WORK whose build never finished
     (work / "prep.json").unlink()
     proc = run_script("train.py", "--work", work, *TINY, "-f", "0", "-g", "cpu", check=False)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import TINY, cached, run_script
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_ema_weights_are_validated_and_saved_in_best(work):
     # validation (oof.csv) saw the averaged weights: best.ckpt predicts the same probabilities
     oof = pd.read_csv(fold / "oof.csv", keep_default_na=False)
     classes = json.loads((work / "classes.json").read_text())
-    waves = np.load(work / "train_wave.npy")[oof.row.to_numpy()]
+    waves = cached(work, "train", oof.row)
     probs = predict_waves([fold / "best.ckpt"], waves, False, torch.device("cpu"), 64)[0][0]
     assert np.abs(probs - oof[classes].to_numpy()).max() < 1e-5
     assert json.loads((fold / "result.json").read_text())["ema"] == 0.9

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, cached
 
 
 class Payload:
@@ -247,7 +247,7 @@ def test_disk_full_while_writing_the_cache_is_one_line(e2e, tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"preprocess: {work / 'train_wave.npy'}: no room to write it"), line
     assert (work / "train_wave.npy").read_bytes() == before
-    assert np.load(work / "train_wave.npy").shape[0] > 0
+    assert np.load(work / "train_wave.npy").shape[0] > 0 and len(cached(work)) > 0
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
