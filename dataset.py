@@ -81,6 +81,8 @@ class Clips:
         """A uniform random start for each clip longer than `length` (torch's generator:
         seeded by Lightning, one stream per worker), 0 for the others."""
         room = np.maximum(self.lengths[np.asarray(rows, dtype=np.int64)] - length, 0)
+        if not room.any():  # fixed-length clips draw nothing: their runs stay as they were
+            return np.zeros(len(room), np.int64)
         u = torch.rand(len(room), dtype=torch.float64).numpy()
         return np.floor(u * (room + 1)).astype(np.int64)
 
