@@ -22,6 +22,10 @@ frontend: a training step (resnet18 at -t) with --aug seed, with the default pre
 with the default preset done the earlier way (pitch shift resampling every clip's full
 spectrogram, reverberation computed for every clip): the epoch ratios and the speed-up.
 ssl: samples/s of a BYOL-A pretraining step (pretrain.py) beside a supervised step.
+crops (needs no --work): training batches read from the clip cache, samples/s, on generated
+data on disk: (a) 1-s clips as rows of the earlier [N, L] cache, (b) the same clips in the
+flat cache with offsets (dataset.Clips), (c) random 1-s crops of 2-60 s recordings in the flat
+cache (what a soundscape epoch reads); ratios (b)/(a) and (c)/(a).
 onnx: RUN's folds exported with TTA; clips/s of ONNX Runtime and of PyTorch (the same
 ensemble, inference.py's way) at batch 1 and 64 on the CPU; the .onnx size; the cold start
 (process start to printed label, one file) of predict.py and of `inference.py --predict`.
@@ -166,7 +170,8 @@ def main(argv=None) -> int:
                    help="DataLoader workers of the original per-sample pipeline (a)")
     p.add_argument("--skip-steps", action="store_true", help="no training-step shares")
     p.add_argument("--sections", default="features,augment",
-                   help="comma-separated: features, augment, frontend, scale, onnx, ssl")
+                   help="comma-separated: features, augment, frontend, scale, onnx, ssl, "
+                        "crops")
     p.add_argument("--scale-sizes", default="6000,60000",
                    help="scale: training clips of each generated set")
     p.add_argument("--scale-dir", default="work/scale", help="scale: where the sets go")
@@ -177,8 +182,10 @@ def main(argv=None) -> int:
     sections = args.sections.split(",")
     if "scale" in sections:  # makes its own data: needs no --work
         scale_section(args)
-        if sections == ["scale"]:
-            return 0
+    if "crops" in sections:  # likewise
+        crops_section(args)
+    if not set(sections) - {"scale", "crops"}:
+        return 0
     device = torch_device(cfg.gpus)
     torch.set_num_threads(os.cpu_count() or 1)
     table = read_table(Path(args.work) / "train.csv")
@@ -201,6 +208,50 @@ def main(argv=None) -> int:
     if "frontend" in sections:
         frontend_section(args, waves, device)
     return 0
+
+
+def crops_section(args, n: int = 4096, sr: int = 16000) -> None:
+    """Batches of the earlier fixed-row cache beside the flat cache of clips of any length."""
+    from dataset import WaveDataset
+
+    rng = np.random.default_rng(0)
+    batch = args.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fixed = rng.integers(-3000, 3000, (n, sr)).astype(np.int16)
+        np.save(tmp / "rows_wave.npy", fixed)  # the earlier [N, L] cache
+        np.save(tmp / "clips_wave.npy", fixed.reshape(-1))
+        np.save(tmp / "clips_offsets.npy", np.arange(n + 1, dtype=np.int64) * sr)
+        seconds = np.exp(rng.uniform(np.log(2), np.log(60), 200))
+        recs = [rng.integers(-3000, 3000, int(s * sr)).astype(np.int16) for s in seconds]
+        np.save(tmp / "recs_wave.npy", np.concatenate(recs))
+        np.save(tmp / "recs_offsets.npy",
+                np.concatenate([[0], np.cumsum([len(r) for r in recs])]).astype(np.int64))
+        del fixed, recs
+        rows_mm = np.load(tmp / "rows_wave.npy", mmap_mode="r")
+
+        def old_batch(idx):  # the earlier WaveDataset: sorted rows in one memmap read
+            order = np.argsort(idx)
+            out = np.empty((len(idx), sr), np.int16)
+            out[order] = rows_mm[idx[order]]
+            return out
+
+        flat = WaveDataset(Clips(tmp / "clips_wave.npy"), None, None, sr, "random")
+        crops = WaveDataset(Clips(tmp / "recs_wave.npy"), np.repeat(np.arange(200), 20), None,
+                            sr, "random")
+        epochs = {"a": (old_batch, n), "b": (flat.__getitems__, n), "c": (crops.__getitems__,
+                                                                          len(crops))}
+        got = {}
+        for key, (read, size) in epochs.items():
+            batches = [rng.permutation(size)[:batch * 32].reshape(32, batch)]
+
+            def epoch():
+                for idx in batches[0]:
+                    read(idx)
+            got[key] = rate(epoch, batch * 32, repeat=3)
+    print(f"crops: (a) fixed rows {got['a']:,.0f} samples/s, (b) flat cache of the same 1-s "
+          f"clips {got['b']:,.0f} ({got['b'] / got['a']:.2f}x), (c) random 1-s crops of 2-60 s "
+          f"recordings {got['c']:,.0f} ({got['c'] / got['a']:.2f}x); batch {batch}")
 
 
 def ssl_section(args, waves, device) -> None:

@@ -70,11 +70,21 @@ class Clips:
         `starts`), zero-padded past its end."""
         rows = np.asarray(rows, dtype=np.int64)
         starts = np.zeros(len(rows), np.int64) if starts is None else np.asarray(starts, np.int64)
-        out = np.zeros((len(rows), length), np.int16)
+        # np.empty, not np.zeros: a fresh zeroed buffer costs a page fault per 4 KiB written,
+        # which made reading a batch 9x slower (bench.py --sections crops)
+        out = np.empty((len(rows), length), np.int16)
         begin, end = self._offsets[rows] + starts, self._offsets[rows + 1]
-        for i in np.argsort(begin):  # in file order
-            n = max(0, min(length, int(end[i] - begin[i])))
+        whole = end - begin >= length  # most rows: one gather in C
+        if not whole.any():
+            pass
+        elif whole.all():
+            return np.lib.stride_tricks.sliding_window_view(self.wave, length)[begin]
+        else:
+            out[whole] = np.lib.stride_tricks.sliding_window_view(self.wave, length)[begin[whole]]
+        for i in np.flatnonzero(~whole):  # shorter than `length` from there: zero-padded
+            n = max(0, int(end[i] - begin[i]))
             out[i, :n] = self.wave[begin[i]:begin[i] + n]
+            out[i, n:] = 0
         return out
 
     def random_starts(self, rows, length: int) -> np.ndarray:

@@ -292,6 +292,22 @@ def fold_gaps(train: pd.DataFrame) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- pipeline
+def label_rows(train: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """train with y (the primary label's index) and secondary (its other labels that are
+    classes, space-separated; '' for single-label data); secondary labels that name no class
+    are said once and left out."""
+    known = set(classes)
+    second = train.get("secondary", pd.Series("", index=train.index)).astype(str)
+    train = train.assign(y=train.label.map({c: i for i, c in enumerate(classes)}), secondary=[
+        " ".join(n for n in secondary_names(v) if n in known and n != lab)
+        for v, lab in zip(second, train.label)])
+    unknown = sorted({n for v in second for n in secondary_names(v)} - known)
+    if unknown:
+        print(f"preprocess: {len(unknown)} secondary label(s) name no class and are left out: "
+              f"{', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""), file=sys.stderr)
+    return train
+
+
 def fingerprint(cfg: Config, paths: list[str], layout: str) -> str:
     h = hashlib.sha1(json.dumps([CACHE_FORMAT, layout, cfg.sr, cfg.seconds, cfg.max_seconds,
                                  cfg.folds, cfg.seed, cfg.manifest]).encode())
@@ -302,6 +318,23 @@ def fingerprint(cfg: Config, paths: list[str], layout: str) -> str:
         except OSError:
             h.update(f"{p}\0missing\n".encode())
     return h.hexdigest()
+
+
+def write_noise(paths: list[str], work: Path, sr: int, rejected: list) -> float:
+    """WORK/noise.npy: the background-noise files end to end (unreadable ones go to
+    `rejected`); returns its seconds."""
+    waves = []
+    for p in paths:
+        try:
+            waves.append(decode(p, sr, None)[0])
+        except AudioError as e:
+            rejected.append(pd.DataFrame({"path": [p], "status": [str(e)]}))
+    if waves:
+        noise_all = np.concatenate(waves)
+        atomic_write(work / "noise.npy", lambda tmp: np.save(tmp, noise_all))
+    elif (work / "noise.npy").exists():
+        (work / "noise.npy").unlink()
+    return sum(map(len, waves)) / sr
 
 
 def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dict:
@@ -332,9 +365,9 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     if not ok.all():  # keep only usable rows
         drop_rows(work, "train", ok.to_numpy())
         train = train[ok].reset_index(drop=True)
-    classes = sorted(set(train.label) | set(sample_classes(Path(cfg.data))))
     if not len(train):
         raise DataLayoutError(f"{cfg.data}: every training clip was rejected (see rejected.csv)")
+    classes = sorted(set(train.label) | set(sample_classes(Path(cfg.data))))
     if "group" not in train or (train.group.astype(str) == "").any():
         train["group"] = [speaker_of(p) for p in train.path]
     if "fold" not in train:
@@ -342,15 +375,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     gaps = fold_gaps(train)
     for line in gaps:
         print(f"preprocess: {line}", file=sys.stderr)
-    train["y"] = train.label.map({c: i for i, c in enumerate(classes)})
-    known = set(classes)
-    second = train.get("secondary", pd.Series("", index=train.index)).astype(str)
-    train["secondary"] = [" ".join(n for n in secondary_names(v) if n in known and n != lab)
-                          for v, lab in zip(second, train.label)]
-    unknown = sorted({n for v in second for n in secondary_names(v)} - known)
-    if unknown:
-        print(f"preprocess: {len(unknown)} secondary label(s) name no class and are left out: "
-              f"{', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""), file=sys.stderr)
+    train = label_rows(train, classes)
     multilabel = layout == "birdclef" or bool((train.secondary != "").any())
     train.insert(0, "row", np.arange(len(train)))
     write_csv(train.drop(columns=["status", "samples"]), work / "train.csv")
@@ -364,17 +389,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     test.insert(0, "row", np.arange(len(test)))
     write_csv(test.drop(columns="samples"), work / "test.csv")
 
-    noise_waves = []
-    for p in noise:
-        try:
-            noise_waves.append(decode(p, cfg.sr, None)[0])
-        except AudioError as e:
-            rejected.append(pd.DataFrame({"path": [p], "status": [str(e)]}))
-    if noise_waves:
-        noise_all = np.concatenate(noise_waves)
-        atomic_write(work / "noise.npy", lambda tmp: np.save(tmp, noise_all))
-    elif (work / "noise.npy").exists():
-        (work / "noise.npy").unlink()
+    noise_seconds = write_noise(noise, work, cfg.sr, rejected)
 
     rejected = pd.concat(rejected).rename(columns={"status": "reason"})
     write_csv(rejected, work / "rejected.csv")
@@ -384,7 +399,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
               f"({', '.join(f'{n} {r}' for r, n in reasons.items())}) - listed in "
               f"{work / 'rejected.csv'}", file=sys.stderr)
     summary = dict(fingerprint=fp, layout=layout, classes=len(classes), train=len(train),
-                   test=len(test), noise_seconds=sum(map(len, noise_waves)) / cfg.sr,
+                   test=len(test), noise_seconds=noise_seconds,
                    rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, folds=cfg.folds,
                    max_seconds=cfg.max_seconds, multilabel=multilabel,
                    rows="window" if layout == "birdclef" else "file",
