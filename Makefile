@@ -12,10 +12,12 @@ HARD_WORK ?= work/hard
 CPU_RECIPE ?= -m resnet18 -t 64 -e 8 -b 64 -g cpu
 GPU_RECIPE ?= -m res2next50 -t 224 -e 20 -b 64
 
+SOUND_DATA ?= data/soundscape
+SOUND_WORK ?= work/soundscape
 SHIFT_DATA ?= data/shift
 SHIFT_WORK ?= work/shift
 
-.PHONY: install test demo hard shift bench scale clean lock
+.PHONY: install test demo hard shift soundscape bench scale clean lock
 
 # installs the exact versions the tests passed with (requirements.lock); the loose
 # requirements*.txt are for installing into an environment of your own
@@ -76,6 +78,16 @@ shift: $(STAMP)
 	  --solution $(SHIFT_DATA)/solution.csv
 	$(BIN)/python report.py --work $(SHIFT_WORK)
 
+# recordings of any length with several labels: fold 0, windowed test soundscapes (padded cmAP)
+soundscape: $(STAMP)
+	$(BIN)/python demo.py --preset soundscape --out $(SOUND_DATA)
+	$(BIN)/python preprocess.py --data $(SOUND_DATA) --work $(SOUND_WORK) --seconds 2
+	$(BIN)/python train.py --work $(SOUND_WORK) --run ss_base -f 0 -a y \
+	  -m resnet18 -t 64 -e 20 -b 32 -g cpu
+	$(BIN)/python inference.py --work $(SOUND_WORK) --run ss_base -f 1 -a y -g -1 \
+	  --solution $(SOUND_DATA)/solution.csv
+	$(BIN)/python report.py --work $(SOUND_WORK)
+
 bench: $(STAMP)
 	$(BIN)/python bench.py --work $(DEMO_WORK) -t 224
 
@@ -84,4 +96,5 @@ scale: $(STAMP)
 	$(BIN)/python bench.py --sections scale --scale-sizes 6000,60000 --scale-dir work/scale
 
 clean:
-	rm -rf $(VENV) data/demo work/demo data/hard work/hard data/shift work/shift work/scale
+	rm -rf $(VENV) data/demo work/demo data/hard work/hard data/shift work/shift work/scale \
+	  $(SOUND_DATA) $(SOUND_WORK)

@@ -107,6 +107,9 @@ class Config:
     head: str = opt("pool", "classifier: pool (timm's global pooling + linear) or sed (attention "
                     "over time frames, clip-wise + max-frame loss; multilabel)", "model",
                     choices=("pool", "sed"))
+    sed_output: str = opt("frames", "what a SED model says at validation and test: frames (each "
+                          "class's loudest frame) or clip (the attention-pooled score)", "model",
+                          choices=("frames", "clip"))
     swa: float = opt(0.0, "stochastic weight averaging: the equal average of every epoch's weights "
                      "from this share of the epochs on (e.g. 0.75); 0 = off", "model")
     ema: float = opt(0.0, "EMA of the weights with this decay (e.g. 0.998); 0 = off. "

@@ -42,7 +42,7 @@ class Ensemble(nn.Module):
         self.frontend = models[0].frontend.eval()  # members are checked to share it
         self.nets = nn.ModuleList(m.net.eval() for m in models)
         self.heads = nn.ModuleList((m.head or nn.Identity()).eval() for m in models)
-        self.sed = [m.head is not None for m in models]
+        self.sed = [m.head is not None and m.cfg.sed_output for m in models]
         self.multilabel = models[0].cfg.multilabel
         self.views = list(tta_views(tta).values())
         w = torch.ones(len(models)) if weights is None else torch.as_tensor(weights).float()
@@ -55,7 +55,10 @@ class Ensemble(nn.Module):
         probs = 0.0
         for k, net in enumerate(self.nets):
             out = net(img)
-            logits = (self.heads[k](out)[0] if self.sed[k] else out).float()
+            if self.sed[k]:  # as AudioClassifier.backbone
+                clip, frames = self.heads[k](out)
+                out = frames.amax(-1) if self.sed[k] == "frames" else clip
+            logits = out.float()
             p = logits.sigmoid() if self.multilabel else logits.softmax(-1)
             probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
         return probs

@@ -271,7 +271,11 @@ class AudioClassifier(L.LightningModule):
         return self.head(out) if self.head is not None else (out, None)
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(x)[0]
+        """Logits of what the model outputs at validation and test: a SED head's loudest frame
+        of each class (--sed-output frames) or its attention-pooled clip score."""
+        logits, frames = self.classify(x)
+        return frames.amax(-1) if frames is not None and self.cfg.sed_output == "frames" \
+            else logits
 
     def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
         return self.backbone(self.frontend(wave, view))

@@ -79,6 +79,8 @@ def check_options(cfg: Config) -> None:
              (cfg.ema > 0 and cfg.swa > 0, "--ema and --swa both average the weights: pick one"),
              (cfg.balance > 0 and cfg.pseudo, "--balance weighs labelled rows only: not with "
                                               "--pseudo"),
+             (cfg.pseudo and cfg.multilabel, "--pseudo takes one label per test clip: not with "
+                                             "multilabel data"),
              (not 0 <= cfg.swa < 1, f"--swa {cfg.swa}: a share of the epochs in [0, 1)")]
     for bad, why in clash:
         if bad:

@@ -129,9 +129,19 @@ def test_soundscape_end_to_end(tmp_path):
         (work / "classes.json").read_text())
     score = json.loads((work / "runs" / "ss" / "test_score.json").read_text())
     assert 0 < score["cmap_pad5"] <= 1 and "padded cmAP" in proc.stderr
-    cv = json.loads((work / "runs" / "ss" / "cv.json").read_text()) if (
-        work / "runs" / "ss" / "cv.json").is_file() else {}
-    assert cv == {} or "map" in cv  # one fold of two: no CV yet
+    # the exported SED ensemble says what inference.py said, window for window
+    from predict import Predictor
+
+    run_script("export.py", "--work", work, "--run", "ss", "-f", 1, "--out", tmp_path / "ss.onnx")
+    first = sorted((data / "test_soundscapes").iterdir())[0]
+    got = Predictor(tmp_path / "ss.onnx").windows(first, 2.0, 2.0, silence_db=1000)
+    assert len(got) == 30 and got[-1][1] == 60.0
+    plain = run_script("inference.py", "--work", work, "--run", "ss", "-f", 1, "-g", -1,
+                       "--out", tmp_path / "plain")
+    want = pd.read_csv(tmp_path / "plain" / "submission.csv").set_index("row_id")
+    for start, end, label, prob in got:
+        row = want.loc[f"{first.stem}_{int(end)}"]
+        assert label == row.idxmax() and abs(prob - row.max()) < 1e-4
 
 
 def test_fixed_length_clips_train_as_before(e2e, tmp_path):
@@ -151,3 +161,12 @@ def test_fixed_length_clips_train_as_before(e2e, tmp_path):
         ckpt = torch.load(work / "runs" / "same" / "fold0" / "best.ckpt", weights_only=True)
         weights.append(ckpt["state_dict"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("flags,said", [(["--head", "sed"], "--head sed is a multilabel head"),
+                                        (["--ema", "0.99", "--swa", "0.5"], "pick one")])
+def test_options_that_do_not_fit_are_refused(e2e, flags, said):
+    proc = run_script("train.py", "--work", e2e["work"], *TINY, "-f", 0, "-g", "cpu",
+                      "--run", "refused", *flags, check=False)
+    assert proc.returncode == 2 and said in proc.stderr.strip().splitlines()[-1]
+    assert not (e2e["work"] / "runs" / "refused").exists()

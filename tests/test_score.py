@@ -161,8 +161,10 @@ def test_leaderboard_lists_every_run_best_cv_first(work):
     proc = run_script("report.py", "--work", work)
     board = pd.read_csv(work / "runs" / "leaderboard.csv", keep_default_na=False)
     assert {"resnet18_32", "ema", "pseudo", "student"} <= set(board.run)
-    assert list(board.columns[:11]) == ["run", "model", "size", "aug", "epochs", "ema",
-                                        "pseudo", "teacher", "init", "labels", "folds_done"]
+    assert list(board.columns[:12]) == ["run", "model", "size", "aug", "epochs", "ema",
+                                        "pseudo", "teacher", "init", "labels", "recipe",
+                                        "folds_done"]
+    assert set(board.recipe) == {""} and set(board.cv_map) == {""}  # single-label runs
     cv = pd.to_numeric(board.cv, errors="coerce").dropna()
     assert list(cv) == sorted(cv, reverse=True)
     row = board.set_index("run").loc["resnet18_32"]
