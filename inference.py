@@ -305,6 +305,19 @@ def write_blend(blend: dict, runs: list[str], folds: list[int], tta: bool, out: 
              blend["temperature"], *blend["oof_log_loss"].values(), *blend["oof_ece"].values())
 
 
+def read_test(work: Path) -> pd.DataFrame:
+    """WORK's test.csv; the files that could not be read (predicted from silence) are named."""
+    from dataset import read_table
+
+    test = read_table(work / "test.csv")
+    bad = test[test.status != "ok"]
+    if len(bad):
+        print(f"inference: {len(bad)} test files could not be read and were predicted from "
+              f"silence: " + ", ".join(f"{r.file_name} ({r.status})" for r in bad.itertuples()),
+              file=sys.stderr)
+    return test
+
+
 def padded_cmap(truth: np.ndarray, probs: np.ndarray, pad: int = 5) -> float:
     """BirdCLEF's padded cmAP: `pad` rows of ones added to the truth and the predictions, then
     the macro average precision over every class (torchmetrics)."""
@@ -324,15 +337,9 @@ def write_windows(work: Path, out: Path, wins: pd.DataFrame, score: np.ndarray,
     With --solution (row_id + one 0/1 column per class): padded cmAP, mAP and ROC-AUC."""
     import json
 
-    from dataset import read_table
     from model import multilabel_scores
 
-    test = read_table(work / "test.csv")
-    bad = test[test.status != "ok"]
-    if len(bad):
-        print(f"inference: {len(bad)} test files could not be read and were predicted from "
-              f"silence: " + ", ".join(f"{r.file_name} ({r.status})" for r in bad.itertuples()),
-              file=sys.stderr)
+    test = read_test(work)
     stems = test.file_name.map(lambda n: Path(n).stem).to_numpy()
     ids = [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end_s)]
     sub = probs_frame(pd.Series(ids), score, classes, key="row_id")
@@ -373,14 +380,7 @@ def write_submission(work: Path, out: Path, labels: list[str], score: np.ndarray
                      classes: list[str], solution: str, how: str) -> None:
     """submission.csv (every row of the sample, in order), test_probs.csv, and the test
     accuracy where true labels exist; unreadable test files are named."""
-    from dataset import read_table
-
-    test = read_table(work / "test.csv")
-    bad = test[test.status != "ok"]
-    if len(bad):
-        print(f"inference: {len(bad)} test files could not be read and were predicted from "
-              f"silence: " + ", ".join(f"{r.file_name} ({r.status})" for r in bad.itertuples()),
-              file=sys.stderr)
+    test = read_test(work)
     write_csv(pd.DataFrame({"file_name": test.file_name, "label": labels}), out / "submission.csv")
     write_csv(probs_frame(test.file_name, score, classes), out / "test_probs.csv")
     log.info("submission: %d rows -> %s", len(test), out / "submission.csv")

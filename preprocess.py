@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
-from predict import AudioError, fit, read_audio
+from predict import AudioError, read_audio
 from util import UsageError, atomic_write, secondary_names, write_csv, write_json
 
 log = logging.getLogger(__name__)

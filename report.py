@@ -14,7 +14,6 @@ import html
 import io
 import json
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path

@@ -337,8 +337,6 @@ def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch:
                   length: int) -> None:
     """oof_tta.csv: oof.csv's rows predicted by best.ckpt with the TTA views averaged (once,
     after training, rather than at every validation)."""
-    import numpy as np
-
     from dataset import Clips, Rows
     from model import predict_waves
     from util import write_csv

@@ -1,5 +1,4 @@
 """Self-supervised pretraining, transfer of weights between runs, label shares, the shift preset."""
-import json
 
 import numpy as np
 import pandas as pd

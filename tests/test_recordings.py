@@ -136,7 +136,7 @@ def test_soundscape_end_to_end(tmp_path):
     first = sorted((data / "test_soundscapes").iterdir())[0]
     got = Predictor(tmp_path / "ss.onnx").windows(first, 2.0, 2.0, silence_db=1000)
     assert len(got) == 30 and got[-1][1] == 60.0
-    plain = run_script("inference.py", "--work", work, "--run", "ss", "-f", 1, "-g", -1,
+    run_script("inference.py", "--work", work, "--run", "ss", "-f", 1, "-g", -1,
                        "--out", tmp_path / "plain")
     want = pd.read_csv(tmp_path / "plain" / "submission.csv").set_index("row_id")
     for start, end, label, prob in got:
