@@ -266,7 +266,8 @@ def recipe_label(cfg: dict) -> str:
     if not cfg.get("multilabel"):
         return ""
     parts = ["focal" if cfg.get("focal") else "bce"]
-    parts += ["sed"] if cfg.get("head") == "sed" else []
+    parts += [("sed" if cfg.get("sed_output", "frames") == "frames" else "sed(clip)")] \
+        if cfg.get("head") == "sed" else []
     parts += [f"{k}={_short(cfg[k])}" for k in ("balance", "swa") if cfg.get(k)]
     parts += ["crop=start"] if cfg.get("crop") == "start" else []
     return " ".join(parts)
