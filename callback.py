@@ -103,7 +103,7 @@ class OOFWriter(Callback):
         if trainer.sanity_checking or not pl_module._val:
             return
         got = pl_module.gathered_val()
-        score = pl_module.val_score(*got[1:])
+        score = pl_module.val_score()
         rows, probs = got[0].cpu().numpy(), got[2].cpu().numpy()
         if not trainer.is_global_zero or score <= self.best:
             return

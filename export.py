@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model import output_logits, to_probs
 from util import UsageError, atomic_write, setup_logging, write_text
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class Ensemble(nn.Module):
         self.frontend = models[0].frontend.eval()  # members are checked to share it
         self.nets = nn.ModuleList(m.net.eval() for m in models)
         self.heads = nn.ModuleList((m.head or nn.Identity()).eval() for m in models)
-        self.sed = [m.head is not None and m.cfg.sed_output for m in models]
+        self.sed = [m.head is not None for m in models]
+        self.sed_output = [m.cfg.sed_output for m in models]
         self.multilabel = models[0].cfg.multilabel
         self.views = list(tta_views(tta).values())
         w = torch.ones(len(models)) if weights is None else torch.as_tensor(weights).float()
@@ -54,12 +56,8 @@ class Ensemble(nn.Module):
         img = torch.cat([self.frontend(wave, view) for view in self.views])
         probs = 0.0
         for k, net in enumerate(self.nets):
-            out = net(img)
-            if self.sed[k]:  # as AudioClassifier.backbone
-                clip, frames = self.heads[k](out)
-                out = frames.amax(-1) if self.sed[k] == "frames" else clip
-            logits = out.float()
-            p = logits.sigmoid() if self.multilabel else logits.softmax(-1)
+            head = self.heads[k] if self.sed[k] else None  # as AudioClassifier.backbone
+            p = to_probs(output_logits(net(img), head, self.sed_output[k]), self.multilabel)
             probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
         return probs
 

@@ -235,8 +235,10 @@ def test_windows(work: Path, args) -> tuple[object, pd.DataFrame, str]:
 
     from dataset import Clips, Rows, windows
 
+    from arg import Config
+
     prep = json.loads((work / "prep.json").read_text())
-    sr, length = prep["sr"], int(round(prep["sr"] * prep["seconds"]))
+    sr, length = prep["sr"], Config(sr=prep["sr"], seconds=prep["seconds"]).clip_samples
     win = int(round(args.window * sr)) if args.window else length
     hop = int(round(args.hop * sr)) if args.hop else win
     clips = Clips.of(work, "test")

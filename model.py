@@ -94,6 +94,20 @@ def multilabel_scores(probs: torch.Tensor, target: torch.Tensor) -> dict:
     return out
 
 
+def output_logits(out: torch.Tensor, head, sed_output: str = "frames") -> torch.Tensor:
+    """Logits from the timm net's output: the output itself, or through a SED head each class's
+    loudest frame (`sed_output` 'frames') or its attention-pooled clip score ('clip')."""
+    if head is None:
+        return out
+    clip, frames = head(out)
+    return frames.amax(-1) if sed_output == "frames" else clip
+
+
+def to_probs(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Probabilities: a sigmoid per class (multilabel) or the softmax."""
+    return logits.float().sigmoid() if multilabel else logits.float().softmax(-1)
+
+
 class AttentionHead(torch.nn.Module):
     """SED head (Kong et al., PANNs; Cornell 2020 1st): the backbone's feature map averaged over
     frequency, a class score per time frame and an attention weight per frame; the clip's
@@ -233,7 +247,7 @@ class AudioClassifier(L.LightningModule):
         for stage in ("train", "val"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(n, average="micro"))
             setattr(self, f"{stage}_f1", MulticlassF1Score(n, average="macro"))
-        self._val = []
+        self._val, self._gathered, self._scores = [], None, None
         self._teacher: list[AudioClassifier] = []  # a list: not a submodule, not in checkpoints
 
     def set_noise(self, noise: torch.Tensor | None) -> None:
@@ -263,36 +277,46 @@ class AudioClassifier(L.LightningModule):
         c = self.cfg
         return dict(sr=c.sr, seconds=c.seconds, **self.frontend.logmel.settings())
 
-    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-mel images -> logits, and the SED head's frame logits (None without it)."""
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.net(x)
+        return self.net(x)
+
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-mel images -> logits, and the SED head's frame logits (None without it)."""
+        out = self._net(x)
         return self.head(out) if self.head is not None else (out, None)
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of what the model outputs at validation and test: a SED head's loudest frame
         of each class (--sed-output frames) or its attention-pooled clip score."""
-        logits, frames = self.classify(x)
-        return frames.amax(-1) if frames is not None and self.cfg.sed_output == "frames" \
-            else logits
+        return output_logits(self._net(x), self.head, self.cfg.sed_output)
 
     def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
         return self.backbone(self.frontend(wave, view))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities: a sigmoid per class (multilabel) or the softmax."""
-        return logits.float().sigmoid() if self.cfg.multilabel else logits.float().softmax(-1)
+        return to_probs(logits, self.cfg.multilabel)
 
     @property
     def monitor(self) -> str:
         """The validation score best.ckpt keeps: mAP for multilabel data, else accuracy."""
         return "val_map" if self.cfg.multilabel else "val_acc"
 
-    def val_score(self, y: torch.Tensor, probs: torch.Tensor, target=None) -> float:
-        if self.cfg.multilabel:
-            return multilabel_scores(probs, target).get("map", 0.0)
-        return float((probs.argmax(1) == y).float().mean())
+    def val_scores(self) -> dict:
+        """The epoch's validation scores over the whole fold (gathered_val), computed once an
+        epoch for OOFWriter and the logged val_map / val_auc alike: acc, and map and auc for
+        multilabel data."""
+        if self._scores is None:
+            _, y, probs, *target = self.gathered_val()
+            self._scores = {"acc": float((probs.argmax(1) == y).float().mean())}
+            if self.cfg.multilabel:
+                self._scores.update(multilabel_scores(probs, target[0]))
+        return self._scores
+
+    def val_score(self) -> float:
+        """The score best.ckpt keeps (`monitor`) of this epoch's validation."""
+        return self.val_scores().get("map" if self.cfg.multilabel else "acc", 0.0)
 
     @torch.no_grad()
     def predict_views(self, wave: torch.Tensor, views: dict) -> torch.Tensor:
@@ -338,7 +362,7 @@ class AudioClassifier(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self):
-        self._val = []
+        self._val, self._gathered, self._scores = [], None, None
 
     def validation_step(self, batch, batch_idx):
         wave, target, rows = batch
@@ -362,18 +386,21 @@ class AudioClassifier(L.LightningModule):
     def on_validation_epoch_end(self):
         """Multilabel: macro mAP and ROC-AUC of the whole validation fold (not batch means)."""
         if self.cfg.multilabel and self._val and not self.trainer.sanity_checking:
-            _, _, probs, target = self.gathered_val()
-            self.log_dict({f"val_{k}": v for k, v in multilabel_scores(probs, target).items()},
+            scores = self.val_scores()
+            self.log_dict({f"val_{k}": scores[k] for k in ("map", "auc") if k in scores},
                           prog_bar=True, sync_dist=False)
 
     def gathered_val(self) -> tuple[torch.Tensor, ...]:
         """(rows, labels, probs) of the epoch's validation, from every process, each row once
-        (DistributedSampler pads with repeats)."""
-        val = [torch.cat(t) for t in zip(*self._val)]
-        if self.trainer.world_size > 1:
-            val = [self.all_gather(t).flatten(0, 1) for t in val]
-        first = np.unique(val[0].cpu().numpy(), return_index=True)[1]
-        return tuple(t[first] for t in val)
+        (DistributedSampler pads with repeats); gathered once an epoch. Multilabel: the
+        targets too."""
+        if self._gathered is None:
+            val = [torch.cat(t) for t in zip(*self._val)]
+            if self.trainer.world_size > 1:
+                val = [self.all_gather(t).flatten(0, 1) for t in val]
+            first = np.unique(val[0].cpu().numpy(), return_index=True)[1]
+            self._gathered = tuple(t[first] for t in val)
+        return self._gathered
 
     def on_save_checkpoint(self, checkpoint):
         """best.ckpt is weights-only, and Lightning skips callbacks' checkpoint hooks for those:

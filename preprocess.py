@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
-from predict import AudioError, read_audio
+from predict import AudioError, audio_files, read_audio
 from util import UsageError, atomic_write, secondary_names, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -218,9 +218,6 @@ def find_clips(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, list[str], str]
     return train, test, noise, layout
 
 
-AUDIO_EXTS = (".ogg", ".wav", ".flac", ".mp3", ".oga", ".aif", ".aiff")
-
-
 def birdclef_clips(data: Path):
     """BirdCLEF: train_metadata.csv (primary_label, secondary_labels, filename under
     train_audio/, author or site: the group), test_soundscapes/ (scored per window) and
@@ -236,8 +233,7 @@ def birdclef_clips(data: Path):
                           "secondary": [" ".join(secondary_names(v))
                                         for v in meta.get("secondary_labels", [""] * len(meta))]})
     soundscapes = data / "test_soundscapes"
-    files = sorted(f for f in soundscapes.glob("*") if f.suffix.lower() in AUDIO_EXTS) \
-        if soundscapes.is_dir() else []
+    files = audio_files([soundscapes]) if soundscapes.is_dir() else []
     test = pd.DataFrame({"file_name": [f.name for f in files], "path": [str(f) for f in files],
                          "label": ""})
     noise = [str(p) for p in sorted((data / NOISE_DIR).glob("*")) if p.is_file()]
@@ -403,8 +399,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
                    rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, folds=cfg.folds,
                    max_seconds=cfg.max_seconds, multilabel=multilabel,
                    rows="window" if layout == "birdclef" else "file",
-                   train_seconds=round(len(np.load(work / "train_wave.npy", mmap_mode="r"))
-                                       / cfg.sr, 1),
+                   train_seconds=round(int(train.samples.sum()) / cfg.sr, 1),
                    format=CACHE_FORMAT, data=cfg.data, manifest=cfg.manifest, fold_gaps=gaps)
     write_json(summary, prep_file)
     return dict(summary, reused=False)

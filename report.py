@@ -127,27 +127,18 @@ def load_oof(run_dirs: list[Path], folds: list[int], name: str, classes: list[st
     return tables[0][keep], probs
 
 
-def multi_hot(table: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    """(N, C) 0/1: each row's primary label and its secondary labels."""
-    index = {c: i for i, c in enumerate(classes)}
-    out = np.zeros((len(table), len(classes)), np.float32)
-    for i, (label, more) in enumerate(zip(table.label, table.secondary)):
-        for name in [label, *str(more).split()]:
-            if name in index:
-                out[i, index[name]] = 1.0
-    return out
-
-
 def ranking_scores(table: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> dict:
     """Macro mAP and ROC-AUC (model.multilabel_scores) of multilabel OOF rows; {} otherwise."""
     import torch
 
+    from dataset import targets
     from model import multilabel_scores
 
     if "secondary" not in table:
         return {}
+    truth = targets(table.assign(y=label_index(table.label, classes)), classes, True, 1.0)
     return multilabel_scores(torch.from_numpy(np.asarray(probs, np.float32)),
-                             torch.from_numpy(multi_hot(table, classes)))
+                             torch.from_numpy(truth))
 
 
 def label_index(labels, classes: list[str]) -> np.ndarray:
