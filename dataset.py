@@ -119,9 +119,9 @@ class Rows:
 
 
 def windows(clips: Clips, window: int, hop: int, sr: int) -> pd.DataFrame:
-    """Every clip's windows (predict.window_starts), in clip then time order: row, start
+    """Every clip's windows (audio.window_starts), in clip then time order: row, start
     (samples), end_s (the window's end in whole seconds: BirdCLEF's row_id suffix)."""
-    from predict import window_starts
+    from audio import window_starts
 
     rows, starts, ends = [], [], []
     for i, n in enumerate(clips.lengths):

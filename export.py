@@ -28,6 +28,7 @@ from util import UsageError, atomic_write, setup_logging, write_text
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
+BUNDLED = ("predict.py", "audio.py")  # the predictor and the reader it shares with training
 
 
 class Ensemble(nn.Module):
@@ -103,7 +104,8 @@ def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
 
 
 def write_bundle(onnx_path: Path, folder: Path, meta: dict, classes: list[str]) -> None:
-    """folder/: the .onnx, predict.py, requirements.txt and a README, nothing else needed."""
+    """folder/: the .onnx, predict.py and audio.py, requirements.txt and a README, nothing
+    else needed."""
     import onnxruntime
     import soundfile
     import soxr
@@ -111,7 +113,8 @@ def write_bundle(onnx_path: Path, folder: Path, meta: dict, classes: list[str]) 
     folder.mkdir(parents=True, exist_ok=True)
     if onnx_path.resolve() != (folder / onnx_path.name).resolve():
         shutil.copy2(onnx_path, folder / onnx_path.name)
-    shutil.copy2(ROOT / "predict.py", folder / "predict.py")
+    for script in BUNDLED:
+        shutil.copy2(ROOT / script, folder / script)
     write_text(f"numpy>={np.__version__.split('.')[0]}\nsoundfile>={soundfile.__version__}\n"
                f"soxr>={soxr.__version__}\nonnxruntime>={onnxruntime.__version__}\n",
                folder / "requirements.txt")
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     add_folds(p)
     p.add_argument("--out", default="", help="the .onnx file (default WORK/runs/RUN/RUN.onnx)")
     p.add_argument("--bundle", default="", metavar="DIR",
-                   help="also write DIR with the .onnx, predict.py, requirements.txt, README.md")
+                   help="also write DIR with the .onnx, predict.py, audio.py, requirements.txt, README.md")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
     if args.bundle:
         write_bundle(out, Path(args.bundle), dict(meta, sample_rate=first.sr,
                                                   clip_seconds=first.seconds), models[0].classes)
-        log.info("bundle: %s (model, predict.py, requirements.txt, README.md)", args.bundle)
+        log.info("bundle: %s (model, predict.py, audio.py, requirements.txt, README.md)", args.bundle)
     return 0
 
 

@@ -150,7 +150,7 @@ def predict_files(paths: list[Path], files: list[str], tta: bool, how: str, weig
                   device: torch.device, batch: int) -> int:
     """Top-3 labels of each audio file (or folder's files) given, read as predict.py reads
     them: the same code path as the exported bundle, with these checkpoints."""
-    import predict
+    import audio
     from model import load_checkpoint
 
     ref = load_checkpoint(paths[0])
@@ -159,10 +159,10 @@ def predict_files(paths: list[Path], files: list[str], tta: bool, how: str, weig
     def probs(waves):
         return ensemble(predict_waves(paths, waves, tta, device, batch)[0], how, weights)[1]
 
-    found = predict.audio_files(files)
-    for path, top in predict.predict_files(found, cfg.sr, cfg.clip_samples, probs, ref.classes,
-                                           3, errors):
-        print(predict.top_line(path, top))
+    found = audio.audio_files(files)
+    for path, top in audio.predict_files(found, cfg.sr, cfg.clip_samples, probs, ref.classes,
+                                         3, errors):
+        print(audio.top_line(path, top))
     for path, reason in errors:
         print(f"{path}: skipped - {reason}", file=sys.stderr)
     if len(errors) == len(found):

@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
-from predict import AudioError, audio_files, read_audio
+from audio import AudioError, audio_files, read_audio
 from util import UsageError, atomic_write, secondary_names, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ CACHE_FORMAT = "clips-v2"  # whole clips back to back + offsets (dataset.Clips)
 
 def decode(path: str | os.PathLike, sr: int, length: int | None = None) -> tuple[np.ndarray, dict]:
     """int16 waveform of any soundfile format at `sr`, mono, cut to at most `length` samples
-    (None: all), and the file's info; predict.read_audio reads it (the torch-free predictor
+    (None: all), and the file's info; audio.read_audio reads it (the torch-free predictor
     reads clips the same way). AudioError (a ValueError) with a short reason for files that
     cannot be used."""
     info = {}

@@ -49,7 +49,7 @@ def unlabelled_data(cfg: Config):
     """Every clip pretraining learns from: WORK's training clips, its readable test clips and
     background noise (--ssl-data all), and crops of the --unlabelled folders' audio."""
     from dataset import Clips, JoinedDataset, WaveDataset, read_table
-    from predict import AudioError, audio_files, read_audio
+    from audio import AudioError, audio_files, read_audio
 
     work, n = Path(cfg.work), cfg.clip_samples
     parts = [WaveDataset(Clips.of(work, "train"), length=n, crop="random")]

@@ -73,7 +73,7 @@ def test_the_bundle_predicts_without_torch(e2e, exported, tmp_path):
                                capture_output=True, text=True)
         assert probe.returncode != 0 and "blocked here" in probe.stderr
     bundle = exported / "bundle"
-    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "predict.py",
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "audio.py", "predict.py",
                                                         "requirements.txt", "tta.onnx"]
     assert (bundle / "requirements.txt").read_text().split()[0].startswith("numpy")
     files = sorted((e2e["data"] / "test").glob("*.wav"))[:6]

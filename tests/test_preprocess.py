@@ -169,9 +169,9 @@ def test_manifest_layout_keeps_its_folds(tmp_path):
 
 
 def test_predictor_reads_a_file_as_training_did(tmp_path):
-    """predict.read_audio (the torch-free predictor's reader, and preprocess's) equals
+    """audio.read_audio (the torch-free predictor's reader, and preprocess's) equals
     librosa.load for a 44.1 kHz stereo file: mono by the channel mean, soxr's HQ resampler."""
-    from predict import read_audio
+    from audio import read_audio
 
     rng = np.random.default_rng(0)
     t = np.arange(44100) / 44100

@@ -1,0 +1,103 @@
+"""Reading audio, and the windows of a recording: the one reader every step uses.
+
+preprocess.py decodes through `read_audio`, training and inference cut windows with
+`window_starts`, and the offline bundle ships this file beside predict.py, so the torch-free
+predictor resamples and windows exactly as training did. Needs numpy, soundfile and soxr.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}  # what soundfile reads
+
+
+class AudioError(ValueError):
+    """A file that cannot be used, with the reason: listed and skipped, never fatal."""
+
+
+def fit(y: np.ndarray, length: int) -> np.ndarray:
+    """y cut, or zero-padded at the end, to `length` samples."""
+    return y[:length] if len(y) >= length else np.pad(y, (0, length - len(y)))
+
+
+def window_starts(n: int, win: int, hop: int) -> list[int]:
+    """Start samples of the windows of a recording of `n` samples: every `hop` from 0 while a
+    whole window fits, plus one that ends at the recording's end if the last one stops short;
+    one window at 0 for a recording no longer than a window. The one definition of windows:
+    inference.py's window rows and file averages, and this predictor's, use it."""
+    starts = list(range(0, max(1, n - win + 1), max(1, hop)))
+    if n > win and starts[-1] + win < n:
+        starts.append(n - win)
+    return starts
+
+
+def resample(y: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
+    """soxr's high-quality resampler, cut or padded to ceil(len * sr / orig_sr) samples: what
+    `librosa.load(sr=...)` does, and so what training heard (preprocess.py reads through here)."""
+    import soxr
+
+    if orig_sr == sr or len(y) == 0:
+        return y
+    n = int(np.ceil(len(y) * sr / orig_sr))
+    return fit(soxr.resample(y, orig_sr, sr, quality="HQ").astype(np.float32), n)
+
+
+def read_audio(path: str | Path, sr: int, info: dict | None = None) -> np.ndarray:
+    """float32 mono waveform of `path` at `sr` (channels averaged); AudioError when it cannot
+    be used. `info` gets the file's orig_sr, orig_channels and orig_seconds."""
+    import soundfile as sf
+
+    try:
+        y, orig_sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # LibsndfileError, RuntimeError, TypeError ...
+        raise AudioError(f"not readable audio ({str(e).strip().splitlines()[0][:120]})") from None
+    if len(y) == 0:
+        raise AudioError("empty (0 samples)")
+    if info is not None:
+        info.update(orig_sr=orig_sr, orig_channels=y.shape[1], orig_seconds=len(y) / orig_sr)
+    y = y.mean(1) if y.shape[1] > 1 else y[:, 0]
+    if not np.isfinite(y).all():
+        raise AudioError("contains NaN or infinite samples")
+    return resample(y, orig_sr, sr)
+
+
+def audio_files(paths) -> list[Path]:
+    """The files given, and the audio files (AUDIO_EXTS) inside the folders given, sorted."""
+    files = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTS) \
+            if p.is_dir() else [p]
+    return files
+
+
+def predict_files(paths, sr: int, length: int, probs, classes: list[str], top_k: int = 3,
+                  errors=None):
+    """[(path, [(label, probability), ...])] for the readable files among `paths`, each read at
+    `sr`; a file longer than `length` samples is the mean of its `length`-sample windows
+    (window_starts, hop = length), a shorter one is zero-padded. `probs` maps (N, length)
+    float32 waveforms to (N, classes) probabilities; (path, reason) of the others go to
+    `errors` when given. The one "label these files" path: Predictor here and
+    `inference.py --predict` use it."""
+    good, waves, owner = [], [], []
+    for p in paths:
+        try:
+            y = read_audio(p, sr)
+        except AudioError as e:
+            if errors is not None:
+                errors.append((p, str(e)))
+            continue
+        for s in window_starts(len(y), length, length):
+            waves.append(fit(y[s:s + length], length))
+            owner.append(len(good))
+        good.append(p)
+    owner = np.asarray(owner)
+    per_window = probs(np.stack(waves)) if waves else []
+    scores = [per_window[owner == i].mean(0) for i in range(len(good))]
+    return [(p, [(classes[i], float(s[i])) for i in np.argsort(s)[::-1][:top_k]])
+            for p, s in zip(good, scores)]
+
+
+def top_line(path, top) -> str:
+    return f"{path}: " + "  ".join(f"{label} {p:.3f}" for label, p in top)
