@@ -28,7 +28,7 @@ class Config:
     data: str = opt("data/demo", "dataset folder (contest or Speech Commands layout)", "data")
     work: str = opt("work", "work folder written by preprocess.py; runs go in WORK/runs/", "data")
     manifest: str = opt("", "CSV with path,label[,group,fold] instead of a folder layout", "data")
-    folds: int = opt(5, "number of cross-validation folds", "data")
+    n_folds: int = opt(5, "number of cross-validation folds preprocess.py makes", "data")
     sr: int = opt(16000, "sample rate every clip is converted to", "data")
     seconds: float = opt(1.0, "clip length the model hears: a training crop of each clip (shorter "
                          "clips zero-padded), and the test window", "data")
@@ -43,7 +43,8 @@ class Config:
     size: int = opt(224, "image size: mel bands and time frames (the seed's -t)", "features",
                     ("-t", "--size"))
     n_fft: int = opt(2048, "STFT size", "features")
-    hop: int = opt(0, "STFT hop; 0 = chosen so the clip has exactly SIZE frames", "features")
+    hop_length: int = opt(0, "STFT hop in samples; 0 = chosen so the clip has exactly SIZE "
+                          "frames", "features")
     n_mels: int = opt(0, "mel bands; 0 = SIZE", "features")
     resize: bool = opt(False, "seed mode: hop 512 (32 frames) bicubic-resized to SIZE", "features")
     norm: str = opt("standard", "per-sample normalisation of the log-mel", "features",
@@ -198,7 +199,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """A Config from a saved dict (config.yaml, a checkpoint), older field names read as
+        today's, fields it does not know left out."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {RENAMED.get(k, k): v for k, v in d.items()}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
@@ -220,7 +224,8 @@ PRESETS = {  # what each --aug sets when the command line or YAML does not
     "all": {**{p: 0.5 for p in PROBS}, "p_noise": 0.3, "p_mixup": 0.3},
 }
 # settings that preprocess.py fixes in WORK (prep.json): train.py takes them from there
-WORK_FIXED = ("data", "manifest", "folds", "sr", "seconds", "max_seconds")
+WORK_FIXED = ("data", "manifest", "n_folds", "sr", "seconds", "max_seconds")
+RENAMED = {"folds": "n_folds", "hop": "hop_length"}  # old names in saved configs and checkpoints
 GROUPS = ("data", "features", "augmentation", "model", "optim", "teacher", "run")  # train.py
 # settings that --resume may change: where and how the fold runs, not what it learns
 RESUME_SAFE = ("data", "work", "workers", "gpus", "devices", "strategy", "num_nodes", "precision",
@@ -295,10 +300,11 @@ def read_yaml(path: str, parser: Parser | None = None) -> dict:
         fail(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(values, dict):
         fail(f"--config {path}: expected 'name: value' lines")
+    values = {RENAMED.get(k, k): v for k, v in values.items()}
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         fail(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    return values
 
 
 def write_yaml(cfg: Config, path: str | Path) -> None:

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from arg import Config
-from dataset import Clips, load_noise, read_table
-from transform import Frontend, SpecWarp
-from util import setup_logging, torch_device
+from dataset import Clips, load_noise
+from runs import Work
+from transform import N_VIEWS, Frontend, SpecWarp
+from util import read_table, setup_logging, torch_device
 
 HERE = Path(__file__).resolve().parent
 
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
         return 0
     device = torch_device(cfg.gpus)
     torch.set_num_threads(os.cpu_count() or 1)
-    table = read_table(Path(args.work) / "train.csv")
+    table = read_table(Work(args.work).train_csv)
     n = min(args.clips, len(table))
     clips = Clips.of(args.work, "train")
     waves = clips.read(np.arange(n), int(clips.lengths[:n].max(initial=1)))
@@ -236,9 +237,10 @@ def crops_section(args, n: int = 4096, sr: int = 16000) -> None:
             out[order] = rows_mm[idx[order]]
             return out
 
-        flat = WaveDataset(Clips(tmp / "clips_wave.npy"), None, None, sr, "random")
-        crops = WaveDataset(Clips(tmp / "recs_wave.npy"), np.repeat(np.arange(200), 20), None,
-                            sr, "random")
+        flat = WaveDataset(Clips(tmp / "clips_wave.npy", tmp / "clips_offsets.npy"), None, None,
+                           sr, "random")
+        crops = WaveDataset(Clips(tmp / "recs_wave.npy", tmp / "recs_offsets.npy"),
+                            np.repeat(np.arange(200), 20), None, sr, "random")
         epochs = {"a": (old_batch, n), "b": (flat.__getitems__, n), "c": (crops.__getitems__,
                                                                           len(crops))}
         got = {}
@@ -257,8 +259,7 @@ def crops_section(args, n: int = 4096, sr: int = 16000) -> None:
 def ssl_section(args, waves, device) -> None:
     """samples/s of one BYOL-A pretraining step (two views, online + target networks) beside
     one supervised step (one view), resnet18 at -t, batch -b, on the -g device."""
-    from model import AudioClassifier
-    from pretrain import BYOL, byol_loss
+    from model import BYOL, AudioClassifier
 
     cfg = Config(work=args.work, size=args.size, model="resnet18")
     wave = torch.from_numpy(np.array(waves[:args.batch_size])).to(device)
@@ -268,11 +269,7 @@ def ssl_section(args, waves, device) -> None:
     opts = [torch.optim.AdamW(m.parameters()) for m in (ssl, sup)]
 
     def ssl_step():
-        v1, v2 = ssl.view(wave), ssl.view(wave)
-        p1, p2 = (ssl.predictor(ssl.projector(ssl.encoder(v))) for v in (v1, v2))
-        with torch.no_grad():
-            z1, z2 = ssl.target(v1), ssl.target(v2)
-        (byol_loss(p1, z2) + byol_loss(p2, z1)).backward()
+        ssl.loss(wave).backward()
         opts[0].step()
         opts[0].zero_grad(set_to_none=True)
         sync(device)
@@ -442,8 +439,8 @@ def scale_section(args) -> None:
                                       "--speakers", str(speakers)])["seconds"]
         prep = measured([py, str(HERE / "preprocess.py"), "--data", str(data), "--work",
                          str(work), "--force"])
-        table = read_table(work / "train.csv")
-        n_test = len(read_table(work / "test.csv"))
+        table = read_table(Work(work).train_csv)
+        n_test = len(read_table(Work(work).test_csv))
         cache = sum(f.stat().st_size for f in work.glob("*.npy")) / 2 ** 20
         train = measured([py, str(HERE / "train.py"), "--work", str(work), "-m", "resnet18",
                           "-t", "64", "-b", "64", "-e", "1", "-f", "0", "-g", "cpu", "--run",
@@ -464,7 +461,7 @@ def scale_section(args) -> None:
               f"{cache:.0f} MB) | "
               f"preprocess {prep['seconds']:6.1f} s, peak {prep['anon']:6.0f} MB own + "
               f"{prep['file']:5.0f} MB mapped | train (40 batches + {n_val} val clips) "
-              f"{train['seconds']:6.1f} s, peak {train['anon']:6.0f} MB | inference x5 views "
+              f"{train['seconds']:6.1f} s, peak {train['anon']:6.0f} MB | inference x{N_VIEWS} views "
               f"{infer['seconds']:6.1f} s = {row['infer_clips_s']:6.1f} clips/s, peak "
               f"{infer['anon']:6.0f} MB", flush=True)
     for a, b in zip(rows, rows[1:]):
@@ -485,19 +482,22 @@ def onnx_section(args, waves) -> None:
     """ONNX Runtime vs PyTorch on the CPU for RUN's folds with TTA, size and cold start."""
     import onnxruntime as ort
 
-    from dataset import work_folds
-    from export import Ensemble, export_onnx, load_members
+    from model import Ensemble, load_members
+    from runs import Run
 
     if not args.run:
         raise SystemExit("bench: --sections onnx needs --run RUN (a run with finished folds)")
     work = Path(args.work)
-    folds = work_folds(work)
-    models = load_members(work, args.run, folds)
+    folds = Work(work).folds()
+    models = load_members(Run(work, args.run).checkpoints(folds))
     out = Path(tempfile.mkdtemp()) / f"{args.run}.onnx"
-    export_onnx(models, True, out, dict(run=args.run, folds=len(folds), tta=True))
-    print(f"onnx: {out.name}: {len(folds)} folds x 5 views, {out.stat().st_size / 1e6:.1f} MB")
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "export.py"), "--work",
+                    str(work), "--run", args.run, "-f", ",".join(map(str, folds)), "-a", "y",
+                    "--out", str(out)], check=True, capture_output=True)
+    print(f"onnx: {out.name}: {len(folds)} folds x {N_VIEWS} views, "
+          f"{out.stat().st_size / 1e6:.1f} MB")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    net = Ensemble(models, True).eval()  # the graph that was exported, run by PyTorch
+    net = Ensemble([m.net for m in models], True).eval()  # the exported graph, in PyTorch
     x = (np.asarray(waves[:64]) / 32768.0).astype(np.float32)
     for batch in (1, 64):
         n = 64 if batch == 64 else 16

@@ -1,7 +1,9 @@
-"""Lightning callbacks: a fold's records and its checkpoints.
+"""Lightning callbacks: the books of a run, apart from the model that learns.
 
-Per fold folder: history.csv + curve.png (each epoch), oof.csv from the best epoch.
-Checkpoints go through AtomicCheckpointIO: written aside, then renamed.
+ValidationCollector gathers an epoch's validation once (every row once under DDP) and
+scores it; best.ckpt (ModelCheckpoint on its `monitor`), OOFWriter, History and the printed
+summary all read that one score. EMA, SWA and FreezeBody change the weights the module
+trains; AtomicCheckpointIO writes checkpoints aside, then renames them.
 """
 from __future__ import annotations
 
@@ -10,11 +12,50 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from lightning.pytorch.callbacks import Callback, WeightAveraging
+import torch
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from report import plot_curves, save_figure
+from metrics import monitored, validation_scores
+from results import plot_curves, save_figure
 from util import atomic_write, probs_frame, write_csv
+
+
+class ValidationCollector(Callback):
+    """The epoch's validation: each batch's rows, targets and probabilities (what the module's
+    validation_step returns), gathered from every process, each row once (DistributedSampler
+    pads with repeats), then scored once (metrics.validation_scores) and logged as val_acc,
+    val_f1 (and val_map, val_auc for multilabel data). `monitor` names the score that picks
+    the best epoch."""
+
+    def __init__(self, multilabel: bool):
+        self.multilabel = multilabel
+        self.monitor = "val_" + monitored(multilabel)
+        self._parts, self.rows, self.probs, self.target, self.scores = [], None, None, None, {}
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._parts, self.scores = [], {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        self._parts.append((outputs["rows"], outputs["target"], outputs["probs"].detach()))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not self._parts:
+            return
+        val = [torch.cat(t) for t in zip(*self._parts)]
+        if trainer.world_size > 1:
+            val = [pl_module.all_gather(t).flatten(0, 1) for t in val]
+        first = np.unique(val[0].cpu().numpy(), return_index=True)[1]
+        self.rows, self.target, self.probs = (t[first].cpu() for t in val)
+        self.scores = validation_scores(self.probs, self.target, self.multilabel)
+        pl_module.log_dict({f"val_{k}": v for k, v in self.scores.items()}, prog_bar=True,
+                           sync_dist=False)  # every process holds the same gathered rows
+
+    @property
+    def score(self) -> float:
+        """This epoch's monitored score."""
+        return self.scores.get(self.monitor[4:], float("nan"))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -90,29 +131,28 @@ class SWA(WeightAveraging):
 
 
 class OOFWriter(Callback):
-    """oof.csv from the epoch with the best validation score (accuracy, or mAP for multilabel:
-    the epoch best.ckpt holds): path, row, fold, label (the primary), secondary (multilabel),
-    then one probability column per class."""
+    """oof.csv from the epoch with the best monitored score (the epoch best.ckpt holds): path,
+    row, fold, label (the primary), secondary (multilabel), then one probability column per
+    class."""
 
-    def __init__(self, folder: str | Path, val_table: pd.DataFrame, classes: list[str]):
-        self.folder, self.classes = Path(folder), classes
+    def __init__(self, folder: str | Path, val_table: pd.DataFrame, classes: list[str],
+                 collector: ValidationCollector):
+        self.folder, self.classes, self.collector = Path(folder), classes, collector
         self.table = val_table.set_index("row")
         self.best = -1.0
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not pl_module._val:
+        got = self.collector
+        if trainer.sanity_checking or not got.scores or not trainer.is_global_zero \
+                or not got.score > self.best:
             return
-        got = pl_module.gathered_val()
-        score = pl_module.val_score()
-        rows, probs = got[0].cpu().numpy(), got[2].cpu().numpy()
-        if not trainer.is_global_zero or score <= self.best:
-            return
-        self.best = score
+        self.best = got.score
+        rows = got.rows.numpy()
         t = self.table.loc[rows]
         meta = dict(row=rows, fold=t.fold.to_numpy(), label=t.label.to_numpy())
-        if pl_module.cfg.multilabel and "secondary" in t:
+        if got.multilabel and "secondary" in t:
             meta["secondary"] = t.secondary.to_numpy()
-        write_csv(probs_frame(t.path, probs, self.classes, key="path", **meta),
+        write_csv(probs_frame(t.path, got.probs.numpy(), self.classes, key="path", **meta),
                   self.folder / "oof.csv")
 
     def state_dict(self):
@@ -120,3 +160,45 @@ class OOFWriter(Callback):
 
     def load_state_dict(self, state):
         self.best = state["best"]
+
+
+class EMA(EMAWeightAveraging):
+    """An exponential moving average of the weights (`decay`) that starts when the learning-rate
+    warm-up ends, counted in the trainer's own optimizer steps (model.warmup_steps: the
+    schedule's count, per process). Validation, best.ckpt, OOF and the final weights use it."""
+
+    def __init__(self, decay: float, cfg):
+        super().__init__(decay=decay)
+        self.cfg = cfg
+
+    def on_train_start(self, trainer, pl_module):
+        from model import warmup_steps
+
+        self.update_starting_at_step = warmup_steps(trainer, self.cfg)
+        super().on_train_start(trainer, pl_module)
+
+
+class FreezeBody(Callback):
+    """--freeze-epochs K: the head alone learns for the first K epochs, then every layer.
+    Lightning's BaseFinetuning adds the unfrozen layers to the optimiser as a new group when
+    they thaw, which would give them no warm-up and no layer decay; here every parameter is in
+    the optimiser from the start and a frozen one simply has no gradient."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        pl_module.net.freeze_body(trainer.current_epoch < self.epochs)
+
+
+def averaged_weights(module, checkpoint: dict) -> None:
+    """Put the averaging callback's weights (EMA, SWA) into a weights-only checkpoint, which
+    Lightning writes without calling callbacks' checkpoint hooks; a full checkpoint (last.ckpt)
+    gets them from the callback itself."""
+    if "optimizer_states" in checkpoint or module._trainer is None:
+        return
+    for cb in module.trainer.callbacks:
+        if isinstance(cb, WeightAveraging) and cb._average_model is not None:
+            cb.on_save_checkpoint(module.trainer, module, checkpoint)
+            checkpoint.pop("current_model_state", None)
+            checkpoint.pop("averaging_state", None)

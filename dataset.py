@@ -5,7 +5,6 @@ No decoding and no features here: a batch is a slice of rows of a memory-mapped 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +13,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from util import UsageError
+from runs import Work
+from util import UsageError, read_table
 
 
 class Clips:
@@ -24,20 +24,19 @@ class Clips:
     cache, no offsets) reads the same way. Opened lazily, once per worker process."""
 
     def __init__(self, wave: str | Path | np.ndarray, offsets=None):
+        """`wave`: the cache file or an array; `offsets`: a file or an array of N + 1 starts
+        (None, or a file that is not there, with an older [N, L] cache: rows of L samples)."""
         self.path, self._wave = (None, wave) if isinstance(wave, np.ndarray) else (str(wave), None)
+        if isinstance(offsets, (str, Path)):
+            offsets = np.load(offsets) if Path(offsets).is_file() else None
         self._offsets = None if offsets is None else np.asarray(offsets, dtype=np.int64)
-        if self._wave is None and self._offsets is None:
-            off = Path(self.path).with_name(Path(self.path).name.replace("_wave.npy",
-                                                                          "_offsets.npy"))
-            if off.is_file():
-                self._offsets = np.load(off)
-            else:  # an older [N, L] cache
-                n, length = np.load(self.path, mmap_mode="r").shape
-                self._offsets = np.arange(n + 1, dtype=np.int64) * length
+        if self._offsets is None:  # an older [N, L] cache
+            n, length = np.load(self.path, mmap_mode="r").shape
+            self._offsets = np.arange(n + 1, dtype=np.int64) * length
 
     @classmethod
     def of(cls, work: str | Path, split: str) -> "Clips":
-        return cls(Path(work) / f"{split}_wave.npy")
+        return cls(Work(work).wave(split), Work(work).offsets(split))
 
     @classmethod
     def from_arrays(cls, clips) -> "Clips":
@@ -198,20 +197,6 @@ def loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int,
                       persistent_workers=workers > 0)
 
 
-def read_classes(work: str | Path) -> list[str]:
-    path = Path(work) / "classes.json"
-    if not path.is_file():
-        raise UsageError(f"{path} not found: run `python preprocess.py --data DIR "
-                         f"--work {work}` first")
-    return json.loads(path.read_text())
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A WORK csv with empty strings kept as '' (not NaN)."""
-    return pd.read_csv(path, keep_default_na=False,
-                       dtype={"label": str, "file_name": str, "secondary": str})
-
-
 def targets(table: pd.DataFrame, classes: list[str], multilabel: bool,
             secondary_weight: float = 0.5) -> np.ndarray:
     """Class indices (N,) of the rows' labels, or with `multilabel` multi-hot float32 targets
@@ -241,17 +226,8 @@ def balanced_sampler(y: np.ndarray, power: float, seed: int):
                                  generator=torch.Generator().manual_seed(seed))
 
 
-def work_folds(work: Path) -> list[int]:
-    """The folds of a finished WORK; UsageError when WORK is missing or half-built."""
-    if not (work / "prep.json").is_file():
-        state = "does not exist" if not work.exists() else \
-            "is not built, or its build was interrupted (no prep.json)"
-        raise UsageError(f"{work} {state}: run python preprocess.py --data DATA --work {work}")
-    return sorted(read_table(work / "train.csv").fold.unique().tolist())
-
-
 def load_noise(work: str | Path) -> torch.Tensor | None:
-    path = Path(work) / "noise.npy"
+    path = Work(work).noise
     return torch.from_numpy(np.load(path).astype(np.float32) / 32768.0) if path.is_file() else None
 
 
@@ -261,11 +237,11 @@ def pseudo_labels(work: str | Path, test_probs: str | Path, threshold: float,
     `threshold`: row, file_name, y (the top class), p. UsageError when the file does not
     match WORK's test set or classes."""
     probs = pd.read_csv(test_probs, keep_default_na=False)
-    test = read_table(Path(work) / "test.csv")
+    test = read_table(Work(work).test_csv)
     if list(probs.columns[1:]) != classes:
-        raise UsageError(f"{test_probs}: its classes differ from {Path(work) / 'classes.json'}")
+        raise UsageError(f"{test_probs}: its classes differ from {Work(work).classes_json}")
     if list(probs.file_name.astype(str)) != list(test.file_name):
-        raise UsageError(f"{test_probs}: its rows are not {Path(work) / 'test.csv'}'s test clips "
+        raise UsageError(f"{test_probs}: its rows are not {Work(work).test_csv}'s test clips "
                          f"(made from another WORK?)")
     p = probs[classes].to_numpy()
     keep = (p.max(1) >= threshold) & (test.status == "ok").to_numpy()
@@ -299,11 +275,11 @@ class FoldData(L.LightningDataModule):
                  secondary_weight: float = 0.5, balance: float = 0.0):
         super().__init__()
         self.work, self.fold, self.batch_size, self.workers = Path(work), fold, batch_size, workers
-        self.classes = read_classes(work)
-        self.table = read_table(self.work / "train.csv")
+        self.classes = Work(work).classes()
+        self.table = read_table(Work(work).train_csv)
         folds = sorted(self.table.fold.unique())
         if fold not in folds:
-            raise UsageError(f"fold {fold} is not in {self.work / 'train.csv'} (folds "
+            raise UsageError(f"fold {fold} is not in {Work(work).train_csv} (folds "
                              f"{', '.join(map(str, folds))})")
         self.val_table = self.table[self.table.fold == fold]
         train = labelled_share(self.table[self.table.fold != fold], labels, seed)

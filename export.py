@@ -21,57 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from model import output_logits, to_probs
+from model import Ensemble, load_members
+from runs import Run, requested_folds
+from transform import N_VIEWS
 from util import UsageError, atomic_write, setup_logging, write_text
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
 BUNDLED = ("predict.py", "audio.py")  # the predictor and the reader it shares with training
-
-
-class Ensemble(nn.Module):
-    """float32 waveforms (B, L) -> probabilities (B, C): the members' shared log-mel front end
-    for each view, every member's probabilities (softmax, or a sigmoid per class for multilabel
-    members; a SED member through its attention head), averaged with the members' weights and
-    the views."""
-
-    def __init__(self, models: list, tta: bool, weights=None):
-        from transform import tta_views
-
-        super().__init__()
-        self.frontend = models[0].frontend.eval()  # members are checked to share it
-        self.nets = nn.ModuleList(m.net.eval() for m in models)
-        self.heads = nn.ModuleList((m.head or nn.Identity()).eval() for m in models)
-        self.sed = [m.head is not None for m in models]
-        self.sed_output = [m.cfg.sed_output for m in models]
-        self.multilabel = models[0].cfg.multilabel
-        self.views = list(tta_views(tta).values())
-        w = torch.ones(len(models)) if weights is None else torch.as_tensor(weights).float()
-        self.register_buffer("weights", w / w.sum())
-
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        # the views stacked on the batch axis: each member appears once in the graph, not once
-        # per view (5x fewer nodes; ONNX Runtime then loads and optimises it 5x faster)
-        img = torch.cat([self.frontend(wave, view) for view in self.views])
-        probs = 0.0
-        for k, net in enumerate(self.nets):
-            head = self.heads[k] if self.sed[k] else None  # as AudioClassifier.backbone
-            p = to_probs(output_logits(net(img), head, self.sed_output[k]), self.multilabel)
-            probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
-        return probs
-
-
-def load_members(work: Path, run: str, folds: list[int]) -> list:
-    from model import check_compatible, load_checkpoint
-    from runs import Run
-
-    paths = Run(work, run).checkpoints(folds)
-    models = [load_checkpoint(p) for p in paths]
-    for m, p in zip(models[1:], paths[1:]):
-        check_compatible(models[0], paths[0], m, p)
-    return models
 
 
 def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
@@ -81,9 +39,7 @@ def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
 
     cfg = models[0].cfg
     length = cfg.clip_samples
-    for m in models:  # export the plain layout; channels_last is a CUDA-speed detail
-        m.net.to(memory_format=torch.contiguous_format)
-    net = Ensemble(models, tta).eval()
+    net = Ensemble([m.net for m in models], tta).eval()
     example = torch.zeros(2, length)
     with torch.no_grad():
         program = torch.onnx.export(net, (example,), dynamo=True, verbose=False,
@@ -122,7 +78,7 @@ def write_bundle(onnx_path: Path, folder: Path, meta: dict, classes: list[str]) 
     write_text(f"""# {meta['run']}: offline keyword classifier
 
 {len(classes)} classes, {meta['sample_rate']} Hz clips of {meta['clip_seconds']} s; an ensemble
-of {meta['folds']} fold model(s){' with 5 test-time views' if meta['tta'] else ''}, log-mel front end
+of {meta['folds']} fold model(s){f' with {N_VIEWS} test-time views' if meta['tta'] else ''}, log-mel front end
 included. Needs Python 3.9+ and the four packages of `requirements.txt` (no torch).
 
 ```bash
@@ -152,20 +108,19 @@ def main(argv=None) -> int:
     add_folds(p)
     p.add_argument("--out", default="", help="the .onnx file (default WORK/runs/RUN/RUN.onnx)")
     p.add_argument("--bundle", default="", metavar="DIR",
-                   help="also write DIR with the .onnx, predict.py, audio.py, requirements.txt, README.md")
+                   help="also write DIR with the .onnx, predict.py, audio.py, requirements.txt "
+                        "and README.md")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
     for name in ("onnx_ir", "onnxscript"):  # their passes log every initializer at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
-    from runs import Run, requested_folds
-
     work, tta = Path(cfg.work), cfg.tta == "y"
     try:
         if not cfg.run:
             raise UsageError("--run RUN: which run to export (a folder of WORK/runs)")
         folds = requested_folds(work, args.folds)
-        models = load_members(work, cfg.run, folds)
+        models = load_members(Run(work, cfg.run).checkpoints(folds))
         out = Path(args.out) if args.out else Run(work, cfg.run).dir / f"{cfg.run}.onnx"
         meta = dict(run=cfg.run, folds=len(folds), tta=tta)
         export_onnx(models, tta, out, meta)
@@ -174,7 +129,7 @@ def main(argv=None) -> int:
         return 2
     first = models[0].cfg
     log.info("export: %s (%.1f MB): %d fold(s)%s, input wave (batch, %d) at %d Hz",
-             out, out.stat().st_size / 1e6, len(folds), " x 5 views" if tta else "",
+             out, out.stat().st_size / 1e6, len(folds), f" x {N_VIEWS} views" if tta else "",
              first.clip_samples, first.sr)
     if args.bundle:
         write_bundle(out, Path(args.bundle), dict(meta, sample_rate=first.sr,

@@ -21,10 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from metrics import calibration_error, log_loss, multilabel_scores, padded_cmap
 from model import load_checkpoint, predict_waves
-from report import cv_report, write_html
-from runs import Run, requested_folds, train_command
-from util import UsageError, probs_frame, setup_logging, torch_device, write_csv, write_json
+from results import cv_report, write_html
+from runs import Run, Work, requested_folds, train_command
+from transform import tta_views
+from util import (UsageError, probs_frame, read_table, setup_logging, torch_device, write_csv,
+                  write_json)
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +55,6 @@ def with_temperature(probs: np.ndarray, t: float) -> np.ndarray:
     z = np.log(np.clip(probs, 1e-15, 1.0)) / t
     z = np.exp(z - z.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)
-
-
-def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0)).mean())
-
-
-def calibration_error(probs: np.ndarray, y: np.ndarray) -> float:
-    """Expected calibration error (15 bins, L1) with torchmetrics."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
-
-    probs, y = torch.tensor(probs, dtype=torch.float32), torch.tensor(y)  # copies: writable
-    return float(multiclass_calibration_error(probs, y, probs.shape[1], n_bins=15, norm="l1"))
 
 
 def fit_blend(probs: np.ndarray, y: np.ndarray) -> dict:
@@ -99,7 +90,7 @@ def oof_for_blend(work: Path, runs: list[str], folds: list[int], name: str,
                   classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(R, N, C) OOF probabilities of each run and the labels, refusing runs whose OOF covers
     other rows."""
-    from report import label_index, load_oof
+    from results import label_index, load_oof
 
     tables, probs = [], []
     for r in (Run(work, name) for name in runs):
@@ -229,15 +220,11 @@ def check_request(cfg, args) -> list[str]:
     return runs
 
 
-def test_windows(work: Path, args) -> tuple[object, pd.DataFrame, str]:
+def test_windows(work: Path, prep: dict, args) -> tuple[object, pd.DataFrame, str]:
     """The test set as windows (dataset.Rows over dataset.windows) and the row mode."""
-    import json
-
+    from arg import Config
     from dataset import Clips, Rows, windows
 
-    from arg import Config
-
-    prep = json.loads((work / "prep.json").read_text())
     sr, length = prep["sr"], Config(sr=prep["sr"], seconds=prep["seconds"]).clip_samples
     win = int(round(args.window * sr)) if args.window else length
     hop = int(round(args.hop * sr)) if args.hop else win
@@ -248,14 +235,13 @@ def test_windows(work: Path, args) -> tuple[object, pd.DataFrame, str]:
 
 
 def run(cfg, args) -> int:
-    from dataset import read_classes
 
     work, tta = Path(cfg.work), cfg.tta == "y"
     runs = check_request(cfg, args)
     folds = requested_folds(work, args.folds)
     device = torch_device(cfg.gpus)
     paths = [p for r in runs for p in Run(work, r).checkpoints(folds)]
-    classes = read_classes(work)
+    classes = Work(work).classes()
     weights, blend = np.asarray(args.weights or [1.0] * len(runs)), None  # one per run
     if args.fit_weights:
         if load_checkpoint(paths[0]).cfg.multilabel:
@@ -269,11 +255,12 @@ def run(cfg, args) -> int:
         return predict_files(paths, args.predict, tta, args.ensemble, member_weights, device,
                              batch)
     out = Path(args.out) if args.out else Run.blend(work, runs).dir
-    waves, wins, mode = test_windows(work, args)
+    prep = Work(work).prep()
+    waves, wins, mode = test_windows(work, prep, args)
     probs, got = predict_waves(paths, waves, tta, device, batch,
-                               desc=f"{len(paths)} models x {1 + 4 * tta} views")
+                               desc=f"{len(paths)} models x {len(tta_views(tta))} views")
     if got != classes:
-        raise UsageError(f"{paths[0]} was trained on other classes than {work / 'classes.json'}")
+        raise UsageError(f"{paths[0]} was trained on other classes than {Work(work).classes_json}")
     _, score = ensemble(probs, args.ensemble, member_weights)  # per window
     if mode == "file":  # a file is the mean of its windows (one window for a short clip)
         score = pd.DataFrame(score).groupby(wins.row.to_numpy()).mean().to_numpy()
@@ -285,7 +272,8 @@ def run(cfg, args) -> int:
                                                            else "")
            + f", {args.ensemble}" + (", TTA" if tta else "") + (", fitted weights" if blend else ""))
     if mode == "window":
-        write_windows(work, out, wins, score, classes, args.solution, how)
+        sample = Path(prep.get("data", "")) / "sample_submission.csv"
+        write_windows(work, out, wins, score, classes, args.solution, how, sample)
     else:
         write_submission(work, out, [classes[i] for i in pred], score, classes, args.solution,
                          how)
@@ -309,9 +297,7 @@ def write_blend(blend: dict, runs: list[str], folds: list[int], tta: bool, out: 
 
 def read_test(work: Path) -> pd.DataFrame:
     """WORK's test.csv; the files that could not be read (predicted from silence) are named."""
-    from dataset import read_table
-
-    test = read_table(work / "test.csv")
+    test = read_table(Work(work).test_csv)
     bad = test[test.status != "ok"]
     if len(bad):
         print(f"inference: {len(bad)} test files could not be read and were predicted from "
@@ -320,33 +306,16 @@ def read_test(work: Path) -> pd.DataFrame:
     return test
 
 
-def padded_cmap(truth: np.ndarray, probs: np.ndarray, pad: int = 5) -> float:
-    """BirdCLEF's padded cmAP: `pad` rows of ones added to the truth and the predictions, then
-    the macro average precision over every class (torchmetrics)."""
-    from torchmetrics.functional.classification import multilabel_average_precision
-
-    t = np.concatenate([truth, np.ones((pad, truth.shape[1]))]).astype(np.int64)
-    p = np.concatenate([probs, np.ones((pad, probs.shape[1]))]).astype(np.float32)
-    return float(multilabel_average_precision(torch.from_numpy(p), torch.from_numpy(t),
-                                              truth.shape[1], average="macro"))
-
-
 def write_windows(work: Path, out: Path, wins: pd.DataFrame, score: np.ndarray,
-                  classes: list[str], solution: str, how: str) -> None:
+                  classes: list[str], solution: str, how: str, sample: Path) -> None:
     """One row per window of every test file, in file then time order: row_id (the file's stem
     and the window's end second) and one probability column per class, as submission.csv and
     test_probs.csv; rows of a sample_submission.csv that no window made are added with zeros.
     With --solution (row_id + one 0/1 column per class): padded cmAP, mAP and ROC-AUC."""
-    import json
-
-    from model import multilabel_scores
-
     test = read_test(work)
     stems = test.file_name.map(lambda n: Path(n).stem).to_numpy()
     ids = [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end_s)]
     sub = probs_frame(pd.Series(ids), score, classes, key="row_id")
-    sample = Path(json.loads((work / "prep.json").read_text()).get("data", "")) / \
-        "sample_submission.csv"
     if sample.is_file():
         want = pd.read_csv(sample, usecols=[0], dtype=str).iloc[:, 0]
         missing = want[~want.isin(set(ids))]

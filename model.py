@@ -1,13 +1,21 @@
-"""The LightningModule: waveform batch -> (augment, log-mel on the device) -> timm backbone.
+"""The network and the LightningModules that train it.
 
-The checkpoint's hyper-parameters hold the whole Config and the class list, so
+`AudioNet` is the whole network: waveform -> front end (augmentation in train mode, log-mel)
+-> backbone (a timm model) -> head -> logits. Training, BYOL pretraining, the ONNX ensemble
+and prediction all use it through its methods; nobody reaches into its parts, so another
+backbone family plugs in here alone. `AudioClassifier` (loss and optimiser of supervised
+training) and `BYOL` (of self-supervised pretraining) are the LightningModules around it; the
+books (validation scores, OOF, EMA, SWA, freezing, history) are callbacks (callback.py).
+
+A checkpoint's hyper-parameters hold the whole Config and the class list, so
 `load_checkpoint(path)` rebuilds and labels the model with no other input, and
-`predict_waves` turns checkpoints and waveforms into probabilities (train.py and
-inference.py both use it).
+`predict_waves` turns checkpoints and waveforms into probabilities.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import pickle
 import re
 from pathlib import Path
@@ -16,14 +24,17 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from tqdm import tqdm
 
 from arg import Config
+from metrics import top1_label
 from transform import Frontend, mixup, tta_views
 from util import UsageError
 
 log = logging.getLogger(__name__)
+BACKBONE = "net.backbone."  # where a run's checkpoint keeps the backbone's tensors
 
 
 class PretrainedError(UsageError):
@@ -34,7 +45,7 @@ class CheckpointError(UsageError):
     """A checkpoint that cannot be used, or members that cannot be blended."""
 
 
-# ----------------------------------------------------------------------------- loss
+# ----------------------------------------------------------------------------- losses
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
                         ohem: float = 1.0, teacher: torch.Tensor | None = None,
                         kd_weight: float = 0.5, kd_temp: float = 2.0) -> torch.Tensor:
@@ -69,40 +80,6 @@ def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, focal: float = 0
     return loss.mean()
 
 
-def top1_label(y: torch.Tensor) -> torch.Tensor:
-    """Class indices of labels that are indices already or multi-hot (the primary: the largest)."""
-    return y if y.dim() == 1 else y.argmax(-1)
-
-
-def multilabel_scores(probs: torch.Tensor, target: torch.Tensor) -> dict:
-    """Macro average precision (mAP) and ROC-AUC over the classes that have at least one
-    positive (and, for AUC, one negative) among the rows (torchmetrics)."""
-    from torchmetrics.functional.classification import (multilabel_auroc,
-                                                        multilabel_average_precision)
-
-    t = (target > 0).int()
-    n = t.shape[1]
-    pos = t.sum(0)
-    has, both = pos > 0, (pos > 0) & (pos < len(t))
-    out = {}
-    if has.any():
-        ap = multilabel_average_precision(probs.float(), t, n, average=None)
-        out["map"] = float(ap[has].mean())
-    if both.any():
-        auc = multilabel_auroc(probs.float(), t, n, average=None)
-        out["auc"] = float(auc[both].mean())
-    return out
-
-
-def output_logits(out: torch.Tensor, head, sed_output: str = "frames") -> torch.Tensor:
-    """Logits from the timm net's output: the output itself, or through a SED head each class's
-    loudest frame (`sed_output` 'frames') or its attention-pooled clip score ('clip')."""
-    if head is None:
-        return out
-    clip, frames = head(out)
-    return frames.amax(-1) if sed_output == "frames" else clip
-
-
 def to_probs(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """Probabilities: a sigmoid per class (multilabel) or the softmax."""
     return logits.float().sigmoid() if multilabel else logits.float().softmax(-1)
@@ -127,7 +104,7 @@ class AttentionHead(torch.nn.Module):
         return (w * frames).sum(-1), frames
 
 
-# ----------------------------------------------------------------------------- model
+# ----------------------------------------------------------------------------- backbones and weights
 def create_backbone(cfg: Config, num_classes: int, pretrained: str | None = None, **extra):
     """One timm factory call; `pretrained` is '', 'timm' (the hub) or a weights file, whose
     backbone tensors are loaded by `load_backbone` (the head stays new)."""
@@ -197,8 +174,9 @@ def read_weights(path: str | Path) -> dict:
             break
     if not isinstance(sd, dict):
         raise PretrainedError(f"--pretrained {path}: holds no tensors by name")
-    if any(k.startswith("net.") for k in sd):  # a LightningModule's: keep the backbone's
-        sd = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
+    sd = upgrade_keys(sd)
+    if any(k.startswith(BACKBONE) for k in sd):  # a run's checkpoint: keep the backbone's
+        sd = {k[len(BACKBONE):]: v for k, v in sd.items() if k.startswith(BACKBONE)}
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -228,32 +206,201 @@ def load_backbone(net: torch.nn.Module, path: str | Path) -> dict:
     return dict(loaded=len(take), skipped=skipped, mismatched=mismatched)
 
 
-class AudioClassifier(L.LightningModule):
-    def __init__(self, config: dict, classes: list[str], load_pretrained: bool = True):
-        super().__init__()
-        self.save_hyperparameters(ignore=["load_pretrained"])
-        self.cfg = cfg = Config.from_dict(config)
-        self.classes = list(classes)
-        n = len(classes)
-        self.frontend = Frontend(cfg)
-        sed = cfg.head == "sed"  # the timm model gives its feature map, the head classifies
-        self.net = create_backbone(cfg, 0 if sed else n, None if load_pretrained else "",
-                                   **(dict(global_pool="") if sed else {}))
-        self.head = AttentionHead(self.net.num_features, n, cfg.drop_rate) if sed else None
-        if cfg.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            self.net.compile()
-        for stage in ("train", "val"):
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(n, average="micro"))
-            setattr(self, f"{stage}_f1", MulticlassF1Score(n, average="macro"))
-        self._val, self._gathered, self._scores = [], None, None
-        self._teacher: list[AudioClassifier] = []  # a list: not a submodule, not in checkpoints
+# ----------------------------------------------------------------------------- the network
+class AudioNet(nn.Module):
+    """int16 or float waveforms (B, L) -> logits (B, classes): the front end (transform.Frontend:
+    augmentation in train mode, log-mel image), a timm backbone and a head (timm's pooling +
+    linear, or the SED AttentionHead). classes=0: no head, `forward` gives pooled features.
 
+    forward(wave, view) -> logits, as validation and test read them; embed(wave) -> pooled
+    features. Training calls the stages in turn (waveform, images, logits_and_frames) because
+    the teacher hears the augmented waveform and mixup mixes images."""
+
+    def __init__(self, cfg: Config, classes: int, pretrained: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.frontend = Frontend(cfg)
+        sed = cfg.head == "sed" and classes > 0  # timm gives its feature map, the head classifies
+        self.backbone = create_backbone(cfg, 0 if sed else classes, pretrained,
+                                        **(dict(global_pool="") if sed else {}))
+        self.head = AttentionHead(self.backbone.num_features, classes, cfg.drop_rate) if sed \
+            else None
+        self.channels_last = cfg.channels_last
+        if cfg.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            self.backbone.compile()
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    # the stages, in order
+    def waveform(self, wave: torch.Tensor) -> torch.Tensor:
+        """int16 or float (B, L) -> float in [-1, 1), augmented in train mode."""
+        return self.frontend.waveform(wave)
+
+    def images(self, x: torch.Tensor, view=None, on_db=None, on_image=None) -> torch.Tensor:
+        """Float waveforms -> log-mel images (a TTA `view` first; `on_db` / `on_image` act on
+        the dB log-mel and the image between the front end's own stages: BYOL's views)."""
+        return self.frontend.features(view(x) if view is not None else x, on_db, on_image)
+
+    def _backbone(self, img: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        return self.backbone(img)
+
+    def logits_and_frames(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images -> clip logits, and the SED head's frame logits (None without it)."""
+        out = self._backbone(img)
+        return self.head(out) if self.head is not None else (out, None)
+
+    def logits(self, img: torch.Tensor) -> torch.Tensor:
+        """Images -> the logits validation and test read: a SED head's loudest frame of each
+        class (--sed-output frames) or its attention-pooled clip score (clip)."""
+        clip, frames = self.logits_and_frames(img)
+        return frames.amax(-1) if frames is not None and self.cfg.sed_output == "frames" else clip
+
+    def pooled(self, img: torch.Tensor) -> torch.Tensor:
+        """Images -> the backbone's pooled features (B, num_features)."""
+        if self.head is not None:
+            return self._backbone(img).mean((2, 3))
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        b = self.backbone
+        return b.forward_head(b.forward_features(img), pre_logits=True)
+
+    # the whole network
+    def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
+        """Waveforms -> logits (or pooled features when built with classes=0)."""
+        return self.logits(self.images(self.waveform(wave), view))
+
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
+        """Waveforms -> pooled features (B, num_features)."""
+        return self.pooled(self.images(self.waveform(wave)))
+
+    def probs(self, wave: torch.Tensor, view=None) -> torch.Tensor:
+        return to_probs(self(wave, view), self.cfg.multilabel)
+
+    @torch.no_grad()
+    def predict_views(self, wave: torch.Tensor, views: dict) -> torch.Tensor:
+        """Probabilities (V, B, C) for each deterministic view of the batch."""
+        return torch.stack([self.probs(wave, fn) for fn in views.values()])
+
+    # what the scripts ask of it
     def set_noise(self, noise: torch.Tensor | None) -> None:
         """The background-noise bank (1-D float, WORK/noise.npy) for augmentation."""
         if noise is not None:
-            self.frontend.wave_aug.noise = noise.to(self.device)
+            self.frontend.wave_aug.noise = noise.to(self.frontend.logmel.fb.device)
+
+    def feature_settings(self) -> dict:
+        """What two members must agree on to share a front end in an ensemble."""
+        c = self.cfg
+        return dict(sr=c.sr, seconds=c.seconds, **self.frontend.logmel.settings())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list((self.head or self.backbone.get_classifier()).parameters())
+
+    def freeze_body(self, frozen: bool) -> None:
+        """Every parameter but the head's learns (False) or not (True): --freeze-epochs."""
+        head = set(map(id, self.head_parameters()))
+        for p in self.backbone.parameters():
+            if id(p) not in head:
+                p.requires_grad_(not frozen)
+
+    def optimizer(self, name: str, lr: float, weight_decay: float, layer_decay: float = 0.0):
+        """timm's optimiser over the backbone (no decay on norms and biases; layer-wise lr decay
+        by timm's group matcher when layer_decay > 0), the SED head as one more group."""
+        from timm.optim import create_optimizer_v2
+
+        opt = create_optimizer_v2(self.backbone, opt=name, lr=lr, weight_decay=weight_decay,
+                                  layer_decay=layer_decay or None)
+        if self.head is not None:
+            opt.add_param_group(dict(params=list(self.head.parameters()), lr=lr,
+                                     weight_decay=weight_decay))
+        return opt
+
+    def backbone_state(self) -> dict:
+        """The backbone's tensors by timm's names (pretrain.py's encoder.pth)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+
+    def for_export(self) -> "AudioNet":
+        """The plain memory layout (channels_last is a CUDA-speed detail), in eval mode."""
+        self.backbone.to(memory_format=torch.contiguous_format)
+        self.channels_last = False
+        return self.eval()
+
+
+class Ensemble(nn.Module):
+    """float32 waveforms (B, L) -> probabilities (B, C): the members' shared front end for each
+    view (members are checked to share it), every member's probabilities, averaged with the
+    members' weights and the views. What export.py writes as ONNX."""
+
+    def __init__(self, nets: list[AudioNet], tta: bool, weights=None):
+        super().__init__()
+        self.nets = nn.ModuleList(n.for_export() for n in nets)
+        self.multilabel = nets[0].cfg.multilabel
+        self.views = list(tta_views(tta).values())
+        w = torch.ones(len(nets)) if weights is None else torch.as_tensor(weights).float()
+        self.register_buffer("weights", w / w.sum())
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        # the views stacked on the batch axis: each member appears once in the graph, not once
+        # per view (5x fewer nodes; ONNX Runtime then loads and optimises it 5x faster)
+        first = self.nets[0]
+        x = first.waveform(wave)
+        img = torch.cat([first.images(x, view) for view in self.views])
+        probs = 0.0
+        for k, net in enumerate(self.nets):
+            p = to_probs(net.logits(img), self.multilabel)
+            probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
+        return probs
+
+
+# ----------------------------------------------------------------------------- training
+def warmup_steps(trainer, cfg: Config) -> int:
+    """Optimizer steps of the learning-rate warm-up (cfg.warmup epochs), counted as the trainer
+    counts its own steps (per process): the schedule and the EMA start both use it."""
+    total = max(2, int(trainer.estimated_stepping_batches))
+    return min(total - 1, max(1, round(cfg.warmup * total / max(1, trainer.max_epochs))))
+
+
+def warmup_cosine(opt, trainer, cfg: Config) -> dict:
+    """Lightning's optimiser config: linear warm-up over `cfg.warmup` epochs, then cosine to
+    `cfg.min_lr`, stepped per batch."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    total = max(2, int(trainer.estimated_stepping_batches))
+    warm = warmup_steps(trainer, cfg)
+    sched = SequentialLR(opt, [LinearLR(opt, start_factor=0.01, total_iters=warm),
+                               CosineAnnealingLR(opt, T_max=total - warm, eta_min=cfg.min_lr)],
+                         milestones=[warm])
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def upgrade_keys(state: dict) -> dict:
+    """A state dict of a checkpoint written before the network was one module (backbone at
+    `net.*`, SED head at `head.*`) in today's names (`net.backbone.*`, `net.head.*`)."""
+    if not any(k.startswith("net.") for k in state) or any(k.startswith(BACKBONE) for k in state):
+        return state
+    return {("net.backbone." + k[4:] if k.startswith("net.") else
+             "net." + k if k.startswith("head.") else k): v for k, v in state.items()}
+
+
+class AudioClassifier(L.LightningModule):
+    """Supervised training of an AudioNet: the loss of a batch (cross-entropy or BCE/focal,
+    mixup, distillation, the SED frame term) and the optimiser. Validation returns each
+    batch's rows, targets and probabilities; callback.ValidationCollector scores them."""
+
+    def __init__(self, config: dict, classes: list[str], load_pretrained: bool = True):
+        super().__init__()
+        self.save_hyperparameters(ignore=["load_pretrained"])
+        self.cfg = Config.from_dict(config)
+        self.classes = list(classes)
+        self.net = AudioNet(self.cfg, len(classes), None if load_pretrained else "")
+        self.train_acc = MulticlassAccuracy(len(classes), average="micro")
+        self.train_f1 = MulticlassF1Score(len(classes), average="macro")
+        self._teacher: list[AudioClassifier] = []  # a list: not a submodule, not in checkpoints
 
     def set_teacher(self, teacher: "AudioClassifier") -> None:
         """A frozen model whose softened probabilities the student learns from (distillation)."""
@@ -264,72 +411,14 @@ class AudioClassifier(L.LightningModule):
         for t in self._teacher:
             t.to(self.device)
 
-    def on_train_epoch_start(self):
-        """--freeze-epochs K: the head alone learns for K epochs, then every layer."""
-        if self.cfg.freeze_epochs > 0:
-            head = set(map(id, (self.head or self.net.get_classifier()).parameters()))
-            frozen = self.current_epoch < self.cfg.freeze_epochs
-            for p in self.net.parameters():
-                if id(p) not in head:
-                    p.requires_grad_(not frozen)
-
-    def feature_settings(self) -> dict:
-        c = self.cfg
-        return dict(sr=c.sr, seconds=c.seconds, **self.frontend.logmel.settings())
-
-    def _net(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
-
-    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-mel images -> logits, and the SED head's frame logits (None without it)."""
-        out = self._net(x)
-        return self.head(out) if self.head is not None else (out, None)
-
-    def backbone(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of what the model outputs at validation and test: a SED head's loudest frame
-        of each class (--sed-output frames) or its attention-pooled clip score."""
-        return output_logits(self._net(x), self.head, self.cfg.sed_output)
-
     def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
-        return self.backbone(self.frontend(wave, view))
+        return self.net(wave, view)
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return to_probs(logits, self.cfg.multilabel)
-
-    @property
-    def monitor(self) -> str:
-        """The validation score best.ckpt keeps: mAP for multilabel data, else accuracy."""
-        return "val_map" if self.cfg.multilabel else "val_acc"
-
-    def val_scores(self) -> dict:
-        """The epoch's validation scores over the whole fold (gathered_val), computed once an
-        epoch for OOFWriter and the logged val_map / val_auc alike: acc, and map and auc for
-        multilabel data."""
-        if self._scores is None:
-            _, y, probs, *target = self.gathered_val()
-            self._scores = {"acc": float((probs.argmax(1) == y).float().mean())}
-            if self.cfg.multilabel:
-                self._scores.update(multilabel_scores(probs, target[0]))
-        return self._scores
-
-    def val_score(self) -> float:
-        """The score best.ckpt keeps (`monitor`) of this epoch's validation."""
-        return self.val_scores().get("map" if self.cfg.multilabel else "acc", 0.0)
-
-    @torch.no_grad()
-    def predict_views(self, wave: torch.Tensor, views: dict) -> torch.Tensor:
-        """Probabilities (V, B, C) for each deterministic view of the batch."""
-        return torch.stack([self.probs(self(wave, fn)) for fn in views.values()])
-
-    # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
         c = self.cfg
         wave, y, _ = batch
-        wave = self.frontend.waveform(wave)  # augmented: the teacher hears what the student hears
-        x, target = self.frontend.features(wave), y
-        teacher = None
+        wave = self.net.waveform(wave)  # augmented: the teacher hears what the student hears
+        x, target, teacher = self.net.images(wave), y, None
         if self._teacher:
             with torch.no_grad():
                 teacher = (self._teacher[0](wave).float() / c.kd_temp).softmax(-1)
@@ -340,7 +429,7 @@ class AudioClassifier(L.LightningModule):
             soft = F.one_hot(y, n).float()
             x, mixed = mixup(x, soft if teacher is None else torch.cat([soft, teacher], 1), c.mixup)
             target, teacher = (mixed, None) if teacher is None else (mixed[:, :n], mixed[:, n:])
-        logits, frames = self.classify(x)
+        logits, frames = self.net.logits_and_frames(x)
         if c.multilabel:  # SED: the clip's loss plus the loudest frame's (BirdCLEF 2023 1st)
             loss = multilabel_loss(logits, target, c.focal, c.ohem)
             if frames is not None:
@@ -348,12 +437,12 @@ class AudioClassifier(L.LightningModule):
         else:
             loss = classification_loss(logits, target, c.smoothing, c.ohem, teacher, c.kd_weight,
                                        c.kd_temp)
-        y = top1_label(y)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
                 f"the fold stops here, its last good checkpoint is kept. Try a lower -l1 "
                 f"(now {c.lr}) or -p 32")
+        y = top1_label(y)
         self.train_acc(logits, y)
         self.train_f1(logits, y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
@@ -361,12 +450,8 @@ class AudioClassifier(L.LightningModule):
                       on_step=False, on_epoch=True)
         return loss
 
-    def on_validation_epoch_start(self):
-        self._val, self._gathered, self._scores = [], None, None
-
     def validation_step(self, batch, batch_idx):
         wave, target, rows = batch
-        y = top1_label(target)
         logits = self(wave)
         if not torch.isfinite(logits).all():
             raise FloatingPointError(
@@ -374,70 +459,132 @@ class AudioClassifier(L.LightningModule):
                 f"training loss was: the fold stops here, its last good checkpoint is kept. "
                 f"Try a lower -l1 (now {self.cfg.lr}) or -p 32")
         loss = (multilabel_loss(logits, target) if self.cfg.multilabel
-                else F.cross_entropy(logits.float(), y))
+                else F.cross_entropy(logits.float(), top1_label(target)))
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.val_acc(logits, y)
-        self.val_f1(logits, y)
-        self.log_dict({"val_acc": self.val_acc, "val_f1": self.val_f1}, on_epoch=True,
-                      prog_bar=True)
-        probs = self.probs(logits)
-        self._val.append((rows, y, probs) + ((target,) if self.cfg.multilabel else ()))
-
-    def on_validation_epoch_end(self):
-        """Multilabel: macro mAP and ROC-AUC of the whole validation fold (not batch means)."""
-        if self.cfg.multilabel and self._val and not self.trainer.sanity_checking:
-            scores = self.val_scores()
-            self.log_dict({f"val_{k}": scores[k] for k in ("map", "auc") if k in scores},
-                          prog_bar=True, sync_dist=False)
-
-    def gathered_val(self) -> tuple[torch.Tensor, ...]:
-        """(rows, labels, probs) of the epoch's validation, from every process, each row once
-        (DistributedSampler pads with repeats); gathered once an epoch. Multilabel: the
-        targets too."""
-        if self._gathered is None:
-            val = [torch.cat(t) for t in zip(*self._val)]
-            if self.trainer.world_size > 1:
-                val = [self.all_gather(t).flatten(0, 1) for t in val]
-            first = np.unique(val[0].cpu().numpy(), return_index=True)[1]
-            self._gathered = tuple(t[first] for t in val)
-        return self._gathered
+        return dict(rows=rows, target=target, probs=to_probs(logits, self.cfg.multilabel))
 
     def on_save_checkpoint(self, checkpoint):
         """best.ckpt is weights-only, and Lightning skips callbacks' checkpoint hooks for those:
-        hand the EMA callback the checkpoint here so that it holds the averaged weights too."""
-        from lightning.pytorch.callbacks import WeightAveraging
+        the averaging callback (EMA, SWA) puts its weights in here (callback.averaged_weights)."""
+        from callback import averaged_weights
 
-        if "optimizer_states" in checkpoint or self._trainer is None:
-            return
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, WeightAveraging) and cb._average_model is not None:
-                cb.on_save_checkpoint(self.trainer, self, checkpoint)
-                checkpoint.pop("current_model_state", None)
-                checkpoint.pop("averaging_state", None)
+        averaged_weights(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = upgrade_keys(checkpoint["state_dict"])
+
+    def configure_optimizers(self):
+        c = self.cfg
+        opt = self.net.optimizer(c.optimizer, c.lr, c.weight_decay, c.layer_decay)
+        return warmup_cosine(opt, self.trainer, c)
+
+
+# ----------------------------------------------------------------------------- BYOL-A
+def log_mixup(s: torch.Tensor, ratio: float = 0.4) -> torch.Tensor:
+    """BYOL-A's mixup in log space: each dB log-mel (B, M, T) mixed with another clip's in the
+    power domain, the other's share ~ U(0, ratio)."""
+    lam = torch.rand(s.shape[0], 1, 1, device=s.device) * ratio
+    other = s.roll(1, 0)
+    return 10.0 * torch.log10((1 - lam) * 10 ** (s / 10) + lam * 10 ** (other / 10) + 1e-10)
+
+
+def random_resize_crop(x: torch.Tensor, virtual=(1.0, 1.5), scale=(0.6, 1.5)) -> torch.Tensor:
+    """BYOL-A's random resize crop of images (B, C, F, T), per sample: a crop of 0.6-1.5 times
+    each axis from a canvas 1.0 x the frequency and 1.5 x the time axis (zeros outside),
+    resized back (bilinear) by one batched affine grid sample."""
+    B, dev = x.shape[0], x.device
+    lo, hi = scale
+    half = [min(v, 1.0) for v in virtual]  # the canvas, in the image's [-1, 1] units
+    sf = (torch.rand(B, device=dev) * (hi - lo) + lo).clamp(max=virtual[0])
+    st = (torch.rand(B, device=dev) * (hi - lo) + lo).clamp(max=virtual[1])
+    cy = (torch.rand(B, device=dev) * 2 - 1) * (virtual[0] - sf).clamp(min=0) * half[0]
+    cx = (torch.rand(B, device=dev) * 2 - 1) * (virtual[1] - st).clamp(min=0)
+    theta = torch.zeros(B, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = st, cx, sf, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=-1)).mean()
+
+
+class Projected(nn.Module):
+    """Images -> the encoder's pooled features -> the projector (BYOL's online and target)."""
+
+    def __init__(self, encoder: AudioNet, projector: nn.Module):
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder.pooled(img))
+
+
+class BYOL(L.LightningModule):
+    """BYOL-A (Niizumi et al.): two augmented views of each clip; the online encoder ->
+    projector -> predictor learns to predict a momentum target's projection of the other view;
+    loss 2 - 2 cos, both ways. The encoder is an AudioNet without a head."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = cfg = Config.from_dict(config)
+        encoder = AudioNet(cfg, 0)  # no classes: pooled features
+        d = cfg.ssl_dim
+        self.online = Projected(encoder, mlp(encoder.num_features, 4 * d, d))
+        self.predictor = mlp(d, 4 * d, d)
+        self.target = copy.deepcopy(self.online)
+        self.target.requires_grad_(False)
+
+    @property
+    def encoder(self) -> AudioNet:
+        return self.online.encoder
+
+    def view(self, wave: torch.Tensor) -> torch.Tensor:
+        """One augmented view: the front end's augmentation, log-mixup on the dB log-mel and a
+        random resize crop of the image, between its own stages."""
+        return self.encoder.images(self.encoder.waveform(wave), on_db=log_mixup,
+                                   on_image=random_resize_crop)
+
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
+        """The encoder's features of clean clips (eval mode: no augmentation)."""
+        return self.encoder.embed(wave)
+
+    def loss(self, wave: torch.Tensor) -> torch.Tensor:
+        v1, v2 = self.view(wave), self.view(wave)
+        p1, p2 = (self.predictor(self.online(v)) for v in (v1, v2))
+        with torch.no_grad():
+            z1, z2 = self.target(v1), self.target(v2)
+        return byol_loss(p1, z2) + byol_loss(p2, z1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch[0])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}: "
+                                     f"try a lower -l1 (now {self.cfg.lr}) or -p 32")
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        """The target follows the online network; its momentum goes from ssl_tau to 1 on a
+        cosine over the run (BYOL)."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        tau = 1 - (1 - self.cfg.ssl_tau) * (math.cos(math.pi * self.global_step / total) + 1) / 2
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()),
+                                 1 - tau)
 
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2
 
-        c = self.cfg
-        opt = create_optimizer_v2(self.net, opt=c.optimizer, lr=c.lr, weight_decay=c.weight_decay,
-                                  layer_decay=c.layer_decay or None)
-        if self.head is not None:
-            opt.add_param_group(dict(params=list(self.head.parameters()), lr=c.lr,
-                                     weight_decay=c.weight_decay))
-        return warmup_cosine(opt, self.trainer, c)
-
-
-def warmup_cosine(opt, trainer, cfg: Config) -> dict:
-    """Lightning's optimiser config: linear warm-up over `cfg.warmup` epochs, then cosine to
-    `cfg.min_lr`, stepped per batch."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
-    total = max(2, int(trainer.estimated_stepping_batches))
-    warm = min(total - 1, max(1, round(cfg.warmup * total / max(1, trainer.max_epochs))))
-    sched = SequentialLR(opt, [LinearLR(opt, start_factor=0.01, total_iters=warm),
-                               CosineAnnealingLR(opt, T_max=total - warm, eta_min=cfg.min_lr)],
-                         milestones=[warm])
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt = create_optimizer_v2(nn.ModuleList([self.online, self.predictor]), opt="adamw",
+                                  lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return warmup_cosine(opt, self.trainer, self.cfg)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -448,7 +595,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Aud
         ckpt = safe_load(path, CheckpointError)
         hp = ckpt["hyper_parameters"]
         model = AudioClassifier(hp["config"], hp["classes"], load_pretrained=False)
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(upgrade_keys(ckpt["state_dict"]))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as e:
@@ -458,12 +605,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Aud
     return model.to(device).eval()
 
 
+def load_members(paths: list[Path]) -> list[AudioClassifier]:
+    """The checkpoints of an ensemble, each checked against the first."""
+    models = [load_checkpoint(p) for p in paths]
+    for m, p in zip(models[1:], paths[1:]):
+        check_compatible(models[0], paths[0], m, p)
+    return models
+
+
 def check_compatible(ref: AudioClassifier, ref_path, other: AudioClassifier, path) -> None:
     """Refuse a member whose classes or feature settings differ from the reference's."""
     if other.classes != ref.classes:
         raise CheckpointError(f"class lists differ: {ref_path} has {len(ref.classes)} classes, "
                               f"{path} has {len(other.classes)}; they cannot be blended")
-    a, b = ref.feature_settings(), other.feature_settings()
+    a, b = ref.net.feature_settings(), other.net.feature_settings()
     diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
     if diff:
         raise CheckpointError(f"feature settings differ between {ref_path} and {path}: "
@@ -486,7 +641,7 @@ def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch
         with torch.no_grad(), torch.autocast(**amp):
             for i in range(0, len(waves), batch):
                 wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
-                probs.append(model.predict_views(wave, views).mean(0).cpu().numpy())
+                probs.append(model.net.predict_views(wave, views).mean(0).cpu().numpy())
         out.append(np.concatenate(probs) if probs else np.zeros((0, len(model.classes))))
         model.cpu()  # free the device; the first stays (on the CPU) as the reference
     return np.stack(out), first.classes

@@ -1,6 +1,6 @@
 """Find the clips, decode each once, validate, split into folds and cache the waveforms.
 
-    python preprocess.py --data DIR --work WORK [--folds 5] [--seed 2020] [--sr 16000] [--seconds 1.0]
+    python preprocess.py --data DIR --work WORK [--n-folds 5] [--seed 2020] [--sr 16000] [--seconds 1.0]
     python preprocess.py --manifest clips.csv --work WORK          # path,label[,group,fold,split]
 
 Each clip is kept whole (at most --max-seconds); --seconds is the training crop.
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
 from audio import AudioError, audio_files, read_audio
+from runs import Work
 from util import UsageError, atomic_write, secondary_names, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def write_clips(path: Path, blocks) -> np.ndarray:
 
 
 def save_offsets(work: Path, split: str, offsets: np.ndarray) -> None:
-    atomic_write(work / f"{split}_offsets.npy", lambda tmp: np.save(tmp, offsets))
+    atomic_write(Work(work).offsets(split), lambda tmp: np.save(tmp, offsets))
 
 
 def decode_all(paths: list[str], work: Path, split: str, sr: int, most: int | None,
@@ -126,7 +127,7 @@ def decode_all(paths: list[str], work: Path, split: str, sr: int, most: int | No
 
     with ProcessPoolExecutor(max(1, workers)) as pool:
         try:
-            offsets = write_clips(work / f"{split}_wave.npy", blocks(pool))
+            offsets = write_clips(Work(work).wave(split), blocks(pool))
         except BaseException:  # a full disk, ^C: do not decode the rest first
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -138,7 +139,7 @@ def decode_all(paths: list[str], work: Path, split: str, sr: int, most: int | No
 def drop_rows(work: Path, split: str, keep: np.ndarray) -> None:
     """Forget the clips where `keep` is false: rejected clips hold no samples, so only the
     offsets change."""
-    off = np.load(work / f"{split}_offsets.npy")
+    off = np.load(Work(work).offsets(split))
     if (np.diff(off)[~keep] != 0).any():
         raise RuntimeError("only empty (rejected) clips can be dropped")
     save_offsets(work, split, np.concatenate([off[:-1][keep], off[-1:]]))
@@ -257,7 +258,7 @@ def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     n_groups = train.group.nunique()
     if n_groups < folds:
         raise DataLayoutError(f"only {n_groups} speakers/groups for {folds} folds; "
-                              f"lower --folds or add data")
+                              f"lower --n-folds or add data")
     fold = np.full(len(train), -1)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # "least populated class": fold_gaps says it per class
@@ -306,7 +307,7 @@ def label_rows(train: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 def fingerprint(cfg: Config, paths: list[str], layout: str) -> str:
     h = hashlib.sha1(json.dumps([CACHE_FORMAT, layout, cfg.sr, cfg.seconds, cfg.max_seconds,
-                                 cfg.folds, cfg.seed, cfg.manifest]).encode())
+                                 cfg.n_folds, cfg.seed, cfg.manifest]).encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -327,24 +328,22 @@ def write_noise(paths: list[str], work: Path, sr: int, rejected: list) -> float:
             rejected.append(pd.DataFrame({"path": [p], "status": [str(e)]}))
     if waves:
         noise_all = np.concatenate(waves)
-        atomic_write(work / "noise.npy", lambda tmp: np.save(tmp, noise_all))
-    elif (work / "noise.npy").exists():
-        (work / "noise.npy").unlink()
+        atomic_write(Work(work).noise, lambda tmp: np.save(tmp, noise_all))
+    else:
+        Work(work).noise.unlink(missing_ok=True)
     return sum(map(len, waves)) / sr
 
 
 def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dict:
     """Build (or reuse) WORK from the data; returns a summary dict."""
-    work = Path(cfg.work)
+    work, files = Path(cfg.work), Work(cfg.work)
     train, test, noise, layout = find_clips(cfg)
     all_paths = list(train.path) + list(test.path) + noise
     fp = fingerprint(cfg, all_paths, layout)
-    prep_file = work / "prep.json"
+    prep_file = files.prep_json
     if not force and prep_file.is_file():
         old = json.loads(prep_file.read_text())
-        outputs = ["classes.json", "train.csv", "train_wave.npy", "train_offsets.npy", "test.csv",
-                   "test_wave.npy", "test_offsets.npy", "rejected.csv"]
-        if old.get("fingerprint") == fp and all((work / f).exists() for f in outputs):
+        if old.get("fingerprint") == fp and all((work / f).exists() for f in Work.OUTPUTS):
             log.info("%s is up to date with %s (%d clips): reusing it (--force rebuilds)",
                      work, cfg.manifest or cfg.data, len(all_paths))
             return dict(old, reused=True)
@@ -367,15 +366,15 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     if "group" not in train or (train.group.astype(str) == "").any():
         train["group"] = [speaker_of(p) for p in train.path]
     if "fold" not in train:
-        train["fold"] = assign_folds(train, cfg.folds, cfg.seed)
+        train["fold"] = assign_folds(train, cfg.n_folds, cfg.seed)
     gaps = fold_gaps(train)
     for line in gaps:
         print(f"preprocess: {line}", file=sys.stderr)
     train = label_rows(train, classes)
     multilabel = layout == "birdclef" or bool((train.secondary != "").any())
     train.insert(0, "row", np.arange(len(train)))
-    write_csv(train.drop(columns=["status", "samples"]), work / "train.csv")
-    write_json(classes, work / "classes.json")
+    write_csv(train.drop(columns=["status", "samples"]), files.train_csv)
+    write_json(classes, files.classes_json)
 
     info = decode_all(list(test.path), work, "test", cfg.sr, None, workers)
     test = pd.concat([test.reset_index(drop=True), info], axis=1)
@@ -383,20 +382,20 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         test = test.assign(status=pd.Series(dtype=str), samples=pd.Series(dtype=int))
     rejected.append(test.loc[test.status != "ok", ["path", "status"]])
     test.insert(0, "row", np.arange(len(test)))
-    write_csv(test.drop(columns="samples"), work / "test.csv")
+    write_csv(test.drop(columns="samples"), files.test_csv)
 
     noise_seconds = write_noise(noise, work, cfg.sr, rejected)
 
     rejected = pd.concat(rejected).rename(columns={"status": "reason"})
-    write_csv(rejected, work / "rejected.csv")
+    write_csv(rejected, files.rejected)
     if len(rejected):
         reasons = rejected.reason.str.split(" ").str[0].value_counts()
         print(f"preprocess: {len(rejected)} of {len(all_paths)} files rejected "
               f"({', '.join(f'{n} {r}' for r, n in reasons.items())}) - listed in "
-              f"{work / 'rejected.csv'}", file=sys.stderr)
+              f"{files.rejected}", file=sys.stderr)
     summary = dict(fingerprint=fp, layout=layout, classes=len(classes), train=len(train),
                    test=len(test), noise_seconds=noise_seconds,
-                   rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, folds=cfg.folds,
+                   rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, n_folds=cfg.n_folds,
                    max_seconds=cfg.max_seconds, multilabel=multilabel,
                    rows="window" if layout == "birdclef" else "file",
                    train_seconds=round(int(train.samples.sum()) / cfg.sr, 1),
@@ -419,7 +418,7 @@ def main(argv=None) -> int:
         return 2
     log.info("%s (%s layout): %d classes, %d train clips (%.0f s) in %d folds%s, %d test clips, "
              "%.0f s of background noise, %d rejected", cfg.work, s["layout"], s["classes"],
-             s["train"], s.get("train_seconds", 0), s["folds"],
+             s["train"], s.get("train_seconds", 0), s["n_folds"],
              ", several labels per clip" if s.get("multilabel") else "", s["test"],
              s["noise_seconds"], s["rejected"])
     return 0

@@ -9,18 +9,14 @@ BYOL for audio (Niizumi et al., BYOL-A): two views of each clip, each made by th
 own augmentation (transform.Frontend: shift, reverb, gain, noise, pitch, FilterAugment ... as
 the Config says), mixing with another clip in the power domain of the log-mel, and a random
 resize crop of the log-mel image; an online network (backbone, projector, predictor) learns
-to predict the projection of the other view by a momentum target network. Writes
+to predict the projection of the other view by a momentum target network (model.BYOL). Writes
 WORK/pretrain/<run>/{encoder.pth (a timm state dict of the backbone), config.yaml,
-history.csv (loss, probe accuracy: logistic regression on frozen embeddings, fold 0's
-training rows -> its validation rows), curve.png, last.ckpt (--resume), command.txt}.
+versions.json, history.csv (loss, probe accuracy: logistic regression on frozen embeddings,
+fold 0's training rows -> its validation rows), curve.png, last.ckpt (--resume), command.txt}.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-import math
-import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -28,16 +24,15 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 
-from arg import Config, make_parser, parse_config, write_yaml
-from runs import pretrain_dir
-from util import UsageError, launched_rank_zero, pick_device, setup_logging
+from arg import Config, make_parser, parse_config
+from job import check_model, loader_workers, make_trainer, owned, work_settings, write_records
+from runs import Work
+from util import UsageError, launched_rank_zero, pick_device, read_table, setup_logging
 
 log = logging.getLogger(__name__)
-FIELDS = ("work", "seed", "size", "n_fft", "hop", "n_mels", "norm", "top_db", "model",
+FIELDS = ("work", "seed", "size", "n_fft", "hop_length", "n_mels", "norm", "top_db", "model",
           "pretrained", "drop_path_rate", "channels_last", "epochs", "batch_size", "lr", "min_lr",
           "weight_decay", "warmup", "gpus", "precision", "run", "resume", "devices", "strategy",
           "num_nodes", "workers", "limit_batches", "ssl_data", "unlabelled", "ssl_tau",
@@ -48,19 +43,19 @@ FIELDS = ("work", "seed", "size", "n_fft", "hop", "n_mels", "norm", "top_db", "m
 def unlabelled_data(cfg: Config):
     """Every clip pretraining learns from: WORK's training clips, its readable test clips and
     background noise (--ssl-data all), and crops of the --unlabelled folders' audio."""
-    from dataset import Clips, JoinedDataset, WaveDataset, read_table
     from audio import AudioError, audio_files, read_audio
+    from dataset import Clips, JoinedDataset, WaveDataset
 
-    work, n = Path(cfg.work), cfg.clip_samples
-    parts = [WaveDataset(Clips.of(work, "train"), length=n, crop="random")]
+    work, n = Work(cfg.work), cfg.clip_samples
+    parts = [WaveDataset(Clips.of(work.dir, "train"), length=n, crop="random")]
     recordings = []
     if cfg.ssl_data == "all":
-        test = read_table(work / "test.csv")
+        test = read_table(work.test_csv)
         if (test.status == "ok").any():
-            parts.append(WaveDataset(Clips.of(work, "test"), test.row[test.status == "ok"], None,
+            parts.append(WaveDataset(Clips.of(work.dir, "test"), test.row[test.status == "ok"], None,
                                      n, "random"))
-        if (work / "noise.npy").is_file():
-            recordings.append(np.load(work / "noise.npy"))
+        if work.noise.is_file():
+            recordings.append(np.load(work.noise))
     for folder in cfg.unlabelled:
         files = audio_files([folder])
         if not Path(folder).is_dir() or not files:
@@ -78,116 +73,8 @@ def unlabelled_data(cfg: Config):
     return JoinedDataset(*parts)
 
 
-# ----------------------------------------------------------------------------- views
-def log_mixup(s: torch.Tensor, ratio: float = 0.4) -> torch.Tensor:
-    """BYOL-A's mixup in log space: each dB log-mel (B, M, T) mixed with another clip's in the
-    power domain, the other's share ~ U(0, ratio)."""
-    lam = torch.rand(s.shape[0], 1, 1, device=s.device) * ratio
-    other = s.roll(1, 0)
-    return 10.0 * torch.log10((1 - lam) * 10 ** (s / 10) + lam * 10 ** (other / 10) + 1e-10)
-
-
-def random_resize_crop(x: torch.Tensor, virtual=(1.0, 1.5), scale=(0.6, 1.5)) -> torch.Tensor:
-    """BYOL-A's random resize crop of images (B, C, F, T), per sample: a crop of 0.6-1.5 times
-    each axis from a canvas 1.0 x the frequency and 1.5 x the time axis (zeros outside),
-    resized back (bilinear) by one batched affine grid sample."""
-    B, dev = x.shape[0], x.device
-    lo, hi = scale
-    half = [min(v, 1.0) for v in virtual]  # the canvas, in the image's [-1, 1] units
-    sf = (torch.rand(B, device=dev) * (hi - lo) + lo).clamp(max=virtual[0])
-    st = (torch.rand(B, device=dev) * (hi - lo) + lo).clamp(max=virtual[1])
-    cy = (torch.rand(B, device=dev) * 2 - 1) * (virtual[0] - sf).clamp(min=0) * half[0]
-    cx = (torch.rand(B, device=dev) * 2 - 1) * (virtual[1] - st).clamp(min=0)
-    theta = torch.zeros(B, 2, 3, device=dev, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = st, cx, sf, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim_out))
-
-
-# ----------------------------------------------------------------------------- the module
-class BYOL(L.LightningModule):
-    """Online encoder -> projector -> predictor, a momentum target (encoder -> projector);
-    the loss is 2 - 2 cos(prediction of one view, target projection of the other), both ways."""
-
-    def __init__(self, config: dict):
-        super().__init__()
-        from model import create_backbone
-        from transform import Frontend
-
-        self.save_hyperparameters()
-        self.cfg = cfg = Config.from_dict(config)
-        self.frontend = Frontend(cfg)
-        self.encoder = create_backbone(cfg, 0)  # num_classes 0: pooled features
-        if cfg.channels_last:
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)
-        d = cfg.ssl_dim
-        self.projector = mlp(self.encoder.num_features, 4 * d, d)
-        self.predictor = mlp(d, 4 * d, d)
-        self.target = copy.deepcopy(nn.Sequential(self.encoder, self.projector))
-        self.target.requires_grad_(False)
-
-    def view(self, wave: torch.Tensor) -> torch.Tensor:
-        """One augmented view: the Frontend's augmentation, log-mixup, random resize crop."""
-        f = self.frontend
-        with f._no_amp(wave.device):
-            s = f.logmel.db(f.waveform(wave), f.warp)
-            s = log_mixup(f.mel_jitter(f.filter_aug(s)))
-            img = random_resize_crop(f.logmel.image(s))
-            img = f.spec_aug(f.mixstyle(img))
-        return img.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else img
-
-    def embed(self, wave: torch.Tensor) -> torch.Tensor:
-        """Frozen-encoder features of clean clips (eval mode: no augmentation)."""
-        img = self.frontend(wave)
-        if self.cfg.channels_last:
-            img = img.contiguous(memory_format=torch.channels_last)
-        return self.encoder(img)
-
-    def training_step(self, batch, batch_idx):
-        wave = batch[0]
-        v1, v2 = self.view(wave), self.view(wave)
-        p1, p2 = (self.predictor(self.projector(self.encoder(v))) for v in (v1, v2))
-        with torch.no_grad():
-            z1, z2 = self.target(v1), self.target(v2)
-        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}: "
-                                     f"try a lower -l1 (now {self.cfg.lr}) or -p 32")
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        """The target follows the online network; its momentum goes from ssl_tau to 1 on a
-        cosine over the run (BYOL)."""
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        tau = 1 - (1 - self.cfg.ssl_tau) * (math.cos(math.pi * self.global_step / total) + 1) / 2
-        online = [*self.encoder.parameters(), *self.projector.parameters()]
-        target = list(self.target.parameters())
-        with torch.no_grad():
-            torch._foreach_lerp_(target, online, 1 - tau)
-
-    def configure_optimizers(self):
-        from timm.optim import create_optimizer_v2
-
-        from model import warmup_cosine
-
-        online = nn.ModuleList([self.encoder, self.projector, self.predictor])
-        opt = create_optimizer_v2(online, opt="adamw", lr=self.cfg.lr,
-                                  weight_decay=self.cfg.weight_decay)
-        return warmup_cosine(opt, self.trainer, self.cfg)
-
-
-def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=-1)).mean()
-
-
 # ----------------------------------------------------------------------------- probe
-def probe_accuracy(module: BYOL, work: Path, batch: int, most: int = 2000) -> float:
+def probe_accuracy(module, work: Path, batch: int, most: int = 2000) -> float:
     """Logistic regression on frozen embeddings of fold 0's training rows (up to `most`),
     scored on its validation rows: how much of the labels the representation holds."""
     from sklearn.exceptions import ConvergenceWarning
@@ -195,9 +82,9 @@ def probe_accuracy(module: BYOL, work: Path, batch: int, most: int = 2000) -> fl
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from dataset import Clips, read_table
+    from dataset import Clips
 
-    table = read_table(work / "train.csv")
+    table = read_table(Work(work).train_csv)
     train = table[table.fold != 0].sample(frac=1.0, random_state=0).head(most).sort_values("row")
     val = table[table.fold == 0]
     clips, n = Clips.of(work, "train"), module.cfg.clip_samples
@@ -239,17 +126,16 @@ class Probe(Callback):
 # ----------------------------------------------------------------------------- main
 def pretrain(cfg: Config, progress: bool = True) -> Path:
     """Pretrain and write WORK/pretrain/<run>/encoder.pth; returns its path."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from callback import AtomicCheckpointIO, History
+    from callback import History
     from dataset import loader
-    from model import CheckpointError, safe_load
-    from train import check_model, lightning_precision, work_settings
-    from util import FoldLock, atomic_write, write_text
+    from model import BYOL, CheckpointError, safe_load
+    from util import atomic_write
 
     cfg = work_settings(cfg)
     check_model(cfg.model)
-    out = pretrain_dir(cfg.work, cfg.run_name)
+    out = Work(cfg.work).pretrain(cfg.run_name)
     accelerator, devices = pick_device(cfg.gpus, cfg.devices)
     data = unlabelled_data(cfg)
     last = out / "last.ckpt"
@@ -258,34 +144,22 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
         safe_load(last, CheckpointError, "--resume ")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = BYOL(cfg.to_dict())
-    rank_zero = launched_rank_zero()
-    with FoldLock(out) if rank_zero else contextlib.nullcontext():
-        if rank_zero:
-            write_yaml(cfg, out / "config.yaml")
-            write_text(shlex.join([sys.executable, *sys.argv]) + "\n", out / "command.txt")
+    with owned(out):
+        if launched_rank_zero():
+            write_records(out, cfg)
             if not resume:
                 (out / "history.csv").unlink(missing_ok=True)
-        workers = cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)
         callbacks = [Probe(Path(cfg.work), cfg.probe_every, cfg.batch_size * 2),
                      History(out, f"{cfg.run_name}: BYOL-A pretraining",
                              columns=["epoch", "lr", "train_loss", "probe_acc", "seconds"]),
                      ModelCheckpoint(dirpath=out, filename="last", enable_version_counter=False)]
-        if progress:
-            callbacks.append(TQDMProgressBar(leave=True))
-        n = devices if isinstance(devices, int) else len(devices)
-        trainer = L.Trainer(
-            accelerator=accelerator, devices=devices, num_nodes=cfg.num_nodes,
-            strategy="ddp" if cfg.strategy == "auto" and n * cfg.num_nodes > 1 else cfg.strategy,
-            precision=lightning_precision(cfg.precision, accelerator), max_epochs=cfg.epochs,
-            callbacks=callbacks, logger=False, plugins=[AtomicCheckpointIO()],
-            limit_train_batches=cfg.limit_batches, enable_progress_bar=progress,
-            enable_model_summary=False, default_root_dir=out, num_sanity_val_steps=0)
+        trainer = make_trainer(cfg, accelerator, devices, out, callbacks, progress)
+        workers = loader_workers(cfg, accelerator)
         trainer.fit(module, train_dataloaders=loader(data, cfg.batch_size, True, workers,
                                                      drop_last=len(data) > cfg.batch_size),
                     ckpt_path=resume, weights_only=True)
         if trainer.is_global_zero:
-            state = {k: v.detach().cpu().contiguous() for k, v in
-                     module.encoder.state_dict().items()}
+            state = module.encoder.backbone_state()
             atomic_write(out / "encoder.pth", lambda tmp: torch.save(state, tmp))
     return out / "encoder.pth"
 

@@ -1,32 +1,83 @@
-"""The run folder layout, in one place: every path under WORK/runs/<run>/ that more than one
-script reads, and a fold's state (finished, its config, the command that trains it).
+"""Where everything lives, in one place: WORK's files (preprocess.py writes them, every later
+step reads them), every path under WORK/runs/<run>/ that more than one script reads, and a
+fold's state (finished, its config, the command that trains it).
 
+    WORK/                     prep.json classes.json train.csv test.csv rejected.csv noise.npy
+                              {train,test}_wave.npy {train,test}_offsets.npy
     WORK/runs/<run>/fold<k>/  best.ckpt last.ckpt history.csv curve.png oof.csv oof_tta.csv
-                              config.yaml command.txt train.log .lock result.json (last)
+                              config.yaml versions.json command.txt train.log .lock
+                              result.json (last)
     WORK/runs/<run>/          cv.json report.html submission.csv test_probs.csv ...
     WORK/runs/blend_<a>+<b>/  the same for a blend of runs (inference.py --runs)
     WORK/runs/leaderboard.csv
-    WORK/pretrain/<name>/     encoder.pth config.yaml history.csv curve.png last.ckpt (pretrain.py)
+    WORK/pretrain/<name>/     encoder.pth config.yaml versions.json history.csv curve.png
+                              last.ckpt (pretrain.py)
 """
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
-from util import UsageError, strip_options
+from util import UsageError, read_table, strip_options
 
 # what a fold writes; a fresh (not resumed) fold starts without any of them
 FOLD_RECORDS = ("result.json", "best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv",
                 "oof_tta.csv")
 
 
-def runs_dir(work: str | Path) -> Path:
-    return Path(work) / "runs"
+class Work:
+    """WORK/: the folder preprocess.py builds (prep.json last: a WORK without it is unfinished)
+    and every later step reads."""
 
+    OUTPUTS = ("classes.json", "train.csv", "train_wave.npy", "train_offsets.npy", "test.csv",
+               "test_wave.npy", "test_offsets.npy", "rejected.csv")  # what prep.json vouches for
 
-def pretrain_dir(work: str | Path, name: str) -> Path:
-    """WORK/pretrain/<name>/: encoder.pth, config.yaml, history.csv, curve.png, last.ckpt."""
-    return Path(work) / "pretrain" / name
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        self.prep_json, self.classes_json = self.dir / "prep.json", self.dir / "classes.json"
+        self.train_csv, self.test_csv = self.dir / "train.csv", self.dir / "test.csv"
+        self.rejected, self.noise = self.dir / "rejected.csv", self.dir / "noise.npy"
+
+    def wave(self, split: str) -> Path:
+        """{split}_wave.npy: every sample of every clip of the split, back to back (int16)."""
+        return self.dir / f"{split}_wave.npy"
+
+    def offsets(self, split: str) -> Path:
+        """{split}_offsets.npy: where each clip of the split starts (N + 1 entries)."""
+        return self.dir / f"{split}_offsets.npy"
+
+    def prep(self) -> dict:
+        """prep.json: what preprocess.py was asked and found (rate, clip length, folds, data,
+        rows, multilabel); UsageError when WORK is missing or half-built."""
+        if not self.prep_json.is_file():
+            state = "does not exist" if not self.dir.exists() else \
+                "is not built, or its build was interrupted (no prep.json)"
+            raise UsageError(f"{self.dir} {state}: run python preprocess.py --data DATA "
+                             f"--work {self.dir}")
+        prep = json.loads(self.prep_json.read_text())
+        if "folds" in prep:  # a WORK built when the fold count was called `folds`
+            prep.setdefault("n_folds", prep.pop("folds"))
+        return prep
+
+    def folds(self) -> list[int]:
+        """The folds of a finished WORK."""
+        self.prep()
+        return sorted(read_table(self.train_csv).fold.unique().tolist())
+
+    def classes(self) -> list[str]:
+        if not self.classes_json.is_file():
+            raise UsageError(f"{self.classes_json} not found: run `python preprocess.py --data "
+                             f"DIR --work {self.dir}` first")
+        return json.loads(self.classes_json.read_text())
+
+    @property
+    def runs(self) -> Path:
+        return self.dir / "runs"
+
+    def pretrain(self, name: str) -> Path:
+        """WORK/pretrain/<name>/: encoder.pth, config.yaml, history.csv, curve.png, last.ckpt."""
+        return self.dir / "pretrain" / name
 
 
 class Run:
@@ -34,7 +85,7 @@ class Run:
 
     def __init__(self, work: str | Path, name: str):
         self.work, self.name = Path(work), name
-        self.dir = runs_dir(work) / name
+        self.dir = Work(work).runs / name
 
     @classmethod
     def at(cls, folder: str | Path) -> "Run":
@@ -130,10 +181,8 @@ def parse_folds(spec: str) -> list[int]:
 
 def requested_folds(work: Path, spec: str) -> list[int]:
     """The folds of `-f spec` (inference.py, export.py), each checked to be one of WORK's."""
-    from dataset import work_folds
-
-    folds, have = parse_folds(spec), work_folds(work)
+    folds, have = parse_folds(spec), Work(work).folds()
     if not set(folds) <= set(have):
-        raise UsageError(f"-f {spec}: {Path(work) / 'train.csv'} has folds "
+        raise UsageError(f"-f {spec}: {Work(work).train_csv} has folds "
                          f"{', '.join(map(str, have))}")
     return folds

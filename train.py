@@ -13,13 +13,10 @@ WORK/runs/<run>/{cv.json,report.html} once every fold is done.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -28,75 +25,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from arg import RESUME_SAFE, WORK_FIXED, Config, make_parser, parse_config, write_yaml
-from runs import FOLD_RECORDS, Run, fold_done, read_config, train_command
-from util import (FoldLock, UsageError, launched_rank_zero, parse_gpus, pick_device,
-                  setup_logging, strip_options, write_json, write_text)
+from arg import RESUME_SAFE, WORK_FIXED, Config, make_parser, parse_config
+from job import (build_logger, check_model, loader_workers, make_trainer, owned, work_settings,
+                 write_records)
+from metrics import monitored
+from runs import FOLD_RECORDS, Run, Work, fold_done, read_config, train_command
+from util import (UsageError, launched_rank_zero, parse_gpus, pick_device, setup_logging,
+                  strip_options, write_json)
 
 log = logging.getLogger(__name__)
-LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
-                   "wandb": ("wandb",)}
-
-
-def lightning_precision(p: str, accelerator: str) -> str:
-    if accelerator == "cpu" and p == "16":
-        return "32-true"  # fp16 autocast does not exist on CPU (Lightning would use bf16)
-    return {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true"}[p]
 
 
 # ----------------------------------------------------------------------------- checks
-def work_settings(cfg: Config, given=()) -> Config:
-    """cfg with the settings WORK fixed (sample rate, clip length, folds, data) taken from its
-    prep.json; a config file that sets the rate or the clip length otherwise is refused."""
-    from dataset import work_folds
-
-    work = Path(cfg.work)
-    work_folds(work)  # WORK exists and is built
-    prep = json.loads((work / "prep.json").read_text())
-    fixed = {k: prep[k] for k in WORK_FIXED if k in prep}
-    clash = {k: (getattr(cfg, k), v) for k, v in fixed.items()
-             if k in ("sr", "seconds") and k in given and getattr(cfg, k) != v}
-    if clash:
-        said = ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in clash.items())
-        raise UsageError(f"{work / 'prep.json'} fixed {said}: drop them from the config file, or "
-                         f"preprocess again with those settings into another --work")
-    if prep.get("multilabel"):  # secondary labels in the data: multi-hot targets
-        fixed["multilabel"] = True
-    if any(getattr(cfg, k) != v for k, v in fixed.items() if k in ("sr", "seconds")):
-        log.info("clips of %s s at %s Hz, as %s was built", fixed.get("seconds"), fixed.get("sr"),
-                 work)
-    cfg = dataclasses.replace(cfg, **fixed)
-    check_options(cfg)
-    return cfg
-
-
-def check_options(cfg: Config) -> None:
-    """Options that do not go together, refused before anything runs."""
-    clash = [(cfg.teacher and cfg.multilabel, "--teacher distils softmax outputs: not with "
-                                              "multilabel data"),
-             (cfg.head == "sed" and not cfg.multilabel, "--head sed is a multilabel head (its "
-                                                        "loss is BCE): add --multilabel"),
-             (cfg.ema > 0 and cfg.swa > 0, "--ema and --swa both average the weights: pick one"),
-             (cfg.balance > 0 and cfg.pseudo, "--balance weighs labelled rows only: not with "
-                                              "--pseudo"),
-             (cfg.pseudo and cfg.multilabel, "--pseudo takes one label per test clip: not with "
-                                             "multilabel data"),
-             (not 0 <= cfg.swa < 1, f"--swa {cfg.swa}: a share of the epochs in [0, 1)")]
-    for bad, why in clash:
-        if bad:
-            raise UsageError(why)
-
-
-def check_model(name: str) -> None:
-    import timm
-
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        raise UsageError(f"-m {name}: timm has no such model"
-                         + (f"; did you mean {', '.join(close)}?" if close else
-                            " (python -c 'import timm; print(timm.list_models(\"*res*\"))' lists them)"))
-
-
 def check_resume(cfg: Config, fold_dir: Path) -> None:
     """--resume continues only the fold it was: refuse, naming them, settings that differ
     in anything but RESUME_SAFE, and a last.ckpt that could run code (model.safe_load)."""
@@ -116,32 +56,6 @@ def check_resume(cfg: Config, fold_dir: Path) -> None:
         raise UsageError(f"--resume: {fold_dir} was trained with other settings ({said}). Only "
                          f"{', '.join(RESUME_SAFE)} may change on --resume: resume with the same "
                          f"flags (--config {fold_dir / 'config.yaml'}), or train under a new --run")
-
-
-def build_logger(cfg: Config, fold_dir: Path, fold: int):
-    """The Lightning logger of --logger (False for none); UsageError with the pip command when
-    its package is not installed."""
-    import importlib.util
-
-    from lightning.pytorch import loggers
-
-    if cfg.logger == "none":
-        return False
-    need = LOGGER_PACKAGES.get(cfg.logger, ())
-    if need and not any(importlib.util.find_spec(p) for p in need):
-        raise UsageError(f"--logger {cfg.logger} needs the {need[0]} package: "
-                         f"pip install {need[0]}")
-    name = f"{cfg.run_name}_fold{fold}"
-    if cfg.logger == "csv":
-        return loggers.CSVLogger(fold_dir, name="csv_logs")
-    if cfg.logger == "tensorboard":
-        return loggers.TensorBoardLogger(fold_dir, name="tensorboard")
-    if cfg.logger == "mlflow":  # a local file store in WORK/mlruns unless told otherwise
-        uri = (Path(cfg.work) / "mlruns").resolve().as_uri()
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 asks for this
-        return loggers.MLFlowLogger(experiment_name=cfg.run_name, run_name=f"fold{fold}",
-                                    tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", uri))
-    return loggers.WandbLogger(project="uac", name=name, save_dir=str(fold_dir))
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -166,7 +80,7 @@ class Fold:
 
 def load_pseudo(cfg: Config, run: Run):
     """The pseudo-labelled test rows of --pseudo RUN, or None."""
-    from dataset import pseudo_labels, read_classes
+    from dataset import pseudo_labels
 
     if not cfg.pseudo:
         return None
@@ -174,7 +88,8 @@ def load_pseudo(cfg: Config, run: Run):
     if not source.test_probs.is_file():
         raise UsageError(f"--pseudo {cfg.pseudo}: {source.test_probs} not found; make it with: "
                          f"python inference.py --work {cfg.work} --run {cfg.pseudo} -f 5 -a y")
-    return pseudo_labels(cfg.work, source.test_probs, cfg.pseudo_threshold, read_classes(cfg.work))
+    return pseudo_labels(cfg.work, source.test_probs, cfg.pseudo_threshold,
+                         Work(cfg.work).classes())
 
 
 def load_teacher(cfg: Config, k: int, classes: list[str]):
@@ -192,7 +107,7 @@ def load_teacher(cfg: Config, k: int, classes: list[str]):
     teacher = load_checkpoint(path)
     if teacher.classes != classes:
         raise UsageError(f"--teacher {cfg.teacher}: {path} was trained on other classes than "
-                         f"{Path(cfg.work) / 'classes.json'}")
+                         f"{Work(cfg.work).classes_json}")
     if (teacher.cfg.sr, teacher.cfg.seconds) != (cfg.sr, cfg.seconds):
         raise UsageError(f"--teacher {cfg.teacher}: {path} hears {teacher.cfg.sr} Hz x "
                          f"{teacher.cfg.seconds} s clips, this run {cfg.sr} Hz x {cfg.seconds} s")
@@ -214,13 +129,13 @@ def plan_fold(cfg: Config, k: int) -> Fold:
     if resume_from:
         check_resume(cfg, run.fold(k))
     pseudo = load_pseudo(cfg, run)
-    workers = cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)
+    workers = loader_workers(cfg, accelerator)
     data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo, cfg.labels, cfg.seed,
                     cfg.clip_samples, cfg.crop, cfg.multilabel, cfg.secondary_weight, cfg.balance)
     teacher, teacher_path = load_teacher(cfg, k, data.classes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = AudioClassifier(cfg.to_dict(), data.classes)
-    model.set_noise(load_noise(cfg.work))
+    model.net.set_noise(load_noise(cfg.work))
     if teacher is not None:
         model.set_teacher(teacher)
         log.info("fold %d: distilling from %s (T=%g, weight %g)", k, teacher_path, cfg.kd_temp,
@@ -233,8 +148,8 @@ def plan_fold(cfg: Config, k: int) -> Fold:
 
 
 def start_records(fold: Fold) -> None:
-    """A fresh fold starts without the records of an earlier one; config.yaml and
-    command.txt say what makes it."""
+    """A fresh fold starts without the records of an earlier one; config.yaml, command.txt and
+    versions.json say what makes it."""
     if fold.resume_from:
         log.info("fold %d: resuming from %s", fold.k, fold.resume_from)
     else:
@@ -243,60 +158,49 @@ def start_records(fold: Fold) -> None:
                         fold.dir / "last.ckpt")
         for name in FOLD_RECORDS:
             (fold.dir / name).unlink(missing_ok=True)
-    write_yaml(fold.cfg, fold.dir / "config.yaml")
-    write_text(shlex.join([sys.executable, *sys.argv]) + "\n", fold.dir / "command.txt")
+    write_records(fold.dir, fold.cfg)
 
 
-def make_trainer(fold: Fold, progress: bool):
-    """(Trainer, the best-checkpoint callback): best.ckpt holds the weights of the best epoch,
-    last.ckpt everything --resume needs."""
-    import lightning as L
-    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
+def fold_callbacks(fold: Fold) -> list:
+    """The books of a fold: one validation collector that best.ckpt (weights of the best
+    epoch), OOF and history read; last.ckpt (everything --resume needs); EMA or SWA;
+    freezing."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from callback import SWA, AtomicCheckpointIO, History, OOFWriter
+    from callback import EMA, SWA, FreezeBody, History, OOFWriter, ValidationCollector
 
     cfg, d = fold.cfg, fold.dir
-    best = ModelCheckpoint(dirpath=d, filename="best", monitor=fold.model.monitor, mode="max",
+    collector = ValidationCollector(cfg.multilabel)
+    best = ModelCheckpoint(dirpath=d, filename="best", monitor=collector.monitor, mode="max",
                            save_top_k=1, save_weights_only=True, enable_version_counter=False)
     last = ModelCheckpoint(dirpath=d, filename="last", save_top_k=1,
                            enable_version_counter=False)  # no monitor: the newest epoch
-    callbacks = [best, last, History(d, f"{cfg.run_name} fold {fold.k}", fold.k),
-                 OOFWriter(d, fold.data.val_table, fold.data.classes)]
-    if cfg.ema > 0:  # start once the learning-rate warmup is over
-        steps = len(fold.data.train_ds) // cfg.batch_size
-        lim = cfg.limit_batches
-        steps = max(1, int(lim) if lim > 1 else int(steps * lim))
-        callbacks.append(EMAWeightAveraging(decay=cfg.ema,
-                                            update_starting_at_step=int(cfg.warmup * steps)))
+    callbacks = [collector, best, last, History(d, f"{cfg.run_name} fold {fold.k}", fold.k),
+                 OOFWriter(d, fold.data.val_table, fold.data.classes, collector)]
+    if cfg.ema > 0:
+        callbacks.append(EMA(cfg.ema, cfg))
     if cfg.swa > 0:
         callbacks.append(SWA(int(cfg.swa * cfg.epochs)))
-    if progress:
-        callbacks.append(TQDMProgressBar(leave=True))
-    n = fold.devices if isinstance(fold.devices, int) else len(fold.devices)
-    strategy = "ddp" if cfg.strategy == "auto" and n * cfg.num_nodes > 1 else cfg.strategy
-    cpu = fold.accelerator == "cpu"
-    if cpu and n > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
-    trainer = L.Trainer(
-        accelerator=fold.accelerator, devices=fold.devices, strategy=strategy,
-        num_nodes=cfg.num_nodes, precision=lightning_precision(cfg.precision, fold.accelerator),
-        max_epochs=cfg.epochs, callbacks=callbacks, logger=build_logger(cfg, d, fold.k),
-        plugins=[AtomicCheckpointIO()], deterministic=cpu, benchmark=not cpu,
-        num_sanity_val_steps=0, limit_train_batches=cfg.limit_batches,
-        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=d)
-    return trainer, best
+    if cfg.freeze_epochs > 0:
+        callbacks.append(FreezeBody(cfg.freeze_epochs))
+    return callbacks
 
 
-def finish_fold(fold: Fold, trainer, best, t0: float) -> dict:
+def finish_fold(fold: Fold, trainer, t0: float) -> dict:
     """result.json (last: the fold is finished), the TTA OOF with -a y, and the run's CV and
     report once every fold is done."""
-    from report import cv_summary, write_html
+    from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    cfg = fold.cfg
+    from results import cv_summary, write_html
+
+    cfg, best = fold.cfg, trainer.checkpoint_callback
     result = dict(fold=fold.k, **{best.monitor: float(best.best_model_score or float("nan"))},
                   epochs=trainer.current_epoch, seconds=round(time.time() - t0, 1),
                   device=fold.accelerator, processes=trainer.world_size, ema=cfg.ema,
                   teacher=fold.teacher, pseudo_clips=fold.pseudo_clips)
+    ema = [c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging)]
+    if ema:  # the optimizer step the average started at (the warm-up's end, per process)
+        result["ema_start_step"] = ema[0].update_starting_at_step
     if not trainer.is_global_zero:
         return result
     if cfg.tta == "y":
@@ -310,8 +214,9 @@ def finish_fold(fold: Fold, trainer, best, t0: float) -> dict:
     folds = sorted(fold.data.table.fold.unique().tolist())
     cv = cv_summary([fold.run.dir], fold.data.classes, folds, fold.run.dir)
     if cv:
-        log.info("all %d folds done: CV accuracy %.4f -> %s", len(folds), cv["accuracy"],
-                 fold.run.cv)
+        key = "map" if cfg.multilabel else "accuracy"
+        log.info("all %d folds done: CV %s %.4f -> %s", len(folds),
+                 "mAP" if cfg.multilabel else "accuracy", cv[key], fold.run.cv)
         made = write_html(fold.run.dir, Path(cfg.work))
         if made:
             log.info("run report: %s", made)
@@ -322,15 +227,16 @@ def train_fold(cfg: Config, k: int, progress: bool = True) -> dict:
     """Fit fold k; returns its summary (best val accuracy, epochs, seconds). Every check runs
     before anything is written; from the lock on, this process owns the fold folder."""
     fold = plan_fold(cfg, k)
-    rank_zero = launched_rank_zero()
-    with FoldLock(fold.dir) if rank_zero else contextlib.nullcontext():
-        if rank_zero:
+    with owned(fold.dir):
+        if launched_rank_zero():
             start_records(fold)
-        trainer, best = make_trainer(fold, progress)
+        trainer = make_trainer(cfg, fold.accelerator, fold.devices, fold.dir,
+                               fold_callbacks(fold), progress,
+                               build_logger(cfg, fold.dir, f"fold{fold.k}"))
         t0 = time.time()
         trainer.fit(fold.model, datamodule=fold.data, ckpt_path=fold.resume_from,
                     weights_only=True)
-        return finish_fold(fold, trainer, best, t0)
+        return finish_fold(fold, trainer, t0)
 
 
 def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch: int,
@@ -349,24 +255,24 @@ def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch:
 
 
 # ----------------------------------------------------------------------------- every fold
-def fold_status(fold_dir: Path, epochs: int) -> tuple[int, float]:
-    """(epochs done, latest val accuracy) of a running fold, from its history.csv."""
+def fold_status(fold_dir: Path, epochs: int, column: str) -> tuple[int, float, float]:
+    """(epochs done, latest and best monitored score) of a fold, from its history.csv."""
     try:
         hist = pd.read_csv(fold_dir / "history.csv")
     except (OSError, pd.errors.EmptyDataError):
-        return 0, float("nan")
-    return min(epochs, len(hist)), float(hist.val_acc.iloc[-1]) if len(hist) else float("nan")
+        return 0, float("nan"), float("nan")
+    if not len(hist):
+        return 0, float("nan"), float("nan")
+    return min(epochs, len(hist)), float(hist[column].iloc[-1]), float(hist[column].max())
 
 
 def train_all(cfg: Config, argv: list[str]) -> int:
     """Every fold as its own process, one per -g entry (a GPU, or -1 for a CPU worker),
     queued when there are more folds than entries; each fold logs to its folder. The bar
-    counts epochs over all folds and shows each running fold's epoch and val accuracy."""
+    counts epochs over all folds and shows each running fold's epoch and monitored score."""
     from tqdm import tqdm
 
-    from dataset import work_folds
-
-    folds = work_folds(Path(cfg.work))
+    folds = Work(cfg.work).folds()
     check_model(cfg.model)
     slots = parse_gpus(cfg.gpus)
     if torch.cuda.device_count() == 0 and any(g >= 0 for g in slots):
@@ -378,6 +284,8 @@ def train_all(cfg: Config, argv: list[str]) -> int:
     base = strip_options(argv, ("-f", "--fold", "-g", "--gpus"))
     run = Run(cfg.work, cfg.run_name)
     pending, running, results = list(folds), {}, []
+    column = "val_" + monitored(cfg.multilabel)  # what picks each fold's best epoch
+    name = "mAP" if cfg.multilabel else "acc"
     bar = tqdm(total=len(folds) * cfg.epochs, desc=f"{cfg.run_name}", unit="epoch",
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs [{elapsed}<{remaining}]{postfix}")
     finished_epochs = 0
@@ -397,23 +305,21 @@ def train_all(cfg: Config, argv: list[str]) -> int:
                 bar.write(f"fold {k} -> {'GPU ' + str(slot) if slot >= 0 else 'CPU'} "
                           f"(log: {fold_dir / 'train.log'})")
         time.sleep(0.5)
-        status = {p.fold: fold_status(run.fold(p.fold), cfg.epochs) for p in running}
-        shown = (finished_epochs + sum(e for e, _ in status.values()),
+        status = {p.fold: fold_status(run.fold(p.fold), cfg.epochs, column) for p in running}
+        shown = (finished_epochs + sum(e for e, _, _ in status.values()),
                  " | ".join(f"fold {k}: epoch {e}/{cfg.epochs}"
-                            + (f" val {acc:.3f}" if acc == acc else "")  # nan: not validated yet
-                            for k, (e, acc) in sorted(status.items())))
+                            + (f" {name} {v:.3f}" if v == v else "")  # nan: not validated yet
+                            for k, (e, v, _) in sorted(status.items())))
         if shown != (bar.n, bar.postfix):
             bar.n = shown[0]
             bar.set_postfix_str(shown[1])
         for proc in [p for p in running if p.poll() is not None]:
             del running[proc]
             proc.logf.close()
-            done, acc = fold_status(run.fold(proc.fold), cfg.epochs)
-            hist_path = run.fold(proc.fold) / "history.csv"
-            best = pd.read_csv(hist_path).val_acc.max() if hist_path.is_file() else float("nan")
+            done, _, best = fold_status(run.fold(proc.fold), cfg.epochs, column)
             results.append(dict(fold=proc.fold, status="ok" if proc.returncode == 0 else
                                 f"failed ({proc.returncode}), see train.log",
-                                best_val_acc=best, epochs=done,
+                                **{f"best_{column}": best}, epochs=done,
                                 minutes=round((time.time() - proc.t0) / 60, 1)))
             finished_epochs += cfg.epochs
             if proc.returncode != 0:
@@ -424,7 +330,9 @@ def train_all(cfg: Config, argv: list[str]) -> int:
     summary = pd.DataFrame(results).sort_values("fold")
     print(summary.to_string(index=False))
     if run.cv.is_file() and (summary.status == "ok").all():
-        print(f"CV accuracy {json.loads(run.cv.read_text())['accuracy']:.4f} -> {run.cv}")
+        cv = json.loads(run.cv.read_text())
+        said = f"CV mAP {cv['map']:.4f}" if cfg.multilabel else f"CV accuracy {cv['accuracy']:.4f}"
+        print(f"{said} -> {run.cv}")
     return 0 if (summary.status == "ok").all() else 1
 
 

@@ -35,7 +35,7 @@ class LogMel(nn.Module):
         super().__init__()
         import librosa
 
-        length, size, hop = cfg.clip_samples, cfg.size, cfg.hop
+        length, size, hop = cfg.clip_samples, cfg.size, cfg.hop_length
         self.n_mels = cfg.n_mels or size
         self.size, self.resize, self.norm, self.chans = size, cfg.resize, cfg.norm, chans
         self.top_db, self.n_fft = cfg.top_db, cfg.n_fft
@@ -438,6 +438,9 @@ TTA_VIEWS = {  # deterministic views of a waveform batch, applied before the log
 }
 
 
+N_VIEWS = len(TTA_VIEWS)  # what -a y averages: the clip and its four views
+
+
 def tta_views(tta: bool) -> dict:
     """The identity alone, or the identity plus the four views of the original recipe."""
     return TTA_VIEWS if tta else {"identity": TTA_VIEWS["identity"]}
@@ -472,12 +475,16 @@ class Frontend(nn.Module):
             x = wave.float() / 32768.0 if not wave.is_floating_point() else wave.float()
             return self.wave_aug(x)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Float waveforms (B, L) -> images, with the spectrogram augmentations in train mode."""
+    def features(self, x: torch.Tensor, on_db=None, on_image=None) -> torch.Tensor:
+        """Float waveforms (B, L) -> images, with the spectrogram augmentations in train mode;
+        `on_db` acts on the augmented dB log-mel (B, M, T), `on_image` on the image before
+        Freq-MixStyle and SpecAugment (BYOL-A's log-mixup and random resize crop)."""
         with self._no_amp(x.device):
             s = self.logmel.db(x, self.warp if self.training else None)
             s = self.mel_jitter(self.filter_aug(s))
-            return self.spec_aug(self.mixstyle(self.logmel.image(s)))
+            img = self.logmel.image(on_db(s) if on_db is not None else s)
+            img = on_image(img) if on_image is not None else img
+            return self.spec_aug(self.mixstyle(img))
 
     def forward(self, wave: torch.Tensor, view=None) -> torch.Tensor:
         x = self.waveform(wave)

@@ -76,6 +76,12 @@ def setup_logging(verbose: bool = False) -> None:
     logging.raiseExceptions = False  # a log line that cannot be written is no traceback
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A WORK csv with empty strings kept as '' (not NaN)."""
+    return pd.read_csv(path, keep_default_na=False,
+                       dtype={"label": str, "file_name": str, "secondary": str})
+
+
 def probs_frame(names, probs: np.ndarray, classes: list[str], key: str = "file_name",
                 **extra) -> pd.DataFrame:
     """A table of `key`, the `extra` columns, then one probability column per class."""

@@ -42,7 +42,7 @@ def prepared(data: Path, tmp_path_factory, folds: int) -> Path:
     from preprocess import prepare
 
     work = tmp_path_factory.mktemp(f"work{folds}")
-    prepare(Config(data=str(data), work=str(work), folds=folds), workers=2)
+    prepare(Config(data=str(data), work=str(work), n_folds=folds), workers=2)
     return work
 
 
@@ -52,7 +52,7 @@ def e2e(tmp_path_factory, demo_data) -> dict:
     work = tmp_path_factory.mktemp("work")
     steps = {
         "preprocess": run_script("preprocess.py", "--data", demo_data, "--work", work,
-                                 "--folds", 2),
+                                 "--n-folds", 2),
         "train": run_script("train.py", "--work", work, *TINY, "-f", "all", "-g", "cpu,cpu",
                             "-a", "y"),
         "inference": run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32,

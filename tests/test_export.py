@@ -102,7 +102,7 @@ def three_words(tmp_path_factory):
     clean = dataclasses.replace(demo.PRESETS["demo"], p_noise=0.0, p_short=0.0)
     demo.make_dataset(root / "data", speakers=200, seed=3, preset=clean,
                       words=("marvin", "up", "six"), workers=2, progress=False)
-    run_script("preprocess.py", "--data", root / "data", "--work", root / "work", "--folds", 2)
+    run_script("preprocess.py", "--data", root / "data", "--work", root / "work", "--n-folds", 2)
     run_script("train.py", "--work", root / "work", "-m", "resnet18", "-t", 32, "-e", 8,
                "-b", 32, "-l1", 0.003, "-f", 0, "-g", "cpu", "--aug", "none", "--no-progress")
     run_script("export.py", "--work", root / "work", "--run", "resnet18_32", "-f", 1,

@@ -54,7 +54,7 @@ def test_test_order_is_submission_order(work, demo_data):
 def test_rerun_reuses_work(demo_data, work, caplog):
     caplog.set_level("INFO")
     stamp = (work / "train_wave.npy").stat().st_mtime_ns
-    summary = prepare(Config(data=str(demo_data), work=str(work), folds=5))
+    summary = prepare(Config(data=str(demo_data), work=str(work), n_folds=5))
     assert summary["reused"] and (work / "train_wave.npy").stat().st_mtime_ns == stamp
     assert "reusing" in caplog.text
 
@@ -92,7 +92,7 @@ def _write_bad_inputs(root):
 def test_bad_inputs_listed_and_converted(tmp_path):
     data, work = tmp_path / "data", tmp_path / "work"
     _write_bad_inputs(data)
-    proc = run_script("preprocess.py", "--data", data, "--work", work, "--folds", 2)
+    proc = run_script("preprocess.py", "--data", data, "--work", work, "--n-folds", 2)
     assert "5 of " in proc.stderr and "rejected.csv" in proc.stderr  # one summary line
     rejected = pd.read_csv(work / "rejected.csv")
     names = {p.split("/")[-1]: r for p, r in zip(rejected.path, rejected.reason)}
@@ -143,7 +143,7 @@ def test_speech_commands_layout(tmp_path):
     sf.write(root / "_background_noise_" / "white.wav", np.zeros(32000, np.float32) + 0.01, 16000)
     (root / "testing_list.txt").write_text("\n".join(listed) + "\n")
     (root / "validation_list.txt").write_text("go/cc_nohash_0.wav\n")
-    s = prepare(Config(data=str(root), work=str(tmp_path / "w"), folds=3), workers=1)
+    s = prepare(Config(data=str(root), work=str(tmp_path / "w"), n_folds=3), workers=1)
     assert s["layout"] == "speech_commands" and s["train"] == 6 and s["test"] == 2
     test = pd.read_csv(tmp_path / "w" / "test.csv")
     assert list(test.label) == ["go", "stop"] and list(test.file_name) == listed
@@ -160,7 +160,7 @@ def test_manifest_layout_keeps_its_folds(tmp_path):
         rows.append(dict(path=f"clips/{i}.wav", label="ab"[i % 2], fold=i % 4,
                          split="test" if i == 7 else "train"))
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
-    s = prepare(Config(manifest=str(tmp_path / "m.csv"), work=str(tmp_path / "w"), folds=4,
+    s = prepare(Config(manifest=str(tmp_path / "m.csv"), work=str(tmp_path / "w"), n_folds=4,
                        seconds=0.5), workers=1)
     assert s["layout"] == "manifest" and s["train"] == 7 and s["test"] == 1
     train = pd.read_csv(tmp_path / "w" / "train.csv")
@@ -192,5 +192,5 @@ def test_csv_and_json_files_are_written_aside_and_renamed(demo_data, tmp_path, m
     real = util.atomic_write
     monkeypatch.setattr(util, "atomic_write", lambda path, fn: (written.append(path.name),
                                                                 real(path, fn)))
-    prepare(Config(data=str(demo_data), work=str(tmp_path / "w"), folds=2), workers=1)
+    prepare(Config(data=str(demo_data), work=str(tmp_path / "w"), n_folds=2), workers=1)
     assert {"train.csv", "test.csv", "rejected.csv", "classes.json", "prep.json"} <= set(written)

@@ -35,7 +35,7 @@ def two_kinds(tmp_path_factory):
             sf.write(root / "data" / "train" / kind / f"{speaker}_nohash_{n}.wav",
                      (y * rng.uniform(0.1, 0.5)).astype(np.float32), 16000)
     (root / "data" / "test").mkdir()
-    prepare(Config(data=str(root / "data"), work=str(root / "work"), folds=2), workers=1)
+    prepare(Config(data=str(root / "data"), work=str(root / "work"), n_folds=2), workers=1)
     return root / "work"
 
 

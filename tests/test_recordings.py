@@ -27,7 +27,7 @@ def test_cache_returns_each_clip_exactly(tmp_path):
         rows.append(dict(path=f"a/{i}.wav", label="xy"[i % 2], group=f"g{i}",
                          secondary="y" if i == 2 else ""))
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
-    s = prepare(Config(manifest=str(tmp_path / "m.csv"), work=str(tmp_path / "w"), folds=2),
+    s = prepare(Config(manifest=str(tmp_path / "m.csv"), work=str(tmp_path / "w"), n_folds=2),
                 workers=1)
     assert s["multilabel"]  # a secondary label makes the data multilabel
     clips = Clips.of(tmp_path / "w", "train")
@@ -81,7 +81,7 @@ def test_windows_cover_every_clip_in_order():
 def test_padded_cmap_equals_sklearn():
     from sklearn.metrics import average_precision_score
 
-    from inference import padded_cmap
+    from metrics import padded_cmap
 
     rng = np.random.default_rng(3)
     truth = (rng.random((40, 6)) < 0.2).astype(int)
@@ -109,7 +109,7 @@ def test_soundscape_end_to_end(tmp_path):
     data, work = tmp_path / "data", tmp_path / "work"
     demo.make_soundscapes(data, seed=1, workers=2, progress=False, recorders=10,
                           per_recorder=2, test_recorders=2, soundscapes=2)
-    run_script("preprocess.py", "--data", data, "--work", work, "--folds", 2, "--seconds", 2,
+    run_script("preprocess.py", "--data", data, "--work", work, "--n-folds", 2, "--seconds", 2,
                "--max-seconds", 20)
     prep = json.loads((work / "prep.json").read_text())
     assert prep["multilabel"] and prep["rows"] == "window" and prep["layout"] == "birdclef"

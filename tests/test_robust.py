@@ -76,9 +76,9 @@ def test_two_nodes_on_localhost_train_one_fold(work):
 
 def test_killed_preprocess_is_rebuilt_not_reused(demo_data, tmp_path):
     work = tmp_path / "w"
-    run_script("preprocess.py", "--data", demo_data, "--work", work, "--folds", 2)
+    run_script("preprocess.py", "--data", demo_data, "--work", work, "--n-folds", 2)
     cmd = [sys.executable, str(ROOT / "preprocess.py"), "--data", str(demo_data), "--work",
-           str(work), "--folds", "2", "--force", "--jobs", "1"]
+           str(work), "--n-folds", "2", "--force", "--jobs", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while (work / "prep.json").exists() and time.time() < deadline and proc.poll() is None:
@@ -87,7 +87,7 @@ def test_killed_preprocess_is_rebuilt_not_reused(demo_data, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (work / "prep.json").exists()
     # a plain run now rebuilds instead of reusing the half-built cache
-    proc = run_script("preprocess.py", "--data", demo_data, "--work", work, "--folds", 2)
+    proc = run_script("preprocess.py", "--data", demo_data, "--work", work, "--n-folds", 2)
     assert "reusing" not in proc.stderr + proc.stdout and (work / "prep.json").is_file()
     table = pd.read_csv(work / "train.csv")
     assert len(cached(work)) == len(table)

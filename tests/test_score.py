@@ -112,7 +112,8 @@ def test_distillation_loss():
 
 
 def test_fitted_weights_beat_equal_weights_and_temperature_calibrates():
-    from inference import fit_blend, log_loss
+    from inference import fit_blend
+    from metrics import log_loss
 
     rng = np.random.default_rng(0)
     n, c = 600, 6
@@ -176,7 +177,7 @@ def test_leaderboard_lists_every_run_best_cv_first(work):
 
 
 def test_initialised_from_names_what_a_run_started_from():
-    from report import initialised_from
+    from results import initialised_from
 
     assert initialised_from("") == "scratch" and initialised_from("timm") == "timm"
     assert initialised_from("w/pretrain/byol/encoder.pth") == "pretrain:byol"

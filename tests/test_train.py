@@ -165,7 +165,7 @@ def test_same_seed_same_weights(work):
 
 
 def test_sample_rate_and_clip_length_come_from_work(e2e, tmp_path, capsys):
-    """train.py offers no --sr/--seconds/--data/--folds: WORK's prep.json fixed them. A config
+    """train.py offers no --sr/--seconds/--data/--n-folds: WORK's prep.json fixed them. A config
     file that says otherwise is refused with one line; else they are taken from prep.json."""
     import shutil
 
@@ -174,16 +174,16 @@ def test_sample_rate_and_clip_length_come_from_work(e2e, tmp_path, capsys):
 
     work = tmp_path / "work"
     shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
-    for flag in ("--seconds", "--sr", "--data", "--manifest", "--folds"):
+    for flag in ("--seconds", "--sr", "--data", "--manifest", "--n-folds"):
         with pytest.raises(SystemExit):
             train.main(["--work", str(work), flag, "2"])
         assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
     prep = json.loads((work / "prep.json").read_text())
-    assert train.work_settings(Config(work=str(work), seconds=2.0, folds=9)).seconds == 1.0
+    assert train.work_settings(Config(work=str(work), seconds=2.0, n_folds=9)).seconds == 1.0
     prep.update(seconds=0.5, sr=8000)
     (work / "prep.json").write_text(json.dumps(prep))
     got = train.work_settings(Config(work=str(work)))
-    assert (got.sr, got.seconds, got.clip_samples, got.folds) == (8000, 0.5, 4000, prep["folds"])
+    assert (got.sr, got.seconds, got.clip_samples, got.n_folds) == (8000, 0.5, 4000, prep["n_folds"])
     write_yaml(Config(work=str(work), seconds=2.0), tmp_path / "two.yaml")
     code = train.main(["--config", str(tmp_path / "two.yaml"), "-f", "0"])
     err = capsys.readouterr().err.strip()

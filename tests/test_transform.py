@@ -25,7 +25,7 @@ def speech_like(n=4, seed=0):
 @pytest.mark.parametrize("n_mels", [64, 224])
 def test_logmel_matches_librosa(dtype, tol, n_mels):
     x = speech_like()
-    m = LogMel(Config(n_fft=2048, hop=512, n_mels=n_mels, norm="none"))
+    m = LogMel(Config(n_fft=2048, hop_length=512, n_mels=n_mels, norm="none"))
     ours = m.db(torch.from_numpy(x).to(dtype)).double().numpy()
     ref = np.stack([librosa.power_to_db(librosa.feature.melspectrogram(
         y=y.astype(np.float64 if dtype == torch.float64 else np.float32), sr=16000,
@@ -178,7 +178,7 @@ def mel_peak_bin(mel: torch.Tensor) -> float:
 @pytest.mark.parametrize("semitones", [-2.0, 1.0, 3.0])
 def test_pitch_shift_moves_a_tone_by_the_asked_semitones(semitones):
     """The shifted 1 kHz tone's mel image peaks where a tone played at 1 kHz x 2**(s/12) does."""
-    lm = LogMel(Config(n_fft=2048, hop=128, n_mels=128))
+    lm = LogMel(Config(n_fft=2048, hop_length=128, n_mels=128))
     shifted = SpecWarp(Config())(lm.power(tone(1000.0)), lm,
                                  semitones=torch.tensor([semitones], dtype=torch.float64))
     played = lm.mel(lm.power(tone(1000.0 * 2 ** (semitones / 12))))
@@ -216,7 +216,7 @@ def test_pitch_shift_at_the_filterbank_equals_resampling_the_spectrogram(semiton
 @pytest.mark.parametrize("factor", [0.8, 1.25])
 def test_time_stretch_scales_the_duration(factor):
     hop = 128
-    lm = LogMel(Config(n_fft=512, hop=hop, n_mels=64))
+    lm = LogMel(Config(n_fft=512, hop_length=hop, n_mels=64))
     power = lm.power(tone(440.0, on=(0.3, 0.6)))
     stretched = SpecWarp(Config())(power, lm, factor=torch.tensor([factor], dtype=power.dtype))
     before, after = active_seconds(lm.mel(power)[0], hop), active_seconds(stretched[0], hop)

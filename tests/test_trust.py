@@ -168,7 +168,7 @@ def test_a_class_with_fewer_clips_than_folds_is_named_and_still_trains(demo_data
     for i, clip in enumerate(sorted((demo_data / "train" / "yes").iterdir())[:2]):
         shutil.copy(clip, data / "train" / "rare" / f"rare{i}_nohash_0.wav")
     work = tmp_path / "work"
-    proc = run_script("preprocess.py", "--data", data, "--work", work, "--folds", 5)
+    proc = run_script("preprocess.py", "--data", data, "--work", work, "--n-folds", 5)
     said = [line for line in proc.stderr.splitlines() if "'rare'" in line]
     table = pd.read_csv(work / "train.csv")
     held = sorted(table[table.label == "rare"].fold.unique())
@@ -241,7 +241,7 @@ def test_disk_full_while_writing_the_cache_is_one_line(e2e, tmp_path):
     shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
     before = (work / "train_wave.npy").read_bytes()
     proc = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--data", str(e2e["data"]),
-                           "--work", str(work), "--folds", "2", "--force"], cwd=ROOT,
+                           "--work", str(work), "--n-folds", "2", "--force"], cwd=ROOT,
                           capture_output=True, text=True, preexec_fn=no_room_after(200_000))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]

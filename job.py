@@ -1,0 +1,174 @@
+"""What every training script shares (train.py, pretrain.py): the settings WORK fixed, the
+checks made before anything runs, the device, precision and strategy, the Trainer, a run
+folder's records (config.yaml, command.txt, versions.json) and its lock.
+
+Scripts sit on top of this module and never import one another.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from arg import WORK_FIXED, Config, write_yaml
+from runs import Work
+from util import FoldLock, UsageError, launched_rank_zero, write_json, write_text
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
+                   "wandb": ("wandb",)}
+
+
+# ----------------------------------------------------------------------------- settings
+def work_settings(cfg: Config, given=()) -> Config:
+    """cfg with the settings WORK fixed (sample rate, clip length, folds, data) taken from its
+    prep.json; a config file that sets the rate or the clip length otherwise is refused."""
+    work = Work(cfg.work)
+    prep = work.prep()
+    fixed = {k: prep[k] for k in WORK_FIXED if k in prep}
+    clash = {k: (getattr(cfg, k), v) for k, v in fixed.items()
+             if k in ("sr", "seconds") and k in given and getattr(cfg, k) != v}
+    if clash:
+        said = ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in clash.items())
+        raise UsageError(f"{work.prep_json} fixed {said}: drop them from the config file, or "
+                         f"preprocess again with those settings into another --work")
+    if prep.get("multilabel"):  # secondary labels in the data: multi-hot targets
+        fixed["multilabel"] = True
+    if any(getattr(cfg, k) != v for k, v in fixed.items() if k in ("sr", "seconds")):
+        log.info("clips of %s s at %s Hz, as %s was built", fixed.get("seconds"), fixed.get("sr"),
+                 work.dir)
+    cfg = dataclasses.replace(cfg, **fixed)
+    check_options(cfg)
+    return cfg
+
+
+def check_options(cfg: Config) -> None:
+    """Options that do not go together, refused before anything runs."""
+    clash = [(cfg.teacher and cfg.multilabel, "--teacher distils softmax outputs: not with "
+                                              "multilabel data"),
+             (cfg.head == "sed" and not cfg.multilabel, "--head sed is a multilabel head (its "
+                                                        "loss is BCE): add --multilabel"),
+             (cfg.ema > 0 and cfg.swa > 0, "--ema and --swa both average the weights: pick one"),
+             (cfg.balance > 0 and cfg.pseudo, "--balance weighs labelled rows only: not with "
+                                              "--pseudo"),
+             (cfg.pseudo and cfg.multilabel, "--pseudo takes one label per test clip: not with "
+                                             "multilabel data"),
+             (not 0 <= cfg.swa < 1, f"--swa {cfg.swa}: a share of the epochs in [0, 1)")]
+    for bad, why in clash:
+        if bad:
+            raise UsageError(why)
+
+
+def check_model(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        raise UsageError(f"-m {name}: timm has no such model"
+                         + (f"; did you mean {', '.join(close)}?" if close else
+                            " (python -c 'import timm; print(timm.list_models(\"*res*\"))' lists them)"))
+
+
+# ----------------------------------------------------------------------------- the Trainer
+def lightning_precision(p: str, accelerator: str) -> str:
+    if accelerator == "cpu" and p == "16":
+        return "32-true"  # fp16 autocast does not exist on CPU (Lightning would use bf16)
+    return {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true"}[p]
+
+
+def loader_workers(cfg: Config, accelerator: str) -> int:
+    """DataLoader workers: --workers, or 4 on a GPU and none on the CPU (-1)."""
+    return cfg.workers if cfg.workers >= 0 else (4 if accelerator == "gpu" else 0)
+
+
+def build_logger(cfg: Config, folder: Path, name: str):
+    """The Lightning logger of --logger (False for none); UsageError with the pip command when
+    its package is not installed. `name` is the run's part (fold0, ...)."""
+    from lightning.pytorch import loggers
+
+    if cfg.logger == "none":
+        return False
+    need = LOGGER_PACKAGES.get(cfg.logger, ())
+    if need and not any(importlib.util.find_spec(p) for p in need):
+        raise UsageError(f"--logger {cfg.logger} needs the {need[0]} package: "
+                         f"pip install {need[0]}")
+    if cfg.logger == "csv":
+        return loggers.CSVLogger(folder, name="csv_logs")
+    if cfg.logger == "tensorboard":
+        return loggers.TensorBoardLogger(folder, name="tensorboard")
+    if cfg.logger == "mlflow":  # a local file store in WORK/mlruns unless told otherwise
+        uri = (Path(cfg.work) / "mlruns").resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 asks for this
+        return loggers.MLFlowLogger(experiment_name=cfg.run_name, run_name=name,
+                                    tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", uri))
+    return loggers.WandbLogger(project="uac", name=f"{cfg.run_name}_{name}", save_dir=str(folder))
+
+
+def make_trainer(cfg: Config, accelerator: str, devices, folder: Path, callbacks: list,
+                 progress: bool, logger=False):
+    """The one Trainer of every script: -g's device(s), DDP when more than one process,
+    --precision, atomic checkpoints, deterministic on the CPU, a progress bar or none."""
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from callback import AtomicCheckpointIO
+
+    n = devices if isinstance(devices, int) else len(devices)
+    strategy = "ddp" if cfg.strategy == "auto" and n * cfg.num_nodes > 1 else cfg.strategy
+    cpu = accelerator == "cpu"
+    if cpu and n > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+    return L.Trainer(
+        accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=cfg.num_nodes,
+        precision=lightning_precision(cfg.precision, accelerator), max_epochs=cfg.epochs,
+        callbacks=callbacks + ([TQDMProgressBar(leave=True)] if progress else []),
+        logger=logger, plugins=[AtomicCheckpointIO()], deterministic=cpu, benchmark=not cpu,
+        num_sanity_val_steps=0, limit_train_batches=cfg.limit_batches,
+        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=folder)
+
+
+# ----------------------------------------------------------------------------- records
+def versions() -> dict:
+    """The code and the packages a run ran with: the git commit (and whether the checkout had
+    uncommitted changes), or 'not a git checkout'; torch, lightning, timm, numpy, Python."""
+    import lightning
+    import numpy
+    import timm
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else "not a git checkout"
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip()) \
+            if head.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "not a git checkout", None
+    return dict(commit=commit, uncommitted_changes=dirty, python=sys.version.split()[0],
+                torch=torch.__version__, lightning=lightning.__version__,
+                timm=timm.__version__, numpy=numpy.__version__)
+
+
+def write_records(folder: Path, cfg: Config) -> None:
+    """config.yaml (what makes the run: --config reads it back), command.txt and versions.json."""
+    write_yaml(cfg, folder / "config.yaml")
+    write_text(shlex.join([sys.executable, *sys.argv]) + "\n", folder / "command.txt")
+    write_json(versions(), folder / "versions.json")
+
+
+def owned(folder: Path):
+    """The folder's lock, held by the launching process (rank zero) while the block runs: a
+    second process on the same folder is refused. DDP workers run without it."""
+    return FoldLock(folder) if launched_rank_zero() else contextlib.nullcontext()
