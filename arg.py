@@ -24,6 +24,9 @@ def opt(default, help: str, group: str, flags: tuple[str, ...] = (), **kw):
 
 @dataclass
 class Config:
+    """Every setting of every script and its default, once. The class is long because it
+    lists them all: each field is one flag with its help (make_parser builds the parsers)."""
+
     # data / preprocess
     data: str = opt("data/demo", "dataset folder (contest or Speech Commands layout)", "data")
     work: str = opt("work", "work folder written by preprocess.py; runs go in WORK/runs/", "data")

@@ -189,16 +189,3 @@ class FreezeBody(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         pl_module.net.freeze_body(trainer.current_epoch < self.epochs)
-
-
-def averaged_weights(module, checkpoint: dict) -> None:
-    """Put the averaging callback's weights (EMA, SWA) into a weights-only checkpoint, which
-    Lightning writes without calling callbacks' checkpoint hooks; a full checkpoint (last.ckpt)
-    gets them from the callback itself."""
-    if "optimizer_states" in checkpoint or module._trainer is None:
-        return
-    for cb in module.trainer.callbacks:
-        if isinstance(cb, WeightAveraging) and cb._average_model is not None:
-            cb.on_save_checkpoint(module.trainer, module, checkpoint)
-            checkpoint.pop("current_model_state", None)
-            checkpoint.pop("averaging_state", None)

@@ -131,16 +131,16 @@ def windows(clips: Clips, window: int, hop: int, sr: int) -> pd.DataFrame:
 
 
 class WaveDataset(Dataset):
-    """`length`-sample crops of clips[rows]; `labels` are class indices (N,) or multi-hot
+    """`length`-sample crops of clips[rows]; `targets` are class indices (N,) or multi-hot
     targets (N, C). crop 'random': a new random start each time a clip is read (training);
     'start': from the beginning (validation, and every clip no longer than `length`)."""
 
-    def __init__(self, clips: Clips, rows=None, labels=None, length: int | None = None,
+    def __init__(self, clips: Clips, rows=None, targets=None, length: int | None = None,
                  crop: str = "start"):
         self.clips, self.crop = clips, crop
         self.rows = np.arange(len(clips)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.length = int(length or clips.lengths.max(initial=1))
-        self.labels = (np.full(len(self.rows), -1) if labels is None else np.asarray(labels))
+        self.targets = np.full(len(self.rows), -1) if targets is None else np.asarray(targets)
         self.row_ids = self.rows  # what a batch reports as its rows
 
     def __len__(self) -> int:
@@ -155,7 +155,7 @@ class WaveDataset(Dataset):
         rows = self.rows[idx]
         starts = self.clips.random_starts(rows, self.length) if self.crop == "random" else None
         waves = self.clips.read(rows, self.length, starts)
-        return (torch.from_numpy(waves), torch.from_numpy(self.labels[idx]),
+        return (torch.from_numpy(waves), torch.from_numpy(self.targets[idx]),
                 torch.from_numpy(self.row_ids[idx]))
 
 
@@ -175,14 +175,14 @@ class JoinedDataset(Dataset):
     def __getitems__(self, idx: list[int]):
         idx = np.asarray(idx)
         part = np.searchsorted(self.offsets, idx, side="right") - 1
-        waves, labels, rows = [], [], []
+        waves, ys, rows = [], [], []
         order = np.concatenate([np.flatnonzero(part == k) for k in range(len(self.parts))])
         for k, p in enumerate(self.parts):
             if (part == k).any():
                 w, y, r = p.__getitems__(idx[part == k] - self.offsets[k])
-                waves.append(w), labels.append(y), rows.append(r)
+                waves.append(w), ys.append(y), rows.append(r)
         back = torch.from_numpy(np.argsort(order))  # put the batch back in the asked order
-        return torch.cat(waves)[back], torch.cat(labels)[back], torch.cat(rows)[back]
+        return torch.cat(waves)[back], torch.cat(ys)[back], torch.cat(rows)[back]
 
 
 def _batch(x):  # __getitems__ already returns the collated batch
@@ -270,7 +270,7 @@ class FoldData(L.LightningDataModule):
     row, so nothing mistakes them for training rows, and they never enter validation."""
 
     def __init__(self, work: str | Path, fold: int, batch_size: int, workers: int,
-                 pseudo: pd.DataFrame | None = None, labels: float = 1.0, seed: int = 0,
+                 pseudo: pd.DataFrame | None = None, label_share: float = 1.0, seed: int = 0,
                  length: int | None = None, crop: str = "random", multilabel: bool = False,
                  secondary_weight: float = 0.5, balance: float = 0.0):
         super().__init__()
@@ -282,7 +282,7 @@ class FoldData(L.LightningDataModule):
             raise UsageError(f"fold {fold} is not in {Work(work).train_csv} (folds "
                              f"{', '.join(map(str, folds))})")
         self.val_table = self.table[self.table.fold == fold]
-        train = labelled_share(self.table[self.table.fold != fold], labels, seed)
+        train = labelled_share(self.table[self.table.fold != fold], label_share, seed)
         clips = Clips.of(self.work, "train")
         length = length or int(clips.lengths.max(initial=1))
 

@@ -214,7 +214,9 @@ class AudioNet(nn.Module):
 
     forward(wave, view) -> logits, as validation and test read them; embed(wave) -> pooled
     features. Training calls the stages in turn (waveform, images, logits_and_frames) because
-    the teacher hears the augmented waveform and mixup mixes images."""
+    the teacher hears the augmented waveform and mixup mixes images. The class is long because
+    it is the whole interface callers have: no one reaches into its parts, so what they need
+    (noise bank, parameter groups, freezing, export layout) is asked of it here."""
 
     def __init__(self, cfg: Config, classes: int, pretrained: str | None = None):
         super().__init__()
@@ -315,6 +317,8 @@ class AudioNet(nn.Module):
 
         opt = create_optimizer_v2(self.backbone, opt=name, lr=lr, weight_decay=weight_decay,
                                   layer_decay=layer_decay or None)
+        for group in opt.param_groups:  # timm leaves lr_scale to its own schedulers: apply it
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.head is not None:
             opt.add_param_group(dict(params=list(self.head.parameters()), lr=lr,
                                      weight_decay=weight_decay))
@@ -385,6 +389,21 @@ def upgrade_keys(state: dict) -> dict:
         return state
     return {("net.backbone." + k[4:] if k.startswith("net.") else
              "net." + k if k.startswith("head.") else k): v for k, v in state.items()}
+
+
+def averaged_weights(module, checkpoint: dict) -> None:
+    """Put the averaging callback's weights (EMA, SWA) into a weights-only checkpoint, which
+    Lightning writes without calling callbacks' checkpoint hooks; a full checkpoint (last.ckpt)
+    gets them from the callback itself."""
+    if "optimizer_states" in checkpoint or module._trainer is None:
+        return
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    for cb in module.trainer.callbacks:
+        if isinstance(cb, WeightAveraging) and cb._average_model is not None:
+            cb.on_save_checkpoint(module.trainer, module, checkpoint)
+            checkpoint.pop("current_model_state", None)
+            checkpoint.pop("averaging_state", None)
 
 
 class AudioClassifier(L.LightningModule):
@@ -465,9 +484,7 @@ class AudioClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         """best.ckpt is weights-only, and Lightning skips callbacks' checkpoint hooks for those:
-        the averaging callback (EMA, SWA) puts its weights in here (callback.averaged_weights)."""
-        from callback import averaged_weights
-
+        the averaging callback (EMA, SWA) puts its weights in here."""
         averaged_weights(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint):

@@ -285,7 +285,7 @@ def train_all(cfg: Config, argv: list[str]) -> int:
     run = Run(cfg.work, cfg.run_name)
     pending, running, results = list(folds), {}, []
     column = "val_" + monitored(cfg.multilabel)  # what picks each fold's best epoch
-    name = "mAP" if cfg.multilabel else "acc"
+    name = "val mAP" if cfg.multilabel else "val acc"
     bar = tqdm(total=len(folds) * cfg.epochs, desc=f"{cfg.run_name}", unit="epoch",
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs [{elapsed}<{remaining}]{postfix}")
     finished_epochs = 0

@@ -60,7 +60,7 @@ def test_submission_has_every_sample_row_in_order(e2e):
 def test_tta_views_differ_and_their_mean_is_used(e2e):
     model = load_checkpoint(e2e["run"] / "fold0" / "best.ckpt")
     waves = torch.from_numpy(cached(e2e["work"], "test", range(16)))
-    per_view = model.predict_views(waves, tta_views(True))
+    per_view = model.net.predict_views(waves, tta_views(True))
     assert per_view.shape == (5, 16, len(model.classes))
     assert not torch.allclose(per_view[1], per_view[0])  # a shifted view changes the output
     assert not torch.allclose(per_view[2], per_view[0])

@@ -11,8 +11,8 @@ from conftest import TINY, run_script
 
 
 def backbone_state(model) -> dict:
-    head = {f"{model.net.default_cfg['classifier']}.{p}" for p in ("weight", "bias")}
-    return {k: v for k, v in model.net.state_dict().items() if k not in head}
+    head = {f"{model.net.backbone.default_cfg['classifier']}.{p}" for p in ("weight", "bias")}
+    return {k: v for k, v in model.net.backbone_state().items() if k not in head}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_a_checkpoint_with_other_classes_transfers_its_backbone(e2e, two_kinds):
         in proc.stderr
     cfg = dict(Config(model="resnet18", size=32, pretrained=str(src)).to_dict())
     model = AudioClassifier(cfg, ["noise", "tone"])
-    assert model.net.get_classifier().weight.shape == (2, 512)
+    assert model.net.head_parameters()[0].shape == (2, 512)
     mine = backbone_state(model)
     assert all(torch.equal(mine[k], teacher[k]) for k in teacher)
 
@@ -97,7 +97,8 @@ def test_weights_that_fit_nothing_are_refused_with_one_line(two_kinds, tmp_path,
 
 
 def test_label_share_is_stratified_and_seeded(e2e):
-    from dataset import labelled_share, read_table
+    from dataset import labelled_share
+    from util import read_table
 
     train = read_table(e2e["work"] / "train.csv")
     a, b = labelled_share(train, 0.3, 1), labelled_share(train, 0.3, 1)
@@ -139,7 +140,7 @@ def test_freeze_epochs_train_the_head_alone(two_kinds):
     state = torch.load(two_kinds / "runs" / "frozen" / "fold0" / "last.ckpt",
                        weights_only=False)["state_dict"]
     convs = [k for k in encoder if k.endswith("conv1.weight") or k.endswith("conv2.weight")]
-    assert convs and all(torch.equal(state[f"net.{k}"], encoder[k]) for k in convs)
+    assert convs and all(torch.equal(state[f"net.backbone.{k}"], encoder[k]) for k in convs)
     import lightning as L
 
     from model import AudioClassifier
@@ -147,4 +148,4 @@ def test_freeze_epochs_train_the_head_alone(two_kinds):
     L.seed_everything(Config().seed, verbose=False)  # as train.py does before building it
     start = AudioClassifier(Config(model="resnet18", size=32, pretrained=str(enc_path)).to_dict(),
                             ["noise", "tone"])
-    assert not torch.equal(state["net.fc.weight"], start.net.fc.weight)  # the head learned
+    assert not torch.equal(state["net.backbone.fc.weight"], start.net.head_parameters()[0])

@@ -114,10 +114,13 @@ def test_soundscape_end_to_end(tmp_path):
     prep = json.loads((work / "prep.json").read_text())
     assert prep["multilabel"] and prep["rows"] == "window" and prep["layout"] == "birdclef"
     assert Clips.of(work, "train").lengths.max() <= 20 * 16000
-    run_script("train.py", "--work", work, *TINY, "-f", 0, "-g", "cpu", "--run", "ss",
-               "--head", "sed", "--no-progress")
+    proc = run_script("train.py", "--work", work, *TINY, "-f", 0, "-g", "cpu", "--run", "ss",
+                      "--head", "sed", "--no-progress", "-e", 2)
     fold = work / "runs" / "ss" / "fold0"
-    assert "val_map" in json.loads((fold / "result.json").read_text())
+    result = json.loads((fold / "result.json").read_text())
+    hist = pd.read_csv(fold / "history.csv")  # best.ckpt, history and the summary: one score
+    assert result["val_map"] == pytest.approx(hist.val_map.max()) and "val_acc" not in result
+    assert "best val_map" in proc.stderr
     oof = pd.read_csv(fold / "oof.csv", keep_default_na=False)
     assert "secondary" in oof and oof.filter(items=demo.SOUNDSCAPE_WORDS).max().max() < 1
     proc = run_script("inference.py", "--work", work, "--run", "ss", "-f", 1, "-g", -1,

@@ -41,15 +41,27 @@ def assert_oof_matches_best(work, fold_dir, k):
 
 
 def test_cpu_ddp_two_processes_writes_what_one_process_writes(work, e2e):
+    """Two CPU processes (with EMA) write the records one process writes; the monitored score
+    counts every validation row once (DistributedSampler pads with repeats), and EMA starts
+    at the warm-up's end in the optimizer steps each process takes."""
     run_script("train.py", "--work", work, *TINY, "-f", "0", "-g", "cpu", "--devices", 2,
-               "--run", "ddp", "--no-progress", "-a", "y")
+               "--run", "ddp", "--no-progress", "-a", "y", "-b", 8, "-e", 2, "--ema", 0.9)
     fold = work / "runs" / "ddp" / "fold0"
     single = e2e["run"] / "fold0"
     assert fold_files(fold) == fold_files(single)
-    assert json.loads((fold / "result.json").read_text())["processes"] == 2
+    result = json.loads((fold / "result.json").read_text())
+    assert result["processes"] == 2
     assert_oof_matches_best(work, fold, 0)
     hist = pd.read_csv(fold / "history.csv")
-    assert list(hist.epoch) == [0] and hist.val_acc.between(0, 1).all()
+    assert list(hist.epoch) == [0, 1] and hist.val_acc.between(0, 1).all()
+    classes = json.loads((work / "classes.json").read_text())
+    oof = pd.read_csv(fold / "oof.csv", keep_default_na=False)
+    oof_acc = (oof[classes].to_numpy().argmax(1) == oof.label.map(classes.index)).mean()
+    assert result["val_acc"] == pytest.approx(hist.val_acc.max()) == pytest.approx(oof_acc)
+    n = int((pd.read_csv(work / "train.csv").fold != 0).sum())
+    steps = -(-n // 2) // 8  # each process: half the rows (padded), whole batches of 8
+    assert result["ema_start_step"] == max(1, round(0.5 * steps))  # --warmup 0.5 epochs
+    assert result["ema_start_step"] < int(0.5 * (n // 8))  # not counted over all the rows
 
 
 def free_port() -> int:

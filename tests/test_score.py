@@ -63,9 +63,10 @@ def test_ema_weights_are_validated_and_saved_in_best(work):
 
 
 def test_pseudo_labels_train_but_never_validate(work):
-    from dataset import FoldData, pseudo_labels, read_classes
+    from dataset import FoldData, pseudo_labels
+    from runs import Work
 
-    classes = read_classes(work)
+    classes = Work(work).classes()
     probs = work / "runs" / "resnet18_32" / "test_probs.csv"
     chosen = pseudo_labels(work, probs, 0.0, classes)
     test = pd.read_csv(work / "test.csv")

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+import job
 from arg import Config
 from conftest import ROOT, TINY, prepared, run_script
 
@@ -179,11 +180,12 @@ def test_sample_rate_and_clip_length_come_from_work(e2e, tmp_path, capsys):
             train.main(["--work", str(work), flag, "2"])
         assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
     prep = json.loads((work / "prep.json").read_text())
-    assert train.work_settings(Config(work=str(work), seconds=2.0, n_folds=9)).seconds == 1.0
+    assert job.work_settings(Config(work=str(work), seconds=2.0, n_folds=9)).seconds == 1.0
     prep.update(seconds=0.5, sr=8000)
     (work / "prep.json").write_text(json.dumps(prep))
-    got = train.work_settings(Config(work=str(work)))
-    assert (got.sr, got.seconds, got.clip_samples, got.n_folds) == (8000, 0.5, 4000, prep["n_folds"])
+    got = job.work_settings(Config(work=str(work)))
+    assert (got.sr, got.seconds, got.clip_samples, got.n_folds) == (8000, 0.5, 4000,
+                                                                     prep["n_folds"])
     write_yaml(Config(work=str(work), seconds=2.0), tmp_path / "two.yaml")
     code = train.main(["--config", str(tmp_path / "two.yaml"), "-f", "0"])
     err = capsys.readouterr().err.strip()
@@ -221,7 +223,7 @@ def test_fold_lock_is_released_when_training_fails(work):
 
     cfg, _ = parse_config(make_parser("x"), ["--work", str(work), *TINY, "-g", "cpu",
                                              "--run", "boom", "-l1", "1e30", "-e", "2"])
-    cfg = train.work_settings(cfg)
+    cfg = job.work_settings(cfg)
     fold_dir = work / "runs" / "boom" / "fold0"
     with pytest.raises(FloatingPointError):
         train.train_fold(cfg, 0, progress=False)
