@@ -6,6 +6,7 @@ predictor resamples and windows exactly as training did. Needs numpy, soundfile 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,31 @@ AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"}  # what 
 
 
 class AudioError(ValueError):
-    """A file that cannot be used, with the reason: listed and skipped, never fatal."""
+    """A file that cannot be used, with the reason: listed and skipped, never fatal. A reason
+    starts with its kind: "file not found", "not audio (...)" or "empty (...)"."""
+
+
+SHORTEST_WINDOW = 0.01  # seconds: a window or hop shorter than one 10-ms STFT frame is refused
+
+
+def window_problem(window: float | None, hop: float | None) -> str | None:
+    """What is wrong with a --window / --hop pair in seconds (None: the default), or None: the
+    one check inference.py and predict.py make before reading anything."""
+    for name, v in (("--window", window), ("--hop", hop)):
+        if v is None:
+            continue
+        if not math.isfinite(v) or v < SHORTEST_WINDOW:
+            return (f"{name} {v:g}: expected seconds, at least {SHORTEST_WINDOW:g} (one STFT "
+                    f"frame)")
+    return None
+
+
+def seconds_label(samples: int, sr: int) -> str:
+    """A time in samples as seconds with as many decimals as it needs to stay exact to one
+    sample: 5 for 80000 at 16 kHz (BirdCLEF's row ids), 5.5, 30.0004375. Distinct sample
+    counts never share a label."""
+    decimals = len(str(sr))  # 10 ** -decimals s is finer than one sample
+    return f"{samples / sr:.{decimals}f}".rstrip("0").rstrip(".")
 
 
 def fit(y: np.ndarray, length: int) -> np.ndarray:
@@ -49,17 +74,20 @@ def read_audio(path: str | Path, sr: int, info: dict | None = None) -> np.ndarra
     be used. `info` gets the file's orig_sr, orig_channels and orig_seconds."""
     import soundfile as sf
 
+    if not Path(path).is_file():
+        raise AudioError("file not found")
     try:
         y, orig_sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # LibsndfileError, RuntimeError, TypeError ...
-        raise AudioError(f"not readable audio ({str(e).strip().splitlines()[0][:120]})") from None
+        said = getattr(e, "error_string", None) or str(e).strip().splitlines()[0][:120]
+        raise AudioError(f"not audio ({said.rstrip('.')})") from None
     if len(y) == 0:
         raise AudioError("empty (0 samples)")
     if info is not None:
         info.update(orig_sr=orig_sr, orig_channels=y.shape[1], orig_seconds=len(y) / orig_sr)
     y = y.mean(1) if y.shape[1] > 1 else y[:, 0]
     if not np.isfinite(y).all():
-        raise AudioError("contains NaN or infinite samples")
+        raise AudioError("not audio (NaN or infinite samples)")
     return resample(y, orig_sr, sr)
 
 

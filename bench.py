@@ -191,10 +191,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     table = read_table(Work(args.work).train_csv)
     n = min(args.clips, len(table))
-    clips = Clips.of(args.work, "train")
-    waves = clips.read(np.arange(n), int(clips.lengths[:n].max(initial=1)))
+    waves, said = training_clips(args.work, n)
     paths = list(table.path[:n])
-    print(f"# {n} clips, t={args.size}, batch {args.batch_size}, {os.cpu_count()} CPU cores, "
+    print(f"# {n} clips of {said}, t={args.size}, batch {args.batch_size}, "
+          f"{os.cpu_count()} CPU cores, "
           f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}")
 
@@ -209,6 +209,19 @@ def main(argv=None) -> int:
     if "frontend" in sections:
         frontend_section(args, waves, device)
     return 0
+
+
+def training_clips(work, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """The first n training clips as training reads them: the clip length of WORK's prep.json,
+    a random crop of a longer clip (dataset.Clips.random_starts), zero-padded if shorter;
+    and the length in words for the header."""
+    prep = Work(work).prep()
+    length = Config(sr=prep["sr"], seconds=prep["seconds"]).clip_samples
+    clips, rows = Clips.of(work, "train"), np.arange(n)
+    torch.manual_seed(seed)
+    waves = clips.read(rows, length, clips.random_starts(rows, length))
+    said = f"{length} samples ({prep['seconds']:g} s at {prep['sr']} Hz, as training reads them)"
+    return waves, said
 
 
 def crops_section(args, n: int = 4096, sr: int = 16000) -> None:

@@ -5,6 +5,7 @@ No decoding and no features here: a batch is a slice of rows of a memory-mapped 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -119,15 +120,15 @@ class Rows:
 
 def windows(clips: Clips, window: int, hop: int, sr: int) -> pd.DataFrame:
     """Every clip's windows (audio.window_starts), in clip then time order: row, start
-    (samples), end_s (the window's end in whole seconds: BirdCLEF's row_id suffix)."""
-    from audio import window_starts
+    (samples), end (the window's end in seconds as a row id writes it: audio.seconds_label)."""
+    from audio import seconds_label, window_starts
 
     rows, starts, ends = [], [], []
     for i, n in enumerate(clips.lengths):
         for s in window_starts(int(n), window, hop):
             rows.append(i), starts.append(s)
-            ends.append(int(round((s + window) / sr)))
-    return pd.DataFrame({"row": rows, "start": starts, "end_s": ends})
+            ends.append(seconds_label(s + window, sr))
+    return pd.DataFrame({"row": rows, "start": starts, "end": ends})
 
 
 class WaveDataset(Dataset):
@@ -251,16 +252,27 @@ def pseudo_labels(work: str | Path, test_probs: str | Path, threshold: float,
 
 def labelled_share(train: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
     """The stratified, seeded `share` of `train`'s rows (at least one per class): the rows a
-    label-efficiency run (--labels) keeps."""
+    label-efficiency run (--labels) keeps. A class with a single row cannot be split: it is
+    kept, one row of every class is, and the rest of the share is drawn stratified (said)."""
     from sklearn.model_selection import train_test_split
 
     if share >= 1.0:
         return train
-    if not 0.0 < share:
-        raise UsageError(f"--labels {share}: expected a share in (0, 1]")
     n = max(int(round(share * len(train))), train.y.nunique())
-    keep, _ = train_test_split(train, train_size=n, stratify=train.y, random_state=seed)
-    return keep.sort_values("row")
+    counts = train.y.value_counts()
+    if counts.min() >= 2:
+        try:
+            keep, _ = train_test_split(train, train_size=n, stratify=train.y, random_state=seed)
+            return keep.sort_values("row")
+        except ValueError:  # too few rows left out to hold every class: as below
+            pass
+    logging.getLogger(__name__).warning(
+        "--labels %g: the share cannot be drawn stratified (%d class(es) with a single training "
+        "row): every class keeps at least one row, the rest of the share is drawn at random",
+        share, int((counts < 2).sum()))
+    first = train.groupby("y", group_keys=False).sample(1, random_state=seed)
+    rest = train.drop(first.index).sample(frac=1.0, random_state=seed).head(n - len(first))
+    return pd.concat([first, rest]).sort_values("row")
 
 
 class FoldData(L.LightningDataModule):

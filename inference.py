@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from audio import window_problem
 from metrics import calibration_error, log_loss, multilabel_scores, padded_cmap
 from model import load_checkpoint, predict_waves
 from results import cv_report, write_html
@@ -184,10 +185,10 @@ def make_parser():
                    help="one submission row per test file, or per window (row_id = file stem + "
                         "end second, one probability column per class: BirdCLEF); auto: as "
                         "preprocess.py found the data (a sample_submission.csv with row_id)")
-    g.add_argument("--window", type=float, default=0.0, metavar="SECONDS",
+    g.add_argument("--window", type=float, default=None, metavar="SECONDS",
                    help="test window length (default: the clip length the models were trained "
                         "on); a window is zero-padded or cut to that length")
-    g.add_argument("--hop", type=float, default=0.0, metavar="SECONDS",
+    g.add_argument("--hop", type=float, default=None, metavar="SECONDS",
                    help="step between windows (default: the window: no overlap)")
     g.add_argument("--predict", nargs="+", default=None, metavar="PATH",
                    help="print the top-3 labels of these audio files/folders instead")
@@ -212,8 +213,9 @@ def check_request(cfg, args) -> list[str]:
     runs = args.runs or [cfg.run_name]
     if args.weights and len(args.weights) != len(runs):
         raise UsageError(f"{len(args.weights)} --weights for {len(runs)} runs")
-    if args.window < 0 or args.hop < 0:
-        raise UsageError("--window and --hop are seconds > 0")
+    problem = window_problem(args.window, args.hop)
+    if problem:
+        raise UsageError(problem)
     if args.fit_weights and (args.weights or args.ensemble == "hard"):
         raise UsageError("--fit-weights chooses the weights of a soft blend: drop --weights "
                          "and --ensemble hard")
@@ -314,16 +316,18 @@ def write_windows(work: Path, out: Path, wins: pd.DataFrame, score: np.ndarray,
     With --solution (row_id + one 0/1 column per class): padded cmAP, mAP and ROC-AUC."""
     test = read_test(work)
     stems = test.file_name.map(lambda n: Path(n).stem).to_numpy()
-    ids = [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end_s)]
+    ids = [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end)]
     sub = probs_frame(pd.Series(ids), score, classes, key="row_id")
+    columns = classes
     if sample.is_file():
-        want = pd.read_csv(sample, usecols=[0], dtype=str).iloc[:, 0]
-        missing = want[~want.isin(set(ids))]
+        want = pd.read_csv(sample, dtype={"row_id": str}, nrows=None)
+        columns = [c for c in want.columns[1:] if c in classes]  # the sample's, in its order
+        missing = want.row_id[~want.row_id.isin(set(ids))]
         if len(missing):
             print(f"inference: {len(missing)} rows of {sample} match no test window (their files "
                   f"are not in the test folder): written with probability 0", file=sys.stderr)
             sub = pd.concat([sub, pd.DataFrame({"row_id": missing, **{c: 0.0 for c in classes}})])
-    write_csv(sub, out / "submission.csv")
+    write_csv(sub[["row_id", *columns]], out / "submission.csv")
     write_csv(sub, out / "test_probs.csv")
     log.info("submission: %d windows of %d files -> %s", len(wins), len(test),
              out / "submission.csv")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from arg import WORK_FIXED, Config, write_yaml
-from runs import Work
+from arg import RESUME_SAFE, WORK_FIXED, Config, write_yaml
+from runs import Work, read_config
 from util import FoldLock, UsageError, launched_rank_zero, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ def check_options(cfg: Config) -> None:
                                               "--pseudo"),
              (cfg.pseudo and cfg.multilabel, "--pseudo takes one label per test clip: not with "
                                              "multilabel data"),
-             (not 0 <= cfg.swa < 1, f"--swa {cfg.swa}: a share of the epochs in [0, 1)")]
+             (not 0 <= cfg.swa < 1, f"--swa {cfg.swa}: a share of the epochs in [0, 1)"),
+             (not 0 < cfg.labels <= 1, f"--labels {cfg.labels}: a share of the training rows "
+                                       f"in (0, 1]")]
     for bad, why in clash:
         if bad:
             raise UsageError(why)
@@ -77,6 +79,39 @@ def check_model(name: str) -> None:
         raise UsageError(f"-m {name}: timm has no such model"
                          + (f"; did you mean {', '.join(close)}?" if close else
                             " (python -c 'import timm; print(timm.list_models(\"*res*\"))' lists them)"))
+
+
+def check_resume(cfg: Config, folder: Path, fix: str) -> None:
+    """--resume continues only the run it was: refuse, naming them, settings that differ from
+    the folder's config.yaml in anything but RESUME_SAFE, and a last.ckpt that is not a
+    complete torch file or could run code (model.safe_load; `fix` says what to do then)."""
+    from model import CheckpointError, safe_load
+
+    if not (folder / "last.ckpt").is_file():
+        return
+    safe_load(folder / "last.ckpt", CheckpointError, "--resume ", fix)
+    saved = read_config(folder)
+    if not saved:
+        return
+    old = Config.from_dict(saved).to_dict()
+    diff = {k: (old[k], v) for k, v in cfg.to_dict().items()
+            if k not in RESUME_SAFE and old.get(k) != v}
+    if diff:
+        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise UsageError(f"--resume: {folder} was trained with other settings ({said}). Only "
+                         f"{', '.join(RESUME_SAFE)} may change on --resume: resume with the same "
+                         f"flags (--config {folder / 'config.yaml'}), or train under a new --run")
+
+
+def stopped(script: str, e: BaseException, what: str) -> int:
+    """A run stopped by SIGTERM or ^C: one line, and the exit code a shell gives a process the
+    signal ended (143, 130); the last checkpoint is what --resume continues from."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    name, code = ("SIGTERM", 143) if isinstance(e, SIGTERMException) else ("SIGINT", 130)
+    print(f"{script}: {what} stopped by {name}; its last.ckpt is where --resume continues",
+          file=sys.stderr)
+    return code
 
 
 # ----------------------------------------------------------------------------- the Trainer

@@ -129,23 +129,34 @@ def create_backbone(cfg: Config, num_classes: int, pretrained: str | None = None
         raise
     if pretrained and pretrained != "timm":
         counts = load_backbone(net, pretrained)
-        log.info("--pretrained %s: %d backbone tensors loaded, %d skipped (head or not in %s), "
-                 "%d of another shape", pretrained, counts["loaded"], counts["skipped"],
-                 cfg.model, counts["mismatched"])
+        log.info("--pretrained %s: %d of %d backbone weight tensors loaded, %d skipped (head "
+                 "or not in %s), %d of another shape", pretrained, counts["loaded"],
+                 counts["wanted"], counts["skipped"], cfg.model, counts["mismatched"])
     return net
 
 
-def safe_load(path: str | Path, error: type[UsageError] = UsageError, what: str = ""):
+def safe_load(path: str | Path, error: type[UsageError] = UsageError, what: str = "",
+              fix: str = "train it again"):
     """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts come
     back, and nothing in the file is run. A pickle that names any other global (a class, a
-    function: what a crafted file uses to run code) is refused with `error`."""
+    function: what a crafted file uses to run code) is refused with `error`; so is a file
+    that is truncated, empty or not a torch file at all, with `fix` as what to do."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise error(f"{what}{path}: no such file") from None
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)|global '?([\w.]+)", str(e))
-        named = f"it names {m.group(1) or m.group(2)}" if m else str(e).splitlines()[0][:80]
-        raise error(f"{what}{path}: refused, it holds objects other than tensors and plain values "
-                    f"({named}); loading it could run code") from None
+        if m:  # a pickle that asks for a class or function by name
+            raise error(f"{what}{path}: refused, it holds objects other than tensors and plain "
+                        f"values (it names {m.group(1) or m.group(2)}); loading it could run "
+                        f"code") from None
+        lines = [x for x in str(e).splitlines() if x.strip() and "Weights only" not in x]
+        reason = (lines[-2] if len(lines) > 1 else type(e).__name__)[:80]
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, empty file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
+    raise error(f"{what}{path}: not a complete torch file (truncated, empty or another format: "
+                f"{reason}); {fix}")
 
 
 def read_weights(path: str | Path) -> dict:
@@ -161,7 +172,8 @@ def read_weights(path: str | Path) -> dict:
 
             sd = load_file(str(path))
         else:
-            sd = safe_load(path, PretrainedError, "--pretrained ")
+            sd = safe_load(path, PretrainedError, "--pretrained ",
+                           "pass pretrain.py's encoder.pth, a run's best.ckpt or timm weights")
     except PretrainedError:
         raise
     except Exception as e:  # UnpicklingError, RuntimeError, SafetensorError, ...
@@ -182,9 +194,14 @@ def read_weights(path: str | Path) -> dict:
 
 def load_backbone(net: torch.nn.Module, path: str | Path) -> dict:
     """Load the backbone tensors of `path` into the timm model `net`, the classifier left
-    as initialised; an RGB stem is summed to one channel (as timm does). Returns the counts
-    loaded / skipped / mismatched; PretrainedError when nothing loads into the backbone."""
-    sd, own = read_weights(path), net.state_dict()
+    as initialised; an RGB stem is summed to one channel (as timm does). Only tensors that
+    carry weights count (parameters and running statistics; BatchNorm's step counters are
+    left out). Returns the counts loaded / skipped / mismatched / wanted (the backbone's
+    weight tensors); PretrainedError when none of them loads."""
+    def counted(d):
+        return {k: v for k, v in d.items() if not k.endswith("num_batches_tracked")}
+
+    sd, own = counted(read_weights(path)), counted(net.state_dict())
     head = {f"{n}.{p}" for n in [net.default_cfg.get("classifier", "")] if n
             for p in ("weight", "bias")}
     take, skipped, mismatched = {}, 0, 0
@@ -198,12 +215,18 @@ def load_backbone(net: torch.nn.Module, path: str | Path) -> dict:
             take[k] = v.sum(1, keepdim=True)  # the RGB stem of image weights, as timm adapts it
         else:
             mismatched += 1
+    wanted = len(set(own) - head)
     if not take:
-        raise PretrainedError(f"--pretrained {path}: none of its {len(sd)} tensors fits "
-                              f"{type(net).__name__}'s backbone (another model? pass weights "
-                              f"of the -m model)")
+        raise PretrainedError(f"--pretrained {path}: none of its {len(sd)} weight tensors fits "
+                              f"the {wanted} of {type(net).__name__}'s backbone ({skipped} "
+                              f"skipped, {mismatched} of another shape): pass weights of the "
+                              f"-m model")
+    if len(take) < wanted / 2:
+        log.warning("--pretrained %s: only %d of the backbone's %d weight tensors loaded; the "
+                    "rest start from scratch (weights of another model?)", path, len(take),
+                    wanted)
     net.load_state_dict(take, strict=False)
-    return dict(loaded=len(take), skipped=skipped, mismatched=mismatched)
+    return dict(loaded=len(take), skipped=skipped, mismatched=mismatched, wanted=wanted)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -609,7 +632,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Aud
     """Rebuild a trained model from its checkpoint alone (no pretrained download), in eval mode.
     Nothing in the file is run (`safe_load`)."""
     try:
-        ckpt = safe_load(path, CheckpointError)
+        ckpt = safe_load(path, CheckpointError, fix="train that fold again (its command.txt "
+                                                    "says how)")
         hp = ckpt["hyper_parameters"]
         model = AudioClassifier(hp["config"], hp["classes"], load_pretrained=False)
         model.load_state_dict(upgrade_keys(ckpt["state_dict"]))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from audio import (AudioError, audio_files, fit, predict_files, read_audio, top_line,
-                   window_starts)
+                   window_problem, window_starts)
 
 
 class Predictor:
@@ -107,6 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default="", help="also write the rows to this CSV file")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
     args = ap.parse_args(argv)
+    problem = window_problem(args.window, args.hop)
+    if problem:
+        print(f"predict: {problem}", file=sys.stderr)
+        return 2
     if not Path(args.model).is_file():
         print(f"predict: {args.model}: no such model file (make one with export.py)",
               file=sys.stderr)

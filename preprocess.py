@@ -251,6 +251,25 @@ def sample_classes(data: Path) -> list[str]:
     return cols[1:] if cols and cols[0] == "row_id" else []
 
 
+def sample_gaps(train: pd.DataFrame, sample: list[str]) -> list[str]:
+    """What the sample submission and the training labels disagree on, one line each: sample
+    classes no recording has (trained as negatives only: no positives to learn), and labels
+    that are not columns of the sample (predicted, but not in the submission)."""
+    if not sample:
+        return []
+    heard = set(train.label) | {n for v in train.get("secondary", []) for n in secondary_names(v)}
+    ghosts = [c for c in sample if c not in heard]
+    extra = sorted(set(train.label) - set(sample))
+    out = []
+    if ghosts:
+        out.append(f"{len(ghosts)} class(es) of sample_submission.csv have no training recording "
+                   f"(trained as negatives only): {', '.join(ghosts)}")
+    if extra:
+        out.append(f"{len(extra)} training label(s) are not columns of sample_submission.csv "
+                   f"(left out of the submission): {', '.join(extra)}")
+    return out
+
+
 def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     """StratifiedGroupKFold by label with speaker groups: no group is in two folds."""
     from sklearn.model_selection import StratifiedGroupKFold
@@ -362,7 +381,10 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         train = train[ok].reset_index(drop=True)
     if not len(train):
         raise DataLayoutError(f"{cfg.data}: every training clip was rejected (see rejected.csv)")
-    classes = sorted(set(train.label) | set(sample_classes(Path(cfg.data))))
+    sample = sample_classes(Path(cfg.data))
+    classes = sorted(set(train.label) | set(sample))
+    for line in sample_gaps(train, sample):
+        print(f"preprocess: {line}", file=sys.stderr)
     if "group" not in train or (train.group.astype(str) == "").any():
         train["group"] = [speaker_of(p) for p in train.path]
     if "fold" not in train:
@@ -389,7 +411,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     rejected = pd.concat(rejected).rename(columns={"status": "reason"})
     write_csv(rejected, files.rejected)
     if len(rejected):
-        reasons = rejected.reason.str.split(" ").str[0].value_counts()
+        reasons = rejected.reason.str.split(" (", regex=False).str[0].value_counts()
         print(f"preprocess: {len(rejected)} of {len(all_paths)} files rejected "
               f"({', '.join(f'{n} {r}' for r, n in reasons.items())}) - listed in "
               f"{files.rejected}", file=sys.stderr)

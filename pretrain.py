@@ -25,9 +25,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from arg import Config, make_parser, parse_config
-from job import check_model, loader_workers, make_trainer, owned, work_settings, write_records
+from job import (check_model, check_resume, loader_workers, make_trainer, owned, stopped,
+                 work_settings, write_records)
 from runs import Work
 from util import UsageError, launched_rank_zero, pick_device, read_table, setup_logging
 
@@ -124,13 +126,32 @@ class Probe(Callback):
 
 
 # ----------------------------------------------------------------------------- main
-def pretrain(cfg: Config, progress: bool = True) -> Path:
+RECORDS = ("encoder.pth", "last.ckpt", "history.csv", "curve.png", "config.yaml")  # of a run
+
+
+def check_start(cfg: Config, out: Path, force: bool) -> str | None:
+    """The checkpoint a run resumes from, or None for a fresh start. A fresh start where a run
+    already is refuses (its encoder and checkpoint would sit beside the new config) unless
+    --force replaces it; --resume refuses settings other than the saved run's."""
+    last = out / "last.ckpt"
+    if cfg.resume and last.is_file():
+        check_resume(cfg, out, "delete it to pretrain from the start, or pretrain under another "
+                               "--run")
+        return str(last)
+    there = [n for n in RECORDS[:2] if (out / n).is_file()]
+    if there and not force and launched_rank_zero():
+        raise UsageError(f"{out} already holds a pretraining run ({', '.join(there)}): add "
+                         f"--resume to continue it, pass another --run, or --force to replace it")
+    return None
+
+
+def pretrain(cfg: Config, progress: bool = True, force: bool = False) -> Path:
     """Pretrain and write WORK/pretrain/<run>/encoder.pth; returns its path."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from callback import History
     from dataset import loader
-    from model import BYOL, CheckpointError, safe_load
+    from model import BYOL
     from util import atomic_write
 
     cfg = work_settings(cfg)
@@ -138,17 +159,15 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     out = Work(cfg.work).pretrain(cfg.run_name)
     accelerator, devices = pick_device(cfg.gpus, cfg.devices)
     data = unlabelled_data(cfg)
-    last = out / "last.ckpt"
-    resume = str(last) if cfg.resume and last.is_file() else None
-    if resume:
-        safe_load(last, CheckpointError, "--resume ")
+    resume = check_start(cfg, out, force)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = BYOL(cfg.to_dict())
     with owned(out):
         if launched_rank_zero():
+            if not resume:  # a fresh start (or --force): nothing of an earlier run stays
+                for name in RECORDS:
+                    (out / name).unlink(missing_ok=True)
             write_records(out, cfg)
-            if not resume:
-                (out / "history.csv").unlink(missing_ok=True)
         callbacks = [Probe(Path(cfg.work), cfg.probe_every, cfg.batch_size * 2),
                      History(out, f"{cfg.run_name}: BYOL-A pretraining",
                              columns=["epoch", "lr", "train_loss", "probe_acc", "seconds"]),
@@ -173,16 +192,20 @@ def main(argv=None) -> int:
                     only=FIELDS + augmentation, config_file=True)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (logs to files)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a pretraining run of the same --run name")
     cfg, args = parse_config(p, argv)
     setup_logging()
     try:
-        path = pretrain(cfg, args.progress)
+        path = pretrain(cfg, args.progress, args.force)
     except UsageError as e:
         print(f"pretrain: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"pretrain: {e}", file=sys.stderr)
         return 1
+    except (SIGTERMException, KeyboardInterrupt) as e:
+        return stopped("pretrain", e, f"run {cfg.run_name}")
     if launched_rank_zero():
         log.info("encoder: %s (fine-tune with: python train.py --work %s -m %s -t %d "
                  "--pretrained %s)", path, cfg.work, cfg.model, cfg.size, path)

@@ -24,38 +24,17 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from arg import RESUME_SAFE, WORK_FIXED, Config, make_parser, parse_config
-from job import (build_logger, check_model, loader_workers, make_trainer, owned, work_settings,
-                 write_records)
+from arg import WORK_FIXED, Config, make_parser, parse_config
+from job import (build_logger, check_model, check_resume, loader_workers, make_trainer, owned,
+                 stopped, work_settings, write_records)
 from metrics import monitored
-from runs import FOLD_RECORDS, Run, Work, fold_done, read_config, train_command
+from runs import FOLD_RECORDS, Run, Work, fold_done, train_command
 from util import (UsageError, launched_rank_zero, parse_gpus, pick_device, setup_logging,
                   strip_options, write_json)
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- checks
-def check_resume(cfg: Config, fold_dir: Path) -> None:
-    """--resume continues only the fold it was: refuse, naming them, settings that differ
-    in anything but RESUME_SAFE, and a last.ckpt that could run code (model.safe_load)."""
-    from model import CheckpointError, safe_load
-
-    saved = read_config(fold_dir)
-    if not (fold_dir / "last.ckpt").is_file():
-        return
-    safe_load(fold_dir / "last.ckpt", CheckpointError, "--resume ")
-    if not saved:
-        return
-    old = Config.from_dict(saved).to_dict()
-    diff = {k: (old[k], v) for k, v in cfg.to_dict().items()
-            if k not in RESUME_SAFE and old.get(k) != v}
-    if diff:
-        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise UsageError(f"--resume: {fold_dir} was trained with other settings ({said}). Only "
-                         f"{', '.join(RESUME_SAFE)} may change on --resume: resume with the same "
-                         f"flags (--config {fold_dir / 'config.yaml'}), or train under a new --run")
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -127,7 +106,8 @@ def plan_fold(cfg: Config, k: int) -> Fold:
     last = run.fold(k) / "last.ckpt"
     resume_from = str(last) if cfg.resume and last.is_file() else None
     if resume_from:
-        check_resume(cfg, run.fold(k))
+        check_resume(cfg, run.fold(k), "delete it to train the fold from the start, or train "
+                                       "under another --run")
     pseudo = load_pseudo(cfg, run)
     workers = loader_workers(cfg, accelerator)
     data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo, cfg.labels, cfg.seed,
@@ -356,6 +336,8 @@ def main(argv=None) -> int:
     except FloatingPointError as e:
         print(f"train: fold {cfg.fold}: {e}", file=sys.stderr)
         return 1
+    except (SIGTERMException, KeyboardInterrupt) as e:
+        return stopped("train", e, f"fold {cfg.fold}")
     return 0
 
 

@@ -84,7 +84,7 @@ def test_the_bundle_predicts_without_torch(e2e, exported, tmp_path):
                            "--csv", str(tmp_path / "out.csv")],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr  # two files skipped
-    assert "bad.wav: skipped - not readable audio" in proc.stderr
+    assert "bad.wav: skipped - not audio (" in proc.stderr
     assert "empty.wav: skipped - empty (0 samples)" in proc.stderr
     got = pd.read_csv(tmp_path / "out.csv")
     want = pd.read_csv(e2e["run"] / "test_probs.csv").set_index("file_name")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import librosa
 import numpy as np
@@ -98,7 +99,12 @@ def test_bad_inputs_listed_and_converted(tmp_path):
     names = {p.split("/")[-1]: r for p, r in zip(rejected.path, rejected.reason)}
     assert set(names) == {"empty_nohash_0.wav", "truncated_nohash_0.wav", "text_nohash_0.wav",
                           "broken.wav", "gone.wav"}
-    assert names["empty_nohash_0.wav"].startswith(("empty", "not readable"))
+    assert names["empty_nohash_0.wav"].startswith(("empty", "not audio ("))
+    assert names["gone.wav"] == "file not found" and names["text_nohash_0.wav"].startswith(
+        "not audio (")
+    kinds = pd.Series([r.split(" (")[0] for r in rejected.reason]).value_counts()
+    said = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    assert re.search(rf"5 of \d+ files rejected \({re.escape(said)}\)", proc.stderr)  # in words
     train = pd.read_csv(work / "train.csv")
     waves = cached(work)
     by_name = {p.split("/")[-1]: i for i, p in enumerate(train.path)}

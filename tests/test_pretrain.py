@@ -1,10 +1,13 @@
 """Self-supervised pretraining, transfer of weights between runs, label shares, the shift preset."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
 from arg import Config
 from conftest import TINY, run_script
@@ -75,8 +78,9 @@ def test_a_checkpoint_with_other_classes_transfers_its_backbone(e2e, two_kinds):
     teacher = backbone_state(load_checkpoint(src))
     proc = run_script("train.py", "--work", two_kinds, *TINY, "-f", 0, "-g", "cpu", "--run",
                       "moved", "--pretrained", src, "--limit-batches", 1, "--no-progress")
-    assert "backbone tensors loaded, 2 skipped (head or not in resnet18), 0 of another shape" \
-        in proc.stderr
+    said = re.search(r"(\d+) of (\d+) backbone weight tensors loaded, 2 skipped \(head or not "
+                     r"in resnet18\), 0 of another shape", proc.stderr)
+    assert said and said.group(1) == said.group(2)  # every weight of the backbone, no counters
     cfg = dict(Config(model="resnet18", size=32, pretrained=str(src)).to_dict())
     model = AudioClassifier(cfg, ["noise", "tone"])
     assert model.net.head_parameters()[0].shape == (2, 512)
@@ -149,3 +153,60 @@ def test_freeze_epochs_train_the_head_alone(two_kinds):
     start = AudioClassifier(Config(model="resnet18", size=32, pretrained=str(enc_path)).to_dict(),
                             ["noise", "tone"])
     assert not torch.equal(state["net.backbone.fc.weight"], start.net.head_parameters()[0])
+
+
+def test_a_fresh_pretraining_under_an_existing_name_refuses_and_leaves_it(two_kinds, capsys):
+    """Before, the new config.yaml landed beside the old run's encoder and checkpoint."""
+    import pretrain
+
+    out = two_kinds / "pretrain" / "byol"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    base = ["--work", str(two_kinds), "-m", "resnet18", "-t", "32", "-b", "16", "-g", "cpu",
+            "--run", "byol", "--no-progress", "--probe-every", "2"]
+    assert pretrain.main(base + ["-e", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"pretrain: {out} already holds a pretraining run (encoder.pth, last.ckpt): "
+                   f"add --resume to continue it, pass another --run, or --force to replace it")
+    assert pretrain.main(base + ["-e", "1", "--resume"]) == 2  # other settings than the run's
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pretrain: --resume: {out} was trained with other settings (epochs "
+                          f"3 -> 1)") and len(err.splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_force_replaces_a_pretraining_run_whole(two_kinds):
+    base = ["--work", two_kinds, "-m", "resnet18", "-t", 32, "-g", "cpu", "--run", "again",
+            "--limit-batches", 1, "--no-progress"]
+    run_script("pretrain.py", *base, "-e", 2, "-b", 16)
+    run_script("pretrain.py", *base, "-e", 1, "-b", 8, "--force")
+    out = two_kinds / "pretrain" / "again"
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist.epoch) == [0]  # nothing of the replaced run's two epochs
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["epochs"], saved["batch_size"]) == (1, 8)
+    state = torch.load(out / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 0 and state["hyper_parameters"]["config"]["batch_size"] == 8
+
+
+def test_sigterm_stops_pretraining_with_a_non_zero_code(two_kinds):
+    """Lightning turns SIGTERM into a SystemExit without a code (exit 0) unless it is caught."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = two_kinds / "pretrain" / "halt"
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--work", str(two_kinds), "-m", "resnet18",
+           "-t", "128", "-b", "4", "-e", "20", "-g", "cpu", "--run", "halt", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while not (out / "last.ckpt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-2000:]
+    assert "pretrain: run halt stopped by SIGTERM; its last.ckpt is where --resume continues" in err
+    assert not (out / "encoder.pth").exists()

@@ -72,7 +72,7 @@ def test_windows_cover_every_clip_in_order():
                                np.ones(0, np.int16)])
     w = windows(clips, 200, 200, 100)  # 2-s windows at 100 Hz
     assert w.row.tolist() == [0] * 30 + [1, 2]
-    assert w.end_s.tolist()[:30] == list(range(2, 61, 2))
+    assert w.end.tolist()[:30] == [str(s) for s in range(2, 61, 2)]  # whole seconds: "2"
     assert w.start.tolist()[:3] == [0, 200, 400] and w.start.tolist()[30:] == [0, 0]
     read = Rows(clips, w.row, 150, w.start, 200)[0:31]  # windows fitted to the clip length
     assert read.shape == (31, 150) and read[30, :130].all() and not read[30, 130:].any()
@@ -142,6 +142,10 @@ def test_soundscape_end_to_end(tmp_path):
     run_script("inference.py", "--work", work, "--run", "ss", "-f", 1, "-g", -1,
                        "--out", tmp_path / "plain")
     want = pd.read_csv(tmp_path / "plain" / "submission.csv").set_index("row_id")
+    run_script("inference.py", "--work", work, "--run", "ss", "-f", 1, "-g", -1, "--hop", 0.5,
+               "--out", tmp_path / "hop")  # overlapping windows: ids with the decimals they need
+    hop = pd.read_csv(tmp_path / "hop" / "submission.csv", dtype={"row_id": str})
+    assert hop.row_id.is_unique and f"{first.stem}_2.5" in set(hop.row_id)
     for start, end, label, prob in got:
         row = want.loc[f"{first.stem}_{int(end)}"]
         assert label == row.idxmax() and abs(prob - row.max()) < 1e-4

@@ -19,7 +19,7 @@ def work(demo_data, tmp_path_factory):
 
 
 FOLD_FILES = ("best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv", "oof_tta.csv",
-              "config.yaml", "command.txt", "train.log", "result.json")
+              "config.yaml", "versions.json", "command.txt", "train.log", "result.json")
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -29,6 +29,16 @@ def test_every_fold_writes_its_records(e2e, k):
     hist = pd.read_csv(fold / "history.csv")
     assert list(hist.epoch) == [0] and hist.train_loss.gt(0).all()
     assert hist.val_acc.between(0, 1).all() and (hist.seconds > 0).all()
+    import lightning
+    import timm
+
+    made = json.loads((fold / "versions.json").read_text())  # the code and packages it ran with
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    assert made["commit"] == (head.stdout.strip() if head.returncode == 0 else
+                              "not a git checkout")
+    assert (made["torch"], made["lightning"], made["timm"]) == (
+        torch.__version__, lightning.__version__, timm.__version__)
 
 
 @pytest.mark.parametrize("k", [0, 1])
