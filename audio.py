@@ -35,11 +35,10 @@ def window_problem(window: float | None, hop: float | None) -> str | None:
 
 
 def seconds_label(samples: int, sr: int) -> str:
-    """A time in samples as seconds with as many decimals as it needs to stay exact to one
-    sample: 5 for 80000 at 16 kHz (BirdCLEF's row ids), 5.5, 30.0004375. Distinct sample
-    counts never share a label."""
-    decimals = len(str(sr))  # 10 ** -decimals s is finer than one sample
-    return f"{samples / sr:.{decimals}f}".rstrip("0").rstrip(".")
+    """A time in samples as seconds written exactly, with the decimals it needs: 5 for 80000
+    at 16 kHz (BirdCLEF's row ids), 5.5, 12.0004375; distinct sample counts never share one."""
+    decimals = next((d for d in range(10) if samples * 10 ** d % sr == 0), 9)
+    return f"{samples / sr:.{decimals}f}"
 
 
 def fit(y: np.ndarray, length: int) -> np.ndarray:
@@ -100,14 +99,11 @@ def audio_files(paths) -> list[Path]:
     return files
 
 
-def predict_files(paths, sr: int, length: int, probs, classes: list[str], top_k: int = 3,
-                  errors=None):
-    """[(path, [(label, probability), ...])] for the readable files among `paths`, each read at
-    `sr`; a file longer than `length` samples is the mean of its `length`-sample windows
-    (window_starts, hop = length), a shorter one is zero-padded. `probs` maps (N, length)
-    float32 waveforms to (N, classes) probabilities; (path, reason) of the others go to
-    `errors` when given. The one "label these files" path: Predictor here and
-    `inference.py --predict` use it."""
+def file_windows(paths, sr: int, length: int, errors=None):
+    """The readable files among `paths` read at `sr` and cut into `length`-sample windows
+    (window_starts, hop = length; a shorter file is one zero-padded window): (files, windows
+    (N, length) float32, owner: each window's index in files). (path, reason) of the others
+    go to `errors` when given."""
     good, waves, owner = [], [], []
     for p in paths:
         try:
@@ -120,9 +116,24 @@ def predict_files(paths, sr: int, length: int, probs, classes: list[str], top_k:
             waves.append(fit(y[s:s + length], length))
             owner.append(len(good))
         good.append(p)
-    owner = np.asarray(owner)
-    per_window = probs(np.stack(waves)) if waves else []
-    scores = [per_window[owner == i].mean(0) for i in range(len(good))]
+    return good, np.stack(waves) if waves else np.zeros((0, length), np.float32), \
+        np.asarray(owner, dtype=np.int64)
+
+
+def per_file(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """The mean of each file's windows' rows."""
+    return np.stack([values[owner == i].mean(0) for i in range(n)]) if n else values[:0]
+
+
+def predict_files(paths, sr: int, length: int, probs, classes: list[str], top_k: int = 3,
+                  errors=None):
+    """[(path, [(label, probability), ...])] for the readable files among `paths`, each read at
+    `sr`; a file longer than `length` samples is the mean of its `length`-sample windows
+    (file_windows), a shorter one is zero-padded. `probs` maps (N, length) float32 waveforms
+    to (N, classes) probabilities; (path, reason) of the others go to `errors` when given.
+    The one "label these files" path: Predictor here and `inference.py --predict` use it."""
+    good, waves, owner = file_windows(paths, sr, length, errors)
+    scores = per_file(probs(waves), owner, len(good)) if len(waves) else []
     return [(p, [(classes[i], float(s[i])) for i in np.argsort(s)[::-1][:top_k]])
             for p, s in zip(good, scores)]
 

@@ -22,6 +22,9 @@ frontend: a training step (resnet18 at -t) with --aug seed, with the default pre
 with the default preset done the earlier way (pitch shift resampling every clip's full
 spectrogram, reverberation computed for every clip): the epoch ratios and the speed-up.
 ssl: samples/s of a BYOL-A pretraining step (pretrain.py) beside a supervised step.
+speech: samples/s of a training step of the speech embedding (-m speech_embedding) frozen (its
+head alone learns) and fine-tuned, beside resnet18 at 64x64, and of prediction (eval, no
+gradients) for each.
 crops (needs no --work): training batches read from the clip cache, samples/s, on generated
 data on disk: (a) 1-s clips as rows of the earlier [N, L] cache, (b) the same clips in the
 flat cache with offsets (dataset.Clips), (c) random 1-s crops of 2-60 s recordings in the flat
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-steps", action="store_true", help="no training-step shares")
     p.add_argument("--sections", default="features,augment",
                    help="comma-separated: features, augment, frontend, scale, onnx, ssl, "
-                        "crops")
+                        "crops, speech")
     p.add_argument("--scale-sizes", default="6000,60000",
                    help="scale: training clips of each generated set")
     p.add_argument("--scale-dir", default="work/scale", help="scale: where the sets go")
@@ -206,6 +209,8 @@ def main(argv=None) -> int:
         onnx_section(args, waves)
     if "ssl" in sections:
         ssl_section(args, waves, device)
+    if "speech" in sections:
+        speech_section(args, waves, device)
     if "frontend" in sections:
         frontend_section(args, waves, device)
     return 0
@@ -296,6 +301,42 @@ def ssl_section(args, waves, device) -> None:
     a, b = rate(ssl_step, len(wave), repeat=3), rate(sup_step, len(wave), repeat=3)
     print(f"ssl: resnet18@{args.size} batch {len(wave)}: BYOL-A step {a:.1f} samples/s, "
           f"supervised step {b:.1f} samples/s -> an SSL epoch costs {b / a:.1f}x a supervised one")
+
+
+def speech_section(args, waves, device) -> None:
+    """samples/s of a training step (forward, backward, AdamW) and of prediction: resnet18 at
+    64x64, the speech embedding with its CNN frozen, and fine-tuned; batch -b, the -g device,
+    the default augmentation."""
+    from model import AudioClassifier
+
+    wave = torch.from_numpy(np.array(waves[:args.batch_size])).to(device)
+    y = torch.randint(0, 30, (len(wave),), device=device)
+    rows = []
+    for name, cfg, frozen in (("resnet18 64x64", Config(model="resnet18", size=64), False),
+                              ("speech embedding, frozen", Config(model="speech_embedding"), True),
+                              ("speech embedding, fine-tuned", Config(model="speech_embedding"),
+                               False)):
+        model = AudioClassifier(cfg.to_dict(), [str(i) for i in range(30)]).to(device).train()
+        model.net.freeze_body(frozen)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+        def step():
+            F.cross_entropy(model(wave), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+
+        def predict():
+            with torch.no_grad():
+                model(wave)
+            sync(device)
+
+        train = rate(step, len(wave), repeat=3)
+        model.eval()
+        rows.append((name, train, rate(predict, len(wave), repeat=3)))
+    for name, train, pred in rows:
+        print(f"speech: {name:30s} train step {train:7.1f} samples/s ({train / rows[0][1]:.2f}x "
+              f"resnet18), predict {pred:7.1f} samples/s (batch {len(wave)})")
 
 
 AUGMENTATIONS = {  # the Config settings that turn one augmentation on for every sample

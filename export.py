@@ -5,8 +5,9 @@ offline bundle that runs it with numpy, soundfile, soxr and onnxruntime alone.
     python export.py --work WORK --run RUN -f 5 -a y --bundle RUN_bundle   # + predict.py, README
 
 The graph takes float32 waveforms (batch, samples) at the trained rate and length and
-returns class probabilities (batch, classes): the soft mean over folds and views, exactly
-what `inference.py -f N -a y` computes. The class names, sample rate and clip length are in
+returns class probabilities `probs` (batch, classes): the soft mean over folds and views,
+exactly what `inference.py -f N -a y` computes; and `embedding` (batch, features): the first
+fold's pooled vector before its classifier, for search, clustering or a model of your own. The class names, sample rate and clip length are in
 the model's metadata. torch.stft exports as the ONNX STFT operator through torch's dynamo
 exporter (the TorchScript exporter refuses it: "STFT does not currently support complex
 types").
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Ensemble, load_members
+from model import Ensemble, WithEmbedding, load_members
 from runs import Run, requested_folds
 from transform import N_VIEWS
 from util import UsageError, atomic_write, setup_logging, write_text
@@ -39,12 +40,12 @@ def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
 
     cfg = models[0].cfg
     length = cfg.clip_samples
-    net = Ensemble([m.net for m in models], tta).eval()
+    net = WithEmbedding(Ensemble([m.net for m in models], tta)).eval()
     example = torch.zeros(2, length)
     with torch.no_grad():
         program = torch.onnx.export(net, (example,), dynamo=True, verbose=False,
                                     input_names=["wave"],
-                                    output_names=["probs"], opset_version=18,
+                                    output_names=["probs", "embedding"], opset_version=18,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
     props = dict(classes=json.dumps(models[0].classes), sample_rate=str(cfg.sr),
                  clip_samples=str(length), clip_seconds=str(cfg.seconds),
@@ -86,6 +87,7 @@ pip install -r requirements.txt        # offline: pip download -r requirements.t
                                        # elsewhere, then pip install --no-index -f wheels ...
 python predict.py {name} clip.wav folder/ --top-k 3
 python predict.py {name} long_recording.wav --window 1 --hop 0.25 --csv windows.csv
+python predict.py {name} folder/ --embed vectors.npy   # embeddings (+ vectors.csv: the paths)
 ```
 
 From Python:
@@ -95,6 +97,7 @@ from predict import Predictor
 p = Predictor("{name}")
 p.predict_files(["clip.wav"], top_k=3)          # [(path, [(label, probability), ...]), ...]
 p.windows("long.wav", window=1.0, hop=0.25)      # [(start_s, end_s, label, probability), ...]
+files, vectors = p.embed_files(["a.wav", "b.wav"])  # the first fold's pooled vectors
 ```
 
 Classes: {', '.join(classes)}

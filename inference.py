@@ -27,8 +27,8 @@ from model import load_checkpoint, predict_waves
 from results import cv_report, write_html
 from runs import Run, Work, requested_folds, train_command
 from transform import tta_views
-from util import (UsageError, probs_frame, read_table, setup_logging, torch_device, write_csv,
-                  write_json)
+from util import (UsageError, atomic_write, probs_frame, read_table, setup_logging, torch_device,
+                  write_csv, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,10 @@ def make_parser():
                         "on); a window is zero-padded or cut to that length")
     g.add_argument("--hop", type=float, default=None, metavar="SECONDS",
                    help="step between windows (default: the window: no overlap)")
+    g.add_argument("--embed", action="store_true",
+                   help="also write the test clips' embeddings (the first model's pooled vector "
+                        "before its classifier; a file's windows averaged): embeddings.npy and "
+                        "embeddings.csv, its rows' order")
     g.add_argument("--predict", nargs="+", default=None, metavar="PATH",
                    help="print the top-3 labels of these audio files/folders instead")
     return p
@@ -279,14 +283,36 @@ def run(cfg, args) -> int:
     else:
         write_submission(work, out, [classes[i] for i in pred], score, classes, args.solution,
                          how)
+    if args.embed:
+        write_embeddings(paths[0], waves, wins, mode, work, out, device, batch)
     cv_report([Run(work, r).dir for r in runs], weights, folds, classes, out)
     if len(runs) == 1 and not args.out:
         write_html(out, work)
     made = [f for f in ("submission.csv", "test_probs.csv", "test_score.json", "cv.json",
-                        "report.txt", "confusion.png", "report.html", "blend.json")
+                        "report.txt", "confusion.png", "report.html", "blend.json",
+                        "embeddings.npy")
             if (out / f).is_file()]
     log.info("outputs in %s: %s", out, ", ".join(made))
     return 0
+
+
+def write_embeddings(path: Path, waves, wins: pd.DataFrame, mode: str, work: Path, out: Path,
+                     device, batch: int) -> None:
+    """embeddings.npy (rows, features) of `path`'s network and embeddings.csv naming each row:
+    test files (their windows averaged) or windows (row_id), as the submission's rows."""
+    from model import embed_waves
+
+    vectors = embed_waves(path, waves, device, batch)
+    test = read_test(work)
+    if mode == "file":
+        vectors = pd.DataFrame(vectors).groupby(wins.row.to_numpy()).mean().to_numpy()
+        names = pd.DataFrame({"file_name": test.file_name})
+    else:
+        stems = test.file_name.map(lambda n: Path(n).stem).to_numpy()
+        names = pd.DataFrame({"row_id": [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end)]})
+    atomic_write(out / "embeddings.npy", lambda tmp: np.save(tmp, vectors.astype(np.float32)))
+    write_csv(names, out / "embeddings.csv")
+    log.info("embeddings: %d x %d from %s -> %s", *vectors.shape, path, out / "embeddings.npy")
 
 
 def write_blend(blend: dict, runs: list[str], folds: list[int], tta: bool, out: Path) -> None:

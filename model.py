@@ -29,12 +29,14 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from tqdm import tqdm
 
 from arg import Config
+import speech
 from metrics import top1_label
 from transform import Frontend, mixup, tta_views
 from util import UsageError
 
 log = logging.getLogger(__name__)
 BACKBONE = "net.backbone."  # where a run's checkpoint keeps the backbone's tensors
+EMBED_SCALE = {"float": 1.0, "int16": 32768.0}  # --embed-input: what the speech mel is fed
 
 
 class PretrainedError(UsageError):
@@ -244,21 +246,35 @@ class AudioNet(nn.Module):
     def __init__(self, cfg: Config, classes: int, pretrained: str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.frontend = Frontend(cfg)
-        sed = cfg.head == "sed" and classes > 0  # timm gives its feature map, the head classifies
-        self.backbone = create_backbone(cfg, 0 if sed else classes, pretrained,
-                                        **(dict(global_pool="") if sed else {}))
-        self.head = AttentionHead(self.backbone.num_features, classes, cfg.drop_rate) if sed \
-            else None
-        self.channels_last = cfg.channels_last
-        if cfg.channels_last:
+        sed = cfg.head == "sed" and classes > 0  # the backbone gives its feature map
+        self.speech = cfg.model == speech.NAME  # Google's speech embedding, else a timm model
+        if self.speech:  # the weights come with it; --pretrained may replace the CNN's
+            self.frontend = Frontend(cfg, logmel=speech.SpeechMel(EMBED_SCALE[cfg.embed_input],
+                                                                  int(speech.PAD_SECONDS * cfg.sr)))
+            self.backbone = speech.SpeechEmbedding()
+            pretrained = cfg.pretrained if pretrained is None else pretrained
+            if pretrained and pretrained != "timm":
+                counts = load_backbone(self.backbone, pretrained)
+                log.info("--pretrained %s: %d of %d speech embedding weight tensors loaded",
+                         pretrained, counts["loaded"], counts["wanted"])
+        else:
+            self.frontend = Frontend(cfg)
+            self.backbone = create_backbone(cfg, 0 if sed else classes, pretrained,
+                                            **(dict(global_pool="") if sed else {}))
+        n = self.backbone.num_features
+        self.head = AttentionHead(n, classes, cfg.drop_rate) if sed else \
+            speech.MeanMaxHead(n, classes, cfg.drop_rate) if self.speech and classes else None
+        self.channels_last = cfg.channels_last and not self.speech
+        if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         if cfg.compile:
             self.backbone.compile()
 
     @property
     def num_features(self) -> int:
-        return self.backbone.num_features
+        """The size of `embed`'s vectors."""
+        return self.backbone.num_features * (2 if self.speech and not isinstance(
+            self.head, AttentionHead) else 1)
 
     # the stages, in order
     def waveform(self, wave: torch.Tensor) -> torch.Tensor:
@@ -278,7 +294,9 @@ class AudioNet(nn.Module):
     def logits_and_frames(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images -> clip logits, and the SED head's frame logits (None without it)."""
         out = self._backbone(img)
-        return self.head(out) if self.head is not None else (out, None)
+        if isinstance(self.head, AttentionHead):
+            return self.head(out)
+        return (self.head(out) if self.head is not None else out), None
 
     def logits(self, img: torch.Tensor) -> torch.Tensor:
         """Images -> the logits validation and test read: a SED head's loudest frame of each
@@ -287,7 +305,10 @@ class AudioNet(nn.Module):
         return frames.amax(-1) if frames is not None and self.cfg.sed_output == "frames" else clip
 
     def pooled(self, img: torch.Tensor) -> torch.Tensor:
-        """Images -> the backbone's pooled features (B, num_features)."""
+        """Images -> the backbone's pooled features (B, num_features): what the classifier
+        reads (mean and max of the speech embeddings; the SED feature map's mean)."""
+        if self.speech and not isinstance(self.head, AttentionHead):
+            return speech.MeanMaxHead.pooled(self._backbone(img))
         if self.head is not None:
             return self._backbone(img).mean((2, 3))
         if self.channels_last:
@@ -359,29 +380,50 @@ class AudioNet(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """float32 waveforms (B, L) -> probabilities (B, C): the members' shared front end for each
-    view (members are checked to share it), every member's probabilities, averaged with the
-    members' weights and the views. What export.py writes as ONNX."""
+    """float32 waveforms (B, L) -> probabilities (B, C): for each view, the front end of each
+    group of members that share one (a timm family and the speech embedding are two groups),
+    every member's probabilities, averaged with the members' weights and the views. What
+    export.py writes as ONNX."""
 
     def __init__(self, nets: list[AudioNet], tta: bool, weights=None):
         super().__init__()
         self.nets = nn.ModuleList(n.for_export() for n in nets)
         self.multilabel = nets[0].cfg.multilabel
         self.views = list(tta_views(tta).values())
+        keys = [repr(sorted(n.feature_settings().items())) for n in nets]
+        self.front = [keys.index(k) for k in keys]  # the member whose front end each one uses
         w = torch.ones(len(nets)) if weights is None else torch.as_tensor(weights).float()
         self.register_buffer("weights", w / w.sum())
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         # the views stacked on the batch axis: each member appears once in the graph, not once
         # per view (5x fewer nodes; ONNX Runtime then loads and optimises it 5x faster)
-        first = self.nets[0]
-        x = first.waveform(wave)
-        img = torch.cat([first.images(x, view) for view in self.views])
+        images = {}
+        for k in sorted(set(self.front)):
+            net = self.nets[k]
+            x = net.waveform(wave)
+            images[k] = torch.cat([net.images(x, view) for view in self.views])
         probs = 0.0
         for k, net in enumerate(self.nets):
-            p = to_probs(net.logits(img), self.multilabel)
+            p = to_probs(net.logits(images[self.front[k]]), self.multilabel)
             probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
         return probs
+
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
+        """The first member's embedding of the clip itself (no view): its pooled vector."""
+        return self.nets[0].embed(wave)
+
+
+class WithEmbedding(nn.Module):
+    """An Ensemble whose graph has a second output: (probabilities, the first member's
+    embedding)."""
+
+    def __init__(self, ensemble: Ensemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ensemble(wave), self.ensemble.embed(wave)
 
 
 # ----------------------------------------------------------------------------- training
@@ -655,15 +697,30 @@ def load_members(paths: list[Path]) -> list[AudioClassifier]:
 
 
 def check_compatible(ref: AudioClassifier, ref_path, other: AudioClassifier, path) -> None:
-    """Refuse a member whose classes or feature settings differ from the reference's."""
+    """Refuse a member whose classes or input (sample rate, clip length) differ from the
+    reference's. Front ends may differ (a timm run and a speech-embedding run blend): each
+    member makes its own features, and the ONNX Ensemble shares a front end only within a
+    group of members whose feature settings agree."""
     if other.classes != ref.classes:
         raise CheckpointError(f"class lists differ: {ref_path} has {len(ref.classes)} classes, "
                               f"{path} has {len(other.classes)}; they cannot be blended")
     a, b = ref.net.feature_settings(), other.net.feature_settings()
-    diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+    diff = {k: (a[k], b.get(k)) for k in ("sr", "seconds") if a[k] != b.get(k)}
     if diff:
-        raise CheckpointError(f"feature settings differ between {ref_path} and {path}: "
+        raise CheckpointError(f"members hear other clips: {ref_path} and {path} differ in "
                               + ", ".join(f"{k} {x} vs {y}" for k, (x, y) in diff.items()))
+
+
+def embed_waves(path: Path, waves, device: torch.device, batch: int) -> np.ndarray:
+    """(N, D) embeddings of `waves` (an array or dataset.Rows) by one checkpoint's network:
+    the pooled vector its classifier reads (AudioNet.embed), eval mode, no views."""
+    model = load_checkpoint(path, device)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(waves), batch):
+            wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
+            out.append(model.net.embed(wave).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.net.num_features), np.float32)
 
 
 def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch.device,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from audio import (AudioError, audio_files, fit, predict_files, read_audio, top_line,
-                   window_problem, window_starts)
+from audio import (AudioError, audio_files, file_windows, fit, per_file, predict_files,
+                   read_audio, top_line, window_problem, window_starts)
 
 
 class Predictor:
@@ -47,6 +47,20 @@ class Predictor:
                                                                     dtype=np.float32)})[0]
                for i in range(0, len(waves), self.batch)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def embed(self, waves: np.ndarray) -> np.ndarray:
+        """(N, clip samples) float32 -> (N, features): the model's `embedding` output (the
+        first fold's pooled vector before its classifier)."""
+        out = [self.session.run(["embedding"], {"wave": np.ascontiguousarray(
+            waves[i:i + self.batch], dtype=np.float32)})[0]
+            for i in range(0, len(waves), self.batch)]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def embed_files(self, paths, errors=None) -> tuple[list, np.ndarray]:
+        """(readable files, their embeddings (N, features)): a file longer than the clip is
+        the mean of its clip-length windows' embeddings."""
+        good, waves, owner = file_windows(paths, self.sr, self.length, errors)
+        return good, per_file(self.embed(waves), owner, len(good))
 
     def predict_files(self, paths, top_k: int = 3, errors=None):
         """[(path, [(label, probability), ...])] for the readable files among `paths`;
@@ -106,6 +120,9 @@ def main(argv=None) -> int:
                     help="windows this many dB below the loudest one are silence (label '')")
     ap.add_argument("--csv", default="", help="also write the rows to this CSV file")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
+    ap.add_argument("--embed", default="", metavar="FILE.npy",
+                    help="write the files' embeddings (N, features) here instead of labels, and "
+                         "their paths in the same order to FILE.csv")
     args = ap.parse_args(argv)
     problem = window_problem(args.window, args.hop)
     if problem:
@@ -116,8 +133,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     pred = Predictor(args.model, threads=args.threads)
-    files, errors, rows = audio_files(args.paths), [], []
-    if args.window is None and args.hop is None:
+    files, errors, rows, header = audio_files(args.paths), [], [], ["path"]
+    if args.embed:
+        good, vectors = pred.embed_files(files, errors)
+        np.save(args.embed, vectors)
+        with open(Path(args.embed).with_suffix(".csv"), "w", newline="") as f:
+            csv.writer(f).writerows([["path"], *[[str(g)] for g in good]])
+        print(f"{len(good)} embeddings of {vectors.shape[1] if len(good) else 0} features -> "
+              f"{args.embed} (rows in the order of {Path(args.embed).with_suffix('.csv')})")
+    elif args.window is None and args.hop is None:
         for path, top in pred.predict_files(files, args.top_k, errors):
             print(top_line(path, top))
             rows.append([str(path), *[x for t in top for x in (t[0], f"{t[1]:.4f}")]])

@@ -46,12 +46,7 @@ class LogMel(nn.Module):
         self.register_buffer("fb", fb, persistent=False)  # (n_mels, n_fft // 2 + 1)
         self.register_buffer("window", torch.hann_window(cfg.n_fft, dtype=torch.float64),
                              persistent=False)
-        self.blocks = []  # (first mel, last mel + 1, first bin, last bin + 1)
-        for m0 in range(0, self.n_mels, block):
-            m1 = min(m0 + block, self.n_mels)
-            nz = torch.nonzero(fb[m0:m1].sum(0)).flatten()
-            lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 1)
-            self.blocks.append((m0, m1, lo, hi))
+        self.blocks = filter_blocks(fb, block)
 
     def settings(self) -> dict:
         """What a checkpoint must agree on to be blended with another."""
@@ -112,6 +107,18 @@ class LogMel(nn.Module):
         else:
             s = normalise(s, self.norm)
         return s.expand(-1, self.chans, -1, -1) if self.chans > 1 else s
+
+
+def filter_blocks(fb: torch.Tensor, block: int) -> list[tuple[int, int, int, int]]:
+    """The filterbank (M, F) in blocks of `block` filters, each with the range of FFT bins its
+    filters touch: (first mel, last mel + 1, first bin, last bin + 1)."""
+    blocks = []
+    for m0 in range(0, fb.shape[0], block):
+        m1 = min(m0 + block, fb.shape[0])
+        nz = torch.nonzero(fb[m0:m1].sum(0)).flatten()
+        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 1)
+        blocks.append((m0, m1, lo, hi))
+    return blocks
 
 
 def normalise(s: torch.Tensor, how: str) -> torch.Tensor:
@@ -453,10 +460,11 @@ class Frontend(nn.Module):
     -> dB log-mel (FilterAugment, mel range jitter) -> image (Freq-MixStyle, SpecAugment).
     Runs in float32 with autocast off: the STFT and dB conversion need the precision."""
 
-    def __init__(self, cfg, chans: int = 1, noise: torch.Tensor | None = None):
+    def __init__(self, cfg, chans: int = 1, noise: torch.Tensor | None = None,
+                 logmel: LogMel | None = None):
         super().__init__()
         self.wave_aug = WaveAugment(cfg, noise)
-        self.logmel = LogMel(cfg, chans)
+        self.logmel = logmel if logmel is not None else LogMel(cfg, chans)  # or speech.SpeechMel
         self.warp = SpecWarp(cfg)
         self.filter_aug = FilterAugment(cfg)
         self.mel_jitter = MelJitter(cfg)

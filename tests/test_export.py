@@ -144,3 +144,52 @@ def test_windows_find_three_words_in_order_at_their_times(three_words, tmp_path)
         assert abs((start + end) / 2 - centre) <= hop
     said = [line for line in proc.stdout.splitlines() if "segment" in line]
     assert any("marvin" in line for line in said)
+
+
+def test_the_bundle_s_embedding_equals_torch_s_and_holds_the_words(e2e, exported, tmp_path):
+    """The exported graph's second output is fold 0's pooled vector (1e-4 of torch's);
+    predict.py --embed writes it, torch-free; and on the generated speech two clips of one
+    word are closer (cosine) than clips of two words, on average."""
+    import onnxruntime as ort
+
+    from model import embed_waves
+
+    waves = cached(e2e["work"], "train")
+    labels = pd.read_csv(e2e["work"] / "train.csv").label.to_numpy()
+    want = embed_waves(e2e["run"] / "fold0" / "best.ckpt", waves, torch.device("cpu"), 64)
+    session = ort.InferenceSession(str(exported / "tta.onnx"))
+    got = session.run(["embedding"], {"wave": (waves / 32768.0).astype(np.float32)})[0]
+    assert got.shape == want.shape == (len(waves), 512)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    unit = got / np.linalg.norm(got, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(labels), dtype=bool)
+    assert cos[same & off].mean() > cos[~same].mean()
+    files = sorted((e2e["data"] / "train").glob("*/*.wav"))[:4]
+    bundle = exported / "bundle"
+    proc = subprocess.run([sys.executable, str(bundle / "predict.py"), str(bundle / "tta.onnx"),
+                           *map(str, files), "--embed", str(tmp_path / "vec.npy")],
+                          cwd=tmp_path, env=torch_free_env(tmp_path), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    vec = np.load(tmp_path / "vec.npy")
+    assert vec.shape == (4, 512)
+    assert pd.read_csv(tmp_path / "vec.csv").path.tolist() == list(map(str, files))
+    y = sf.read(files[0], dtype="float32")[0][:16000]
+    first = session.run(["embedding"], {"wave": np.pad(y, (0, 16000 - len(y)))[None]})[0]
+    assert np.abs(vec[0] - first[0]).max() <= 1e-4 * max(1.0, np.abs(first).max())
+
+
+def test_inference_writes_the_test_clips_embeddings(e2e, tmp_path):
+    from model import embed_waves
+
+    run_script("inference.py", "--work", e2e["work"], "-m", "resnet18", "-t", 32, "-f", 1,
+               "--embed", "--out", tmp_path)
+    vectors = np.load(tmp_path / "embeddings.npy")
+    names = pd.read_csv(tmp_path / "embeddings.csv")
+    test = pd.read_csv(e2e["work"] / "test.csv", keep_default_na=False)
+    assert names.file_name.tolist() == test.file_name.tolist() and vectors.shape == (len(test), 512)
+    want = embed_waves(e2e["run"] / "fold0" / "best.ckpt", cached(e2e["work"], "test"),
+                       torch.device("cpu"), 64)
+    assert np.abs(vectors - want).max() < 1e-4

@@ -75,13 +75,17 @@ def test_tta_views_differ_and_their_mean_is_used(e2e):
 def test_mismatched_checkpoints_are_refused(e2e, tmp_path):
     src = e2e["run"] / "fold0" / "best.ckpt"
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
-    ckpt["hyper_parameters"]["config"]["norm"] = "minmax"
+    ckpt["hyper_parameters"]["config"]["seconds"] = 2.0
+    torch.save(ckpt, tmp_path / "seconds.ckpt")
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["config"]["norm"] = "minmax"  # another front end: blends
     torch.save(ckpt, tmp_path / "norm.ckpt")
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     ckpt["hyper_parameters"]["classes"] = list(reversed(ckpt["hyper_parameters"]["classes"]))
     torch.save(ckpt, tmp_path / "classes.ckpt")
     ref = load_checkpoint(src)
-    for name, match in (("norm.ckpt", "norm standard vs minmax"), ("classes.ckpt", "class lists")):
+    check_compatible(ref, src, load_checkpoint(tmp_path / "norm.ckpt"), tmp_path / "norm.ckpt")
+    for name, match in (("seconds.ckpt", "seconds 1.0 vs 2.0"), ("classes.ckpt", "class lists")):
         other = load_checkpoint(tmp_path / name)
         with pytest.raises(CheckpointError, match=match) as err:
             check_compatible(ref, src, other, tmp_path / name)

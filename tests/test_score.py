@@ -50,7 +50,7 @@ def test_ema_weights_are_validated_and_saved_in_best(work):
     last = torch.load(fold / "last.ckpt", map_location="cpu", weights_only=False)
     averaged, raw = last["state_dict"], last["current_model_state"]
     assert last["averaging_state"]["n_averaged"] == 3  # steps 3, 4, 5: after the warmup
-    key = "net.conv1.weight"
+    key = "net.backbone.conv1.weight"
     assert not torch.equal(averaged[key], raw[key])  # EMA weights differ from the raw ones
     assert all(torch.equal(best["state_dict"][k], averaged[k]) for k in averaged)
     # validation (oof.csv) saw the averaged weights: best.ckpt predicts the same probabilities
@@ -59,7 +59,8 @@ def test_ema_weights_are_validated_and_saved_in_best(work):
     waves = cached(work, "train", oof.row)
     probs = predict_waves([fold / "best.ckpt"], waves, False, torch.device("cpu"), 64)[0][0]
     assert np.abs(probs - oof[classes].to_numpy()).max() < 1e-5
-    assert json.loads((fold / "result.json").read_text())["ema"] == 0.9
+    result = json.loads((fold / "result.json").read_text())
+    assert result["ema"] == 0.9 and result["ema_start_step"] == 3  # warm-up: half of 6 steps
 
 
 def test_pseudo_labels_train_but_never_validate(work):

