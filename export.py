@@ -3,6 +3,7 @@ offline bundle that runs it with numpy, soundfile, soxr and onnxruntime alone.
 
     python export.py --work WORK --run RUN -f 5 -a y --out RUN.onnx
     python export.py --work WORK --run RUN -f 5 -a y --bundle RUN_bundle   # + predict.py, README
+    python export.py --work WORK --runs CNN_RUN EMB_RUN -f 5 -a y           # two runs, one graph
 
 The graph takes float32 waveforms (batch, samples) at the trained rate and length and
 returns class probabilities `probs` (batch, classes): the soft mean over folds and views,
@@ -109,6 +110,9 @@ def main(argv=None) -> int:
 
     p = make_parser(__doc__.split("\n")[0], only=("work", "run", "tta"))
     add_folds(p)
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="several runs in one graph (a timm run and a speech_embedding run: one "
+                        "front end each), every fold of each weighted equally")
     p.add_argument("--out", default="", help="the .onnx file (default WORK/runs/RUN/RUN.onnx)")
     p.add_argument("--bundle", default="", metavar="DIR",
                    help="also write DIR with the .onnx, predict.py, audio.py, requirements.txt "
@@ -120,12 +124,15 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     work, tta = Path(cfg.work), cfg.tta == "y"
     try:
-        if not cfg.run:
-            raise UsageError("--run RUN: which run to export (a folder of WORK/runs)")
+        runs = args.runs or ([cfg.run] if cfg.run else [])
+        if not runs:
+            raise UsageError("--run RUN (or --runs A B): which run to export (a folder of "
+                             "WORK/runs)")
         folds = requested_folds(work, args.folds)
-        models = load_members(Run(work, cfg.run).checkpoints(folds))
-        out = Path(args.out) if args.out else Run(work, cfg.run).dir / f"{cfg.run}.onnx"
-        meta = dict(run=cfg.run, folds=len(folds), tta=tta)
+        models = load_members([p for r in runs for p in Run(work, r).checkpoints(folds)])
+        name = Run.blend(work, runs).name
+        out = Path(args.out) if args.out else Run.blend(work, runs).dir / f"{name}.onnx"
+        meta = dict(run=name, folds=len(folds), tta=tta)
         export_onnx(models, tta, out, meta)
     except UsageError as e:
         print(f"export: {e}", file=sys.stderr)
@@ -137,7 +144,8 @@ def main(argv=None) -> int:
     if args.bundle:
         write_bundle(out, Path(args.bundle), dict(meta, sample_rate=first.sr,
                                                   clip_seconds=first.seconds), models[0].classes)
-        log.info("bundle: %s (model, predict.py, audio.py, requirements.txt, README.md)", args.bundle)
+        log.info("bundle: %s (model, predict.py, audio.py, requirements.txt, README.md)",
+                 args.bundle)
     return 0
 
 

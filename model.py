@@ -203,7 +203,8 @@ def load_backbone(net: torch.nn.Module, path: str | Path) -> dict:
     def counted(d):
         return {k: v for k, v in d.items() if not k.endswith("num_batches_tracked")}
 
-    sd, own = counted(read_weights(path)), counted(net.state_dict())
+    everything, whole = read_weights(path), net.state_dict()
+    sd, own = counted(everything), counted(whole)
     head = {f"{n}.{p}" for n in [net.default_cfg.get("classifier", "")] if n
             for p in ("weight", "bias")}
     take, skipped, mismatched = {}, 0, 0
@@ -227,7 +228,9 @@ def load_backbone(net: torch.nn.Module, path: str | Path) -> dict:
         log.warning("--pretrained %s: only %d of the backbone's %d weight tensors loaded; the "
                     "rest start from scratch (weights of another model?)", path, len(take),
                     wanted)
-    net.load_state_dict(take, strict=False)
+    counters = {k: v for k, v in everything.items() if k not in sd and k in whole
+                and v.shape == whole[k].shape}  # loaded with their layers, never counted
+    net.load_state_dict({**take, **counters}, strict=False)
     return dict(loaded=len(take), skipped=skipped, mismatched=mismatched, wanted=wanted)
 
 

@@ -96,7 +96,7 @@ def test_weights_that_fit_nothing_are_refused_with_one_line(two_kinds, tmp_path,
                        "--run", "nothing", "--pretrained", str(tmp_path / "other.pth")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "other.pth" in err and "none of its 1 tensors fits" in err
+    assert "other.pth" in err and "none of its 1 weight tensors fits" in err
     assert not (two_kinds / "runs" / "nothing").exists()
 
 

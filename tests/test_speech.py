@@ -129,3 +129,14 @@ def test_the_family_trains_predicts_and_exports(e2e, tmp_path):
     assert np.abs(got - want).max() < BOUND
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["classes"]) == model.classes
+    # blended with the timm run in one graph: two front ends, the same parity
+    both = tmp_path / "both.onnx"
+    run_script("export.py", "--work", work, "--runs", "resnet18_32", "speech", "-f", 1, "-a", "y",
+               "--out", both)
+    got = ort.InferenceSession(str(both)).run(None, {"wave": waves})[0]
+    nets = [load_checkpoint(e2e["run"] / "fold0" / "best.ckpt").net,
+            load_checkpoint(fold / "best.ckpt").net]
+    with torch.no_grad():
+        want = Ensemble(nets, True).eval()(torch.from_numpy(waves)).numpy()
+    assert np.abs(got - want).max() < BOUND and len(Ensemble(nets, True).front) == 2
+    assert sorted(set(Ensemble(nets, True).front)) == [0, 1]  # a front end for each family
