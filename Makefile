@@ -68,7 +68,7 @@ hard: $(STAMP)
 	$(BIN)/python report.py --work $(HARD_WORK)
 
 # domain shift: in-domain vs shifted test speakers; BYOL-A pretrained, and the speech embedding
-# learnt from real speech (frozen), fold 0 each
+# learnt from real speech (fine-tuned), fold 0 each
 shift: $(STAMP)
 	$(BIN)/python demo.py --preset shift --out $(SHIFT_DATA)
 	$(BIN)/python preprocess.py --data $(SHIFT_DATA) --work $(SHIFT_WORK)
@@ -78,7 +78,7 @@ shift: $(STAMP)
 	$(BIN)/python inference.py --work $(SHIFT_WORK) --run shift_ssl -f 1 -a y -g -1 \
 	  --solution $(SHIFT_DATA)/solution.csv
 	$(BIN)/python train.py --work $(SHIFT_WORK) --run shift_emb -f 0 -a y -m speech_embedding \
-	  -e 8 -b 64 -g cpu --freeze-epochs 8
+	  -e 8 -b 64 -g cpu
 	$(BIN)/python inference.py --work $(SHIFT_WORK) --run shift_emb -f 1 -a y -g -1 \
 	  --solution $(SHIFT_DATA)/solution.csv
 	$(BIN)/python report.py --work $(SHIFT_WORK)
