@@ -303,13 +303,12 @@ def write_embeddings(path: Path, waves, wins: pd.DataFrame, mode: str, work: Pat
     from model import embed_waves
 
     vectors = embed_waves(path, waves, device, batch)
-    test = read_test(work)
+    test = read_table(Work(work).test_csv)  # read_test named the unreadable files already
     if mode == "file":
         vectors = pd.DataFrame(vectors).groupby(wins.row.to_numpy()).mean().to_numpy()
         names = pd.DataFrame({"file_name": test.file_name})
     else:
-        stems = test.file_name.map(lambda n: Path(n).stem).to_numpy()
-        names = pd.DataFrame({"row_id": [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end)]})
+        names = pd.DataFrame({"row_id": window_ids(test, wins)})
     atomic_write(out / "embeddings.npy", lambda tmp: np.save(tmp, vectors.astype(np.float32)))
     write_csv(names, out / "embeddings.csv")
     log.info("embeddings: %d x %d from %s -> %s", *vectors.shape, path, out / "embeddings.npy")
@@ -321,6 +320,12 @@ def write_blend(blend: dict, runs: list[str], folds: list[int], tta: bool, out: 
              "weights) -> %.4f (fitted) -> %.4f (calibrated); ECE %.4f -> %.4f",
              ", ".join(f"{r} {w:.3f}" for r, w in zip(runs, blend["weights"])),
              blend["temperature"], *blend["oof_log_loss"].values(), *blend["oof_ece"].values())
+
+
+def window_ids(test: pd.DataFrame, wins: pd.DataFrame) -> list[str]:
+    """Each window's row_id: its file's stem and the window's end in seconds."""
+    stems = test.file_name.map(lambda n: Path(n).stem).to_numpy()
+    return [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end)]
 
 
 def read_test(work: Path) -> pd.DataFrame:
@@ -341,12 +346,11 @@ def write_windows(work: Path, out: Path, wins: pd.DataFrame, score: np.ndarray,
     test_probs.csv; rows of a sample_submission.csv that no window made are added with zeros.
     With --solution (row_id + one 0/1 column per class): padded cmAP, mAP and ROC-AUC."""
     test = read_test(work)
-    stems = test.file_name.map(lambda n: Path(n).stem).to_numpy()
-    ids = [f"{stems[r]}_{e}" for r, e in zip(wins.row, wins.end)]
+    ids = window_ids(test, wins)
     sub = probs_frame(pd.Series(ids), score, classes, key="row_id")
     columns = classes
     if sample.is_file():
-        want = pd.read_csv(sample, dtype={"row_id": str}, nrows=None)
+        want = pd.read_csv(sample, dtype={"row_id": str})
         columns = [c for c in want.columns[1:] if c in classes]  # the sample's, in its order
         missing = want.row_id[~want.row_id.isin(set(ids))]
         if len(missing):

@@ -66,7 +66,9 @@ def _graph(path: Path):
 
 class SpeechMel(LogMel):
     """The speech embedding's own front end, from melspectrogram.onnx: waveform (B, L) ->
-    (B, 1, 32, T) with T = 1 + (L + 2 pad - 512) // 160. `scale` multiplies the [-1, 1]
+    (B, 1, 32, T) with T = 1 + (L + 2 pad - 512) // 160. LogMel.db makes the dB with the
+    graph's amin, reference and top dB; its floor is per clip (the ONNX graph takes one maximum
+    over its whole input batch). `scale` multiplies the [-1, 1]
     waveform first (32768: the int16-valued samples the model was made for)."""
 
     def __init__(self, scale: float = 1.0, pad: int = int(PAD_SECONDS * 16000)):
@@ -101,14 +103,6 @@ class SpeechMel(LogMel):
         spec = F.conv1d(x, self.dft.to(x.dtype), stride=self.hop)
         half = spec.shape[1] // 2
         return spec[:, :half].square() + spec[:, half:].square()
-
-    def db(self, x: torch.Tensor, warp=None) -> torch.Tensor:
-        """(B, L) -> (B, 32, T) dB as the ONNX model computes it (amin, ref, top_db); the top
-        dB floor is per clip (the ONNX graph takes one maximum over its whole input batch)."""
-        power = self.power(x)
-        mel = self.mel(power) if warp is None else warp(power, self)
-        s = 10.0 * torch.log10(mel.clamp_min(self.amin)) - self.ref_db
-        return torch.maximum(s, s.amax(dim=(-2, -1), keepdim=True) - self.top_db)
 
     def image(self, s: torch.Tensor) -> torch.Tensor:
         """dB (B, 32, T) -> the CNN's input scale, x / 10 + 2 (openWakeWord's transform that

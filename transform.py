@@ -39,6 +39,7 @@ class LogMel(nn.Module):
         self.n_mels = cfg.n_mels or size
         self.size, self.resize, self.norm, self.chans = size, cfg.resize, cfg.norm, chans
         self.top_db, self.n_fft = cfg.top_db, cfg.n_fft
+        self.amin, self.ref_db = 1e-10, 0.0  # power floor and reference of the dB scale
         self.hop = 512 if cfg.resize and not hop else hop or auto_hop(length, size)
         # frames kept: SIZE natively when the hop was chosen for it; all of them otherwise
         self.frames = size if not (hop or cfg.resize) else 1 + length // self.hop
@@ -86,11 +87,11 @@ class LogMel(nn.Module):
         return out
 
     def db(self, x: torch.Tensor, warp=None) -> torch.Tensor:
-        """(B, L) -> (B, n_mels, T) log-mel in dB (ref 1.0, amin 1e-10, per-sample top_db);
+        """(B, L) -> (B, n_mels, T) log-mel in dB (ref_db 0, amin 1e-10, top_db per sample);
         `warp` (a SpecWarp) makes the mel power from the power spectrogram in its place."""
         power = self.power(x)
         mel = self.mel(power) if warp is None else warp(power, self)
-        s = 10.0 * torch.log10(mel.clamp_min(1e-10))
+        s = 10.0 * torch.log10(mel.clamp_min(self.amin)) - self.ref_db
         if self.top_db is not None:
             s = torch.maximum(s, s.amax(dim=(-2, -1), keepdim=True) - self.top_db)
         return s
