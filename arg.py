@@ -113,9 +113,10 @@ class Config:
     drop_path_rate: float = opt(0.05, "stochastic depth", "model")
     channels_last: bool = opt(True, "channels_last memory format", "model")
     compile: bool = opt(False, "torch.compile the backbone", "model")
-    head: str = opt("pool", "classifier: pool (timm's global pooling + linear) or sed (attention "
-                    "over time frames, clip-wise + max-frame loss; multilabel)", "model",
-                    choices=("pool", "sed"))
+    head: str = opt("pool", "classifier: pool (timm's global pooling + linear; the speech "
+                    "embedding's mean + max), sed (attention over time frames, clip-wise + "
+                    "max-frame loss; multilabel) or attention (speech_embedding: attention "
+                    "pooling over its windows)", "model", choices=("pool", "sed", "attention"))
     sed_output: str = opt("frames", "what a SED model says at validation and test: frames (each "
                           "class's loudest frame) or clip (the attention-pooled score)", "model",
                           choices=("frames", "clip"))

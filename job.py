@@ -58,6 +58,9 @@ def check_options(cfg: Config) -> None:
                                               "multilabel data"),
              (cfg.head == "sed" and not cfg.multilabel, "--head sed is a multilabel head (its "
                                                         "loss is BCE): add --multilabel"),
+             (cfg.head == "attention" and cfg.model != "speech_embedding",
+              "--head attention pools the speech embedding's windows: with a timm model use "
+              "--head pool or sed"),
              (cfg.ema > 0 and cfg.swa > 0, "--ema and --swa both average the weights: pick one"),
              (cfg.balance > 0 and cfg.pseudo, "--balance weighs labelled rows only: not with "
                                               "--pseudo"),

@@ -265,8 +265,9 @@ class AudioNet(nn.Module):
             self.backbone = create_backbone(cfg, 0 if sed else classes, pretrained,
                                             **(dict(global_pool="") if sed else {}))
         n = self.backbone.num_features
+        pool_head = speech.AttentionPoolHead if cfg.head == "attention" else speech.MeanMaxHead
         self.head = AttentionHead(n, classes, cfg.drop_rate) if sed else \
-            speech.MeanMaxHead(n, classes, cfg.drop_rate) if self.speech and classes else None
+            pool_head(n, classes, cfg.drop_rate) if self.speech and classes else None
         self.channels_last = cfg.channels_last and not self.speech
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -277,7 +278,7 @@ class AudioNet(nn.Module):
     def num_features(self) -> int:
         """The size of `embed`'s vectors."""
         return self.backbone.num_features * (2 if self.speech and not isinstance(
-            self.head, AttentionHead) else 1)
+            self.head, (AttentionHead, speech.AttentionPoolHead)) else 1)
 
     # the stages, in order
     def waveform(self, wave: torch.Tensor) -> torch.Tensor:
@@ -311,7 +312,8 @@ class AudioNet(nn.Module):
         """Images -> the backbone's pooled features (B, num_features): what the classifier
         reads (mean and max of the speech embeddings; the SED feature map's mean)."""
         if self.speech and not isinstance(self.head, AttentionHead):
-            return speech.MeanMaxHead.pooled(self._backbone(img))
+            pool = self.head.pool if self.head is not None else speech.MeanMaxHead.pooled
+            return pool(self._backbone(img))
         if self.head is not None:
             return self._backbone(img).mean((2, 3))
         if self.channels_last:

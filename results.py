@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from metrics import most_confused, multilabel_scores, scores
-from runs import Run, Work, fold_done, read_config
+from runs import Run, Work, fold_done, fold_pruned, read_config
 from util import atomic_write, read_table, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ def run_row(run_dir: Path, n_folds: int, classes: list[str]) -> dict | None:
                pseudo=cfg.get("pseudo", ""), teacher=cfg.get("teacher", ""),
                init=initialised_from(cfg.get("pretrained", "")), labels=cfg.get("labels", 1.0),
                recipe=recipe_label(cfg),
-               folds_done=f"{len(done)}/{n_folds}")
+               folds_done=f"{len(done)}/{n_folds}" + (" (pruned)" * any(
+                   fold_pruned(d) for d in folds.values())))
     for name, key in (("oof", "cv"), ("oof_tta", "cv_tta")):
         got = load_oof([run_dir], done, name, classes) if done else None
         row[key] = (float((got[1].argmax(1) == label_index(got[0].label, classes)).mean())

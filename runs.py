@@ -6,10 +6,11 @@ fold's state (finished, its config, the command that trains it).
                               {train,test}_wave.npy {train,test}_offsets.npy
     WORK/runs/<run>/fold<k>/  best.ckpt last.ckpt history.csv curve.png oof.csv oof_tta.csv
                               config.yaml versions.json command.txt train.log .lock
-                              result.json (last)
+                              result.json (last), or pruned.json (tune.py stopped it)
     WORK/runs/<run>/          cv.json report.html submission.csv test_probs.csv ...
     WORK/runs/blend_<a>+<b>/  the same for a blend of runs (inference.py --runs)
     WORK/runs/leaderboard.csv
+    WORK/studies/<study>.db   a tune.py study (SQLite); <study>/ best.yaml trials.csv report.html
     WORK/pretrain/<name>/     encoder.pth config.yaml versions.json history.csv curve.png
                               last.ckpt (pretrain.py)
 """
@@ -21,9 +22,10 @@ from pathlib import Path
 
 from util import UsageError, read_table, strip_options
 
-# what a fold writes; a fresh (not resumed) fold starts without any of them
+# what a fold writes (pruned.json: tune.py's pruner stopped it); a fresh (not resumed) fold
+# starts without any of them
 FOLD_RECORDS = ("result.json", "best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv",
-                "oof_tta.csv")
+                "oof_tta.csv", "pruned.json")
 
 
 class Work:
@@ -74,6 +76,10 @@ class Work:
     @property
     def runs(self) -> Path:
         return self.dir / "runs"
+
+    def study(self, name: str) -> Path:
+        """WORK/studies/<name>/: a tune.py study's best.yaml, trials.csv, plots, report.html."""
+        return self.dir / "studies" / name
 
     def pretrain(self, name: str) -> Path:
         """WORK/pretrain/<name>/: encoder.pth, config.yaml, history.csv, curve.png, last.ckpt."""
@@ -143,8 +149,13 @@ class Run:
 
 # ----------------------------------------------------------------------------- fold state
 def fold_done(fold_dir: Path) -> bool:
-    """A fold is finished when train.py has written its result.json (last, after oof.csv)."""
+    """A fold is finished when train.py has written its result.json (last, after oof.csv); a
+    fold tune.py's pruner stopped has pruned.json instead and never is."""
     return (Path(fold_dir) / "result.json").is_file()
+
+
+def fold_pruned(fold_dir: Path) -> bool:
+    return (Path(fold_dir) / "pruned.json").is_file()
 
 
 def read_config(fold_dir: Path) -> dict:

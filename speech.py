@@ -178,5 +178,28 @@ class MeanMaxHead(nn.Module):
         x = feats.flatten(2)
         return torch.cat([x.mean(-1), x.amax(-1)], 1)
 
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.pooled(feats)
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(self.norm(self.pooled(feats))))
+
+
+class AttentionPoolHead(nn.Module):
+    """`--head attention`: the embedding sequence (B, C, 1, W) -> a softmax weight per window
+    (a linear score of its embedding) -> the weighted mean (C) -> batch norm -> dropout ->
+    linear. Learns which windows hold the word instead of taking the mean and the maximum."""
+
+    def __init__(self, channels: int, classes: int, drop: float = 0.2):
+        super().__init__()
+        self.score = nn.Linear(channels, 1)
+        self.norm = nn.BatchNorm1d(channels)
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(channels, classes)
+
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats.flatten(2).transpose(1, 2)  # (B, W, C)
+        return (torch.softmax(self.score(x), 1) * x).sum(1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.norm(self.pool(feats))))

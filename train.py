@@ -203,15 +203,16 @@ def finish_fold(fold: Fold, trainer, t0: float) -> dict:
     return result
 
 
-def train_fold(cfg: Config, k: int, progress: bool = True) -> dict:
+def train_fold(cfg: Config, k: int, progress: bool = True, extra_callbacks=()) -> dict:
     """Fit fold k; returns its summary (best val accuracy, epochs, seconds). Every check runs
-    before anything is written; from the lock on, this process owns the fold folder."""
+    before anything is written; from the lock on, this process owns the fold folder.
+    `extra_callbacks`: more Lightning callbacks (tune.py's pruning)."""
     fold = plan_fold(cfg, k)
     with owned(fold.dir):
         if launched_rank_zero():
             start_records(fold)
         trainer = make_trainer(cfg, fold.accelerator, fold.devices, fold.dir,
-                               fold_callbacks(fold), progress,
+                               fold_callbacks(fold) + list(extra_callbacks), progress,
                                build_logger(cfg, fold.dir, f"fold{fold.k}"))
         t0 = time.time()
         trainer.fit(fold.model, datamodule=fold.data, ckpt_path=fold.resume_from,
