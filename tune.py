@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import socket
 import sys
@@ -194,7 +193,7 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
     monitor = "val_" + monitored(cfg.multilabel)
     run = Run(cfg.work, cfg.run_name)
     trial.set_user_attr("run", str(run.dir))
-    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     scores = []
     for i, k in enumerate(folds):
         prune = [PyTorchLightningPruningCallback(trial, monitor)] if i == 0 and state["pruning"] \
@@ -398,7 +397,7 @@ def summarise(study, given: dict, out: Path) -> Path | None:
             if t.datetime_complete and t.datetime_start else float("nan")
         rows.append(dict(trial=t.number, state=t.state.name.lower(), value=t.value,
                          epochs=len(t.intermediate_values), minutes=round(took, 2),
-                         **t.params, host=t.user_attrs.get("host", ""),
+                         **t.params, worker=t.user_attrs.get("worker", ""),
                          run=t.user_attrs.get("run", "")))
     table = pd.DataFrame(rows)
     write_csv(table, out / "trials.csv")
@@ -513,12 +512,18 @@ def main(argv=None) -> int:
     recipe = {k: v for k, v in given.items() if k not in RESUME_SAFE}  # what the study is
     local = {k: v for k, v in given.items() if k in RESUME_SAFE}  # this worker's own
     try:
+        def checked(recipe_, spec_, where):  # every check before the study is touched
+            base = work_settings(trial_config({**recipe_, **local}, {}, args.study, 0),
+                                 {*recipe_, *local})
+            return base, [check_param(where, n, s, base) for n, s in spec_.items()]
+
+        spec = read_spec(args.space)
+        if not args.resume:
+            checked(recipe, spec, Path(args.space))
         url = storage_url(args, work)
-        study, recipe, spec = open_study(args, url, recipe, read_spec(args.space))
+        study, recipe, spec = open_study(args, url, recipe, spec)
         given = {**recipe, **local}
-        base = work_settings(trial_config(given, {}, args.study, 0), set(given))
-        space = [check_param(Path(args.space or f"study {args.study}"), n, s, base)
-                 for n, s in spec.items()]
+        base, space = checked(recipe, spec, Path(args.space or f"study {args.study}"))
         folds = work.folds() if base.fold == "all" else \
             [int(f) for f in str(base.fold).split(",")]
         if not study.trials and baseline(space):
