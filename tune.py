@@ -185,7 +185,7 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
 
     from job import work_settings
     from metrics import monitored
-    from train import train_fold
+    from fit import train_fold
 
     params = {p.name: p.suggest(trial) for p in space}
     cfg = work_settings(trial_config(given, params, trial.study.study_name, trial.number),
@@ -200,7 +200,8 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
             else []
         with trial_log(run.fold(k) / "tune.log"):
             try:
-                scores.append(train_fold(cfg, k, progress=False, extra_callbacks=prune)[monitor])
+                result = train_fold(cfg, k, progress=False, extra_callbacks=prune)
+                scores.append(result[monitor])
             except optuna.TrialPruned as e:
                 steps = next(t for t in trial.study.get_trials(deepcopy=False)
                              if t.number == trial.number).intermediate_values

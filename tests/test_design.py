@@ -192,12 +192,12 @@ def two_label_work(tmp_path_factory):
 
 def test_secondary_weight_is_the_target_of_a_secondary_label(two_label_work):
     import job
-    import train
+    import fit
 
     cfg = job.work_settings(Config(**TINY_NET, work=str(two_label_work), secondary_weight=0.25,
                                    gpus="cpu", run="sw"))
     assert cfg.multilabel  # from prep.json: the data has secondary labels
-    fold = train.plan_fold(cfg, 0)
+    fold = fit.plan_fold(cfg, 0)
     got = fold.data.train_ds.targets
     assert got.shape[1] == 2 and set(np.unique(got)) == {0.0, 0.25, 1.0}
     assert (got.max(1) == 1).all() and ((got == 0.25).sum(1) <= 1).all()

@@ -206,12 +206,13 @@ def test_sample_rate_and_clip_length_come_from_work(e2e, tmp_path, capsys):
 
 def test_a_bug_keeps_its_traceback(work, monkeypatch):
     """main turns only a bad request (UsageError) into one line; anything else is a bug."""
+    import fit
     import train
 
     def broken(cfg, k):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(train, "plan_fold", broken)
+    monkeypatch.setattr(fit, "plan_fold", broken)
     with pytest.raises(ValueError, match="a bug"):
         train.main(["--work", str(work), *TINY, "-f", "0", "-g", "cpu"])
 
@@ -227,7 +228,7 @@ def test_bad_request_errors_are_one_type():
 
 def test_fold_lock_is_released_when_training_fails(work):
     """The fold lock is released however train_fold ends: here by a non-finite loss."""
-    import train
+    import fit
     from arg import make_parser, parse_config
     from util import FoldLock, UsageError
 
@@ -236,7 +237,7 @@ def test_fold_lock_is_released_when_training_fails(work):
     cfg = job.work_settings(cfg)
     fold_dir = work / "runs" / "boom" / "fold0"
     with pytest.raises(FloatingPointError):
-        train.train_fold(cfg, 0, progress=False)
+        fit.train_fold(cfg, 0, progress=False)
     with FoldLock(fold_dir):  # free again
         with pytest.raises(UsageError, match="being trained by pid"):
             FoldLock(fold_dir).acquire()
