@@ -183,9 +183,9 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from optuna_integration import PyTorchLightningPruningCallback
 
+    from fit import train_fold
     from job import work_settings
     from metrics import monitored
-    from fit import train_fold
 
     params = {p.name: p.suggest(trial) for p in space}
     cfg = work_settings(trial_config(given, params, trial.study.study_name, trial.number),
@@ -205,9 +205,10 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
             except optuna.TrialPruned as e:
                 steps = next(t for t in trial.study.get_trials(deepcopy=False)
                              if t.number == trial.number).intermediate_values
-                write_json(dict(trial=trial.number, pruned_after_epoch=max(steps, default=0),
-                                **{monitor: steps.get(max(steps, default=0))},
-                                why=str(e)), run.fold(k) / "pruned.json")
+                last = max(steps, default=-1)  # Lightning's epoch index, from 0
+                write_json(dict(trial=trial.number, epochs=last + 1,
+                                **{monitor: steps.get(last)}, why=str(e)),
+                           run.fold(k) / "pruned.json")
                 raise
             except SIGTERMException as e:  # the trial is failed, the worker stops
                 state["stopped"] = e
@@ -303,7 +304,7 @@ def make_pruner(args):
 
     if args.pruner == "median":  # prune below the median of earlier trials at the same epoch
         return optuna.pruners.MedianPruner(n_startup_trials=args.startup, n_warmup_steps=1)
-    if args.pruner == "halving":  # successive halving: keep the best third at epochs 1, 3, 9
+    if args.pruner == "halving":  # successive halving: the best third goes on (epochs 2, 4, 10)
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3,
                                                       bootstrap_count=args.startup)
     return optuna.pruners.NopPruner()
@@ -350,7 +351,7 @@ def work_loop(study, given: dict, space: list[Param], folds: list[int], args) ->
         took = (trial.datetime_complete - trial.datetime_start).total_seconds() / 60 \
             if trial.datetime_complete else float("nan")
         said = {TrialState.COMPLETE: f"{trial.value:.4f}",
-                TrialState.PRUNED: f"pruned after epoch {max(trial.intermediate_values, default=0)}",
+                TrialState.PRUNED: f"pruned after {len(trial.intermediate_values)} epoch(s)",
                 TrialState.FAIL: "failed"}.get(trial.state, trial.state.name)
         shown = ", ".join(f"{k} {_short(v)}" for k, v in trial.params.items())
         bar.write(f"trial {trial.number}: {said} in {took:.1f} min ({shown})")

@@ -140,3 +140,29 @@ def test_the_family_trains_predicts_and_exports(e2e, tmp_path):
         want = Ensemble(nets, True).eval()(torch.from_numpy(waves)).numpy()
     assert np.abs(got - want).max() < BOUND and len(Ensemble(nets, True).front) == 2
     assert sorted(set(Ensemble(nets, True).front)) == [0, 1]  # a front end for each family
+
+
+def test_attention_head_pools_the_windows_by_learnt_weights(demo_data):
+    """--head attention: one weight per window (softmax over the windows), the embedding is
+    their weighted mean (96 values, not mean + max's 192); a window the score favours
+    dominates. A timm model with --head attention is refused."""
+    import job
+    from model import AudioNet
+    from util import UsageError
+
+    cfg = Config(model="speech_embedding", head="attention", drop_rate=0.0)
+    net = AudioNet(cfg, 30).eval()
+    x = torch.from_numpy(clips(demo_data))
+    with torch.no_grad():
+        feats = net._backbone(net.images(net.waveform(x)))  # (B, 96, 1, 9)
+        seq = feats.flatten(2).transpose(1, 2)
+        w = torch.softmax(net.head.score(seq), 1)
+        assert torch.allclose(net.embed(x), (w * seq).sum(1), atol=1e-5)
+        assert net.embed(x).shape == (5, 96) == (5, net.num_features)
+        assert net(x).shape == (5, 30)
+        net.head.score.weight.zero_()
+        net.head.score.bias.zero_()  # equal weights: the plain mean of the windows
+        assert torch.allclose(net.embed(x), seq.mean(1), atol=1e-5)
+        assert not torch.allclose(net.embed(x), seq.amax(1), atol=1e-3)
+    with pytest.raises(UsageError, match="--head attention pools the speech embedding"):
+        job.check_options(Config(model="resnet18", head="attention"))
