@@ -17,7 +17,7 @@ SOUND_WORK ?= work/soundscape
 SHIFT_DATA ?= data/shift
 SHIFT_WORK ?= work/shift
 
-.PHONY: install test demo hard shift soundscape bench scale clean lock
+.PHONY: install test demo hard tune shift soundscape bench scale clean lock
 
 # installs the exact versions the tests passed with (requirements.lock); the loose
 # requirements*.txt are for installing into an environment of your own
@@ -66,6 +66,17 @@ hard: $(STAMP)
 	$(BIN)/python inference.py --work $(HARD_WORK) --run hard_cpu -f 1 -a y -g -1 \
 	  --solution $(HARD_DATA)/solution.csv
 	$(BIN)/python report.py --work $(HARD_WORK)
+
+# a recipe search on the hard benchmark (docs/RESULTS.md): 20 trials of the CPU recipe at 4
+# epochs and half the labels, median pruning, two workers on one SQLite study
+TUNE_RECIPE ?= -m resnet18 -t 64 -e 4 -b 64 -g cpu --labels 0.5
+tune: $(STAMP)
+	test -f $(HARD_WORK)/prep.json || { $(BIN)/python demo.py --preset hard --out $(HARD_DATA) && \
+	  $(BIN)/python preprocess.py --data $(HARD_DATA) --work $(HARD_WORK); }
+	OMP_NUM_THREADS=1 $(BIN)/python tune.py --work $(HARD_WORK) --study hard_search \
+	  --space space.yaml --trials 20 $(TUNE_RECIPE) & sleep 15; \
+	OMP_NUM_THREADS=1 $(BIN)/python tune.py --work $(HARD_WORK) --study hard_search \
+	  --space space.yaml --trials 20 $(TUNE_RECIPE); wait
 
 # domain shift: in-domain vs shifted test speakers; BYOL-A pretrained, and the speech embedding
 # learnt from real speech (fine-tuned), fold 0 each

@@ -202,10 +202,13 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
             try:
                 result = train_fold(cfg, k, progress=False, extra_callbacks=prune)
                 scores.append(result[monitor])
+                epochs = trial.user_attrs.get("epochs", 0) + result["epochs"]
+                trial.set_user_attr("epochs", epochs)
             except optuna.TrialPruned as e:
                 steps = next(t for t in trial.study.get_trials(deepcopy=False)
                              if t.number == trial.number).intermediate_values
                 last = max(steps, default=-1)  # Lightning's epoch index, from 0
+                trial.set_user_attr("epochs", trial.user_attrs.get("epochs", 0) + last + 1)
                 write_json(dict(trial=trial.number, epochs=last + 1,
                                 **{monitor: steps.get(last)}, why=str(e)),
                            run.fold(k) / "pruned.json")
@@ -273,10 +276,10 @@ def open_study(args, url: str, given: dict, space_file: dict):
             raise UsageError(f"--resume: no study {args.study!r} in {redact(url)} (it has: "
                              f"{', '.join(names) or 'none'})")
         study = optuna.load_study(study_name=args.study, storage=storage,
-                                  sampler=optuna.samplers.TPESampler(), pruner=make_pruner(args))
+                                  sampler=sampler(), pruner=make_pruner(args))
         return study, study.user_attrs["given"], study.user_attrs["space"]
     study = optuna.create_study(study_name=args.study, storage=storage, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(), pruner=make_pruner(args),
+                                sampler=sampler(), pruner=make_pruner(args),
                                 load_if_exists=True)
     made = study.user_attrs.get("space")
     if made is None:
@@ -290,6 +293,14 @@ def open_study(args, url: str, given: dict, space_file: dict):
         raise UsageError(f"study {args.study!r} in {redact(url)} was made with other settings "
                          f"({said}): --resume continues it with its own, or pick another --study")
     return study, given, space_file
+
+
+def sampler():
+    """TPE; with several workers each running trial counts as a poor result for the others'
+    next suggestion (constant liar), so two workers do not try the same corner at once."""
+    import optuna
+
+    return optuna.samplers.TPESampler(constant_liar=True)
 
 
 def redact(url: str) -> str:
@@ -398,7 +409,7 @@ def summarise(study, given: dict, out: Path) -> Path | None:
         took = (t.datetime_complete - t.datetime_start).total_seconds() / 60 \
             if t.datetime_complete and t.datetime_start else float("nan")
         rows.append(dict(trial=t.number, state=t.state.name.lower(), value=t.value,
-                         epochs=len(t.intermediate_values), minutes=round(took, 2),
+                         epochs=t.user_attrs.get("epochs", 0), minutes=round(took, 2),
                          **t.params, worker=t.user_attrs.get("worker", ""),
                          run=t.user_attrs.get("run", "")))
     table = pd.DataFrame(rows)

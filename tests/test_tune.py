@@ -108,6 +108,10 @@ def test_two_workers_share_a_study_whose_best_yaml_retrains(work, space):
     oof = "fold0/oof.csv"
     pd.testing.assert_frame_equal(pd.read_csv(work / "runs" / "s4-best" / oof),
                                   pd.read_csv(work / "runs" / f"s4-{chosen.iloc[0]}" / oof))
+    # --resume reads the recipe and the space from the study: 4 trials are done, none runs
+    again = run_script("tune.py", "--work", work, "--study", "s4", "--resume", "--trials", 4)
+    assert "study s4: 4 complete, 0 pruned, 0 failed" in again.stdout
+    assert not (work / "runs" / "s4-4").exists()
     # the same study name with another recipe is refused, naming the difference
     other = run_script("tune.py", "--work", work, "--study", "s4", "--space", space,
                        "--trials", 4, *TINY[:4], "-e", "3", *TINY[6:], check=False)
