@@ -181,7 +181,6 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
     mean. The pruner watches the first fold epoch by epoch."""
     import optuna
     from lightning.pytorch.utilities.exceptions import SIGTERMException
-    from optuna_integration import PyTorchLightningPruningCallback
 
     from fit import train_fold
     from job import work_settings
@@ -196,8 +195,7 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     scores = []
     for i, k in enumerate(folds):
-        prune = [PyTorchLightningPruningCallback(trial, monitor)] if i == 0 and state["pruning"] \
-            else []
+        prune = [pruning_callback(trial, monitor)] if i == 0 and state["pruning"] else []
         with trial_log(run.fold(k) / "tune.log"):
             try:
                 result = train_fold(cfg, k, progress=False, extra_callbacks=prune)
@@ -217,6 +215,23 @@ def objective(trial, given: dict, space: list[Param], folds: list[int], state: d
                 state["stopped"] = e
                 raise Stopped("stopped by SIGTERM") from e
     return float(sum(scores) / len(scores))
+
+
+def pruning_callback(trial, monitor: str):
+    """Optuna's Lightning pruning callback, except after the last epoch: a trial that has
+    trained every epoch is complete (its score counts, its fold is finished), however the
+    pruner ranks it."""
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    class Pruning(PyTorchLightningPruningCallback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.current_epoch + 1 < trainer.max_epochs:
+                return super().on_validation_end(trainer, pl_module)
+            score = trainer.callback_metrics.get(self.monitor)
+            if score is not None and not trainer.sanity_checking and trainer.is_global_zero:
+                self._trial.report(score.item(), step=pl_module.current_epoch)
+
+    return Pruning(trial, monitor)
 
 
 class Stopped(Exception):
@@ -489,10 +504,11 @@ def parse(argv):
                    "(postgresql://USER:PASS@HOST/DB); default WORK/studies/STUDY.db (SQLite)")
     g.add_argument("--resume", action="store_true", help="continue the study with the settings "
                    "it was made with")
-    g.add_argument("--pruner", default="median", choices=("median", "halving", "none"),
-                   help="stop hopeless trials early: median (below the median of earlier "
-                        "trials at the same epoch), halving (successive halving) or none "
-                        "(default: median)")
+    g.add_argument("--pruner", default="halving", choices=("halving", "median", "none"),
+                   help="stop hopeless trials early: halving (successive halving: the best "
+                        "third of the trials at epochs 2, 4, 10 go on), median (below the "
+                        "median of earlier trials at the same epoch) or none (default: "
+                        "halving, measured in docs/RESULTS.md)")
     g.add_argument("--startup", type=int, default=4, help="trials that run to the end before "
                    "the pruner prunes (default: 4)")
     g.add_argument("--heartbeat", type=int, default=30, help="seconds between a worker's "

@@ -140,6 +140,13 @@ def test_pruned_trial_is_never_finished(work):
         Run(work, "p-0").checkpoints([0])
     row = leaderboard(work).set_index("run").loc["p-0"]
     assert row.folds_done == "0/2 (pruned)" and row.cv != row.cv  # no CV from a pruned fold
+    # after the last epoch nothing is pruned: the trial trained every epoch, it is complete
+    last = study.ask()
+    score = tune.objective(last, {**given, "epochs": 1}, space, [0],
+                           dict(pruning=True, stopped=None))
+    fold = Run(work, "p-1").fold(0)
+    assert fold_done(fold) and not (fold / "pruned.json").exists()
+    assert score == json.loads((fold / "result.json").read_text())["val_acc"]
 
 
 def start_worker(work, space, study, *extra):
