@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, prepared, run_script
 
-TINY = ["-m", "resnet18", "-t", "32", "-e", "2", "-b", "32", "-g", "cpu"]
+TINY = ["-m", "resnet18", "-t", "32", "-e", "1", "-b", "32", "-g", "cpu"]
 SPACE = "lr: {float: [3.0e-4, 3.0e-3], log: true}\np_mixup: {choice: [0.0, 0.5]}\n"
 
 
@@ -97,7 +97,7 @@ def test_two_workers_share_a_study_whose_best_yaml_retrains(work, space):
     top = trials[trials.value == trials.value.max()]
     chosen = top[(top.lr == best["lr"]) & (top.p_mixup == best["p_mixup"])].trial
     assert len(chosen) == 1, (best, trials)
-    assert best["run"] == "s4-best" and best["epochs"] == 2 and best["model"] == "resnet18"
+    assert best["run"] == "s4-best" and best["epochs"] == 1 and best["model"] == "resnet18"
     assert any(f"best: trial {chosen.iloc[0]} " in out for out in outs)
     for name in ("history.png", "slice.png", "report.html"):
         assert (work / "studies" / "s4" / name).stat().st_size > 1000
@@ -114,8 +114,8 @@ def test_two_workers_share_a_study_whose_best_yaml_retrains(work, space):
     assert not (work / "runs" / "s4-4").exists()
     # the same study name with another recipe is refused, naming the difference
     other = run_script("tune.py", "--work", work, "--study", "s4", "--space", space,
-                       "--trials", 4, *TINY[:4], "-e", "3", *TINY[6:], check=False)
-    assert other.returncode == 2 and "epochs 2 -> 3" in other.stderr, other.stderr
+                       "--trials", 4, *TINY[:4], "-e", "2", *TINY[6:], check=False)
+    assert other.returncode == 2 and "epochs 1 -> 2" in other.stderr, other.stderr
 
 
 def test_pruned_trial_is_never_finished(work):
