@@ -124,9 +124,11 @@ def check_param(path: Path, name: str, spec, base: Config) -> Param:
             low, high = (float(v) for v in pair)
         except (TypeError, ValueError):
             raise bad(f"{kind}: expected [low, high], got {pair!r}")
-        if type(default) is not (float if kind == "float" else int) and \
-                not (kind == "int" and type(default) is float):
-            raise bad(f"a {type(default).__name__} setting: search it with choice: [...]")
+        if type(default) is int and kind == "float":
+            raise bad("an int setting: search it with int: [low, high] or choice: [...]")
+        if type(default) not in (int, float):
+            raise bad(f"{'a yes/no' if type(default) is bool else 'a name'} setting: search "
+                      f"it with choice: [...]")
         if kind == "int" and (low != int(low) or high != int(high)):
             raise bad(f"int: [{low:g}, {high:g}] are not whole numbers")
         if not low < high:

@@ -48,8 +48,9 @@ def study_trials(url: str, name: str) -> list:
     ("labels: {float: [0.5, 1.5]}", "labels: 1.5: --labels 1.5: a share of the training rows"),
     ("head: {choice: [pool, sed]}", "head: 'sed': --head sed is a multilabel head"),
     ("optimizer: {choice: [adamw, sgd]}", "optimizer: 'sgd': not one of adamw, adam"),
-    ("epochs: {float: [2, 4]}", "epochs: a int setting: search it with choice"),
+    ("epochs: {float: [2, 4]}", "epochs: an int setting: search it with int: [low, high]"),
     ("gpus: {choice: ['0', '1']}", "gpus: says where or how a trial runs"),
+    ("aug: {float: [0, 1]}", "aug: a name setting: search it with choice"),
     ("lr: [0.001, 0.01]", "lr: expected one of {float: [low, high]}"),
 ])
 def test_space_refused(work, tmp_path, capsys, text, said):
