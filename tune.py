@@ -305,10 +305,10 @@ def open_study(args, url: str, given: dict, space_file: dict):
     elif (study.user_attrs["given"], made) != (given, space_file):
         old = {**study.user_attrs["given"], **{f"space {k}": v for k, v in made.items()}}
         new = {**given, **{f"space {k}": v for k, v in space_file.items()}}
-        said = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new})
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new})
                          if old.get(k) != new.get(k))
         raise UsageError(f"study {args.study!r} in {redact(url)} was made with other settings "
-                         f"({said}): --resume continues it with its own, or pick another --study")
+                         f"({diff}): --resume continues it with its own, or pick another --study")
     return study, given, space_file
 
 
@@ -378,11 +378,10 @@ def work_loop(study, given: dict, space: list[Param], folds: list[int], args) ->
             bar.set_postfix_str(f"best {best.value:.4f} (trial {best.number})")
         took = (trial.datetime_complete - trial.datetime_start).total_seconds() / 60 \
             if trial.datetime_complete else float("nan")
-        said = {TrialState.COMPLETE: f"{trial.value:.4f}",
-                TrialState.PRUNED: f"pruned after {len(trial.intermediate_values)} epoch(s)",
-                TrialState.FAIL: "failed"}.get(trial.state, trial.state.name)
-        shown = ", ".join(f"{k} {_short(v)}" for k, v in trial.params.items())
-        bar.write(f"trial {trial.number}: {said} in {took:.1f} min ({shown})")
+        outcome = {TrialState.COMPLETE: f"{trial.value:.4f}",
+                   TrialState.PRUNED: f"pruned after {len(trial.intermediate_values)} epoch(s)",
+                   TrialState.FAIL: "failed"}.get(trial.state, trial.state.name)
+        bar.write(f"trial {trial.number}: {outcome} in {took:.1f} min ({said(trial.params)})")
         bar.refresh()
 
     while True:
@@ -411,8 +410,10 @@ def best_trial(study):
     return max(done, key=lambda t: t.value) if done else None
 
 
-def _short(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def said(params: dict) -> str:
+    """A trial's values in one line: 'lr 0.002769, p_mixup 0'."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in params.items())
 
 
 # ----------------------------------------------------------------------------- the summary
@@ -475,13 +476,12 @@ def plot_study(study, out: Path) -> list[Path]:
 
 def write_report(study, table, best, images: list[Path], out: Path) -> None:
     """report.html: the best trial, the plots and the table of trials, in one file."""
-    import base64
-
+    from results import _data_uri
     from util import write_text
 
-    imgs = "".join(f'<h2>{p.stem}</h2><img src="data:image/png;base64,'
-                   f'{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
-    params = ", ".join(f"{k} = {_short(v)}" for k, v in best.params.items())
+    imgs = "".join(f'<h2>{p.stem}</h2><img src="{_data_uri(p.read_bytes(), "image/png")}">'
+                   for p in images)
+    params = said(best.params)
     html = (f"<!doctype html><meta charset='utf-8'><title>study {study.study_name}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style>"
@@ -549,12 +549,13 @@ def main(argv=None) -> int:
             return base, [check_param(where, n, s, base) for n, s in spec_.items()]
 
         spec = read_spec(args.space)
-        if not args.resume:
-            checked(recipe, spec, Path(args.space))
+        if not args.resume:  # a study joined or made has this recipe and space
+            base, space = checked(recipe, spec, Path(args.space))
         url = storage_url(args, work)
         study, recipe, spec = open_study(args, url, recipe, spec)
         given = {**recipe, **local}
-        base, space = checked(recipe, spec, Path(args.space or f"study {args.study}"))
+        if args.resume:  # the study's own recipe and space
+            base, space = checked(recipe, spec, Path(f"study {args.study}"))
         folds = work.folds() if base.fold == "all" else \
             [int(f) for f in str(base.fold).split(",")]
         if not study.trials and baseline(space):
@@ -577,7 +578,7 @@ def main(argv=None) -> int:
     if made:
         best = best_trial(study)
         print(f"best: trial {best.number} {best.value:.4f} "
-              f"({', '.join(f'{k} {_short(v)}' for k, v in best.params.items())})")
+              f"({said(best.params)})")
         print(f"every fold: python train.py --config {made} -f all")
     if code == 143:
         print("tune: stopped by SIGTERM; its trial is failed, --resume continues the study",
