@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from runs import Work
+from runs import Work, validation_folds
 from util import UsageError, read_table
 
 
@@ -289,7 +289,7 @@ class FoldData(L.LightningDataModule):
         self.work, self.fold, self.batch_size, self.workers = Path(work), fold, batch_size, workers
         self.classes = Work(work).classes()
         self.table = read_table(Work(work).train_csv)
-        folds = sorted(self.table.fold.unique())
+        folds = validation_folds(self.table)
         if fold not in folds:
             raise UsageError(f"fold {fold} is not in {Work(work).train_csv} (folds "
                              f"{', '.join(map(str, folds))})")

@@ -15,7 +15,7 @@ import torch
 from arg import Config
 from job import (build_logger, check_model, check_resume, loader_workers, make_trainer, owned,
                  write_records)
-from runs import FOLD_RECORDS, Run, Work, fold_done, train_command
+from runs import FOLD_RECORDS, Run, Work, fold_done, train_command, validation_folds
 from util import UsageError, launched_rank_zero, pick_device, write_json
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def finish_fold(fold: Fold, trainer, t0: float) -> dict:
     write_json(dict(result, seconds=round(time.time() - t0, 1)), fold.dir / "result.json")
     log.info("fold %d: best %s %.4f, %d epochs in %.0f s -> %s", fold.k, best.monitor,
              result[best.monitor], result["epochs"], result["seconds"], fold.dir)
-    folds = sorted(fold.data.table.fold.unique().tolist())
+    folds = validation_folds(fold.data.table)
     cv = cv_summary([fold.run.dir], fold.data.classes, folds, fold.run.dir)
     if cv:
         key = "map" if cfg.multilabel else "accuracy"

@@ -10,8 +10,11 @@ Accepted layouts:
   contest          DIR/train/<label>/*.wav, DIR/test/*.wav, DIR/submission.csv (file_name,label)
   speech commands  DIR/<label>/*.wav, DIR/testing_list.txt (becomes the test set, labels kept)
   manifest         a CSV of path,label with optional secondary (space-separated labels), group,
-                   fold and split (train/test) columns
-Background noise comes from a `_background_noise_/` folder in DIR or DIR/train.
+                   fold and split (train/test) columns; an empty group is the file's speaker
+                   (Speech Commands names) or stem, an empty fold is drawn as without the
+                   column, and fold -1 trains in every fold, never validated (external data)
+Background noise comes from --noise DIR, else from a `_background_noise_/` folder in DIR or
+DIR/train (folder layouts) or beside the manifest; prep.json records which.
 
 Writes WORK/classes.json, train.csv, train_wave.npy + train_offsets.npy, test.csv, test_wave.npy +
 test_offsets.npy, noise.npy, rejected.csv and prep.json (the fingerprint that lets a re-run reuse WORK).
@@ -33,7 +36,7 @@ from tqdm import tqdm
 
 from arg import Config, config_from_args, make_parser
 from audio import AudioError, audio_files, read_audio
-from runs import Work
+from runs import TRAIN_ONLY, Work, validation_folds
 from util import UsageError, atomic_write, secondary_names, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -163,15 +166,30 @@ def _class_files(folder: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def find_clips(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, list[str], str]:
-    """Returns train (path,label[,group,fold]), test (file_name,path,label), noise paths, layout."""
+def noise_files(cfg: Config, found: list[Path]) -> tuple[list[str], str]:
+    """(the background-noise files, their folder or ''): --noise DIR when given, else the first
+    of the layout's `found` folders that exists."""
+    if cfg.noise:
+        folder = Path(cfg.noise)
+        if not folder.is_dir():
+            raise DataLayoutError(f"--noise {folder}: no such folder (background-noise recordings)")
+    else:
+        folder = next((d for d in found if d.is_dir()), None)
+    if folder is None:
+        return [], ""
+    return [str(p) for p in sorted(folder.iterdir()) if p.is_file()], str(folder)
+
+
+def find_clips(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, tuple[list[str], str], str]:
+    """Returns train (path,label[,group,fold]), test (file_name,path,label), the noise files and
+    their folder (noise_files), layout."""
     data = Path(cfg.data)
     if cfg.manifest:
         man_path = Path(cfg.manifest)
         if not man_path.is_file():
             raise DataLayoutError(f"{man_path}: manifest not found")
-        man = pd.read_csv(man_path, dtype={"path": str, "label": str, "secondary": str},
-                          keep_default_na=False)
+        man = pd.read_csv(man_path, keep_default_na=False, dtype={
+            "path": str, "label": str, "secondary": str, "group": str, "fold": str})
         if not {"path", "label"} <= set(man.columns):
             raise DataLayoutError(f"{man_path}: needs the columns path,label "
                                   f"(optional group, fold, split); it has {list(man.columns)}")
@@ -179,15 +197,15 @@ def find_clips(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, list[str], str]
         split = man.pop("split") if "split" in man else pd.Series("train", index=man.index)
         test = man[split == "test"].assign(file_name=lambda d: d.path.map(lambda p: Path(p).name))
         train = man[split != "test"].reset_index(drop=True)
-        noise = [str(p) for p in sorted((data / NOISE_DIR).glob("*")) if p.is_file()]
+        noise = noise_files(cfg, [man_path.parent / NOISE_DIR])
         return train, test[["file_name", "path", "label"]].reset_index(drop=True), noise, "manifest"
 
     if not data.is_dir():
         raise DataLayoutError(f"{data}: data folder not found (pass --data DIR or --manifest FILE)")
     if (data / "train_metadata.csv").is_file():
-        return birdclef_clips(data)
-    noise_dirs = [data / NOISE_DIR, data / "train" / NOISE_DIR]
-    noise = [str(p) for d in noise_dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_file()]
+        train, test, layout = birdclef_clips(data)
+        return train, test, noise_files(cfg, [data / NOISE_DIR]), layout
+    noise = noise_files(cfg, [data / NOISE_DIR, data / "train" / NOISE_DIR])
     if (data / "train").is_dir():
         layout = "contest"
         train = pd.DataFrame(_class_files(data / "train"), columns=["path", "label"])
@@ -237,8 +255,7 @@ def birdclef_clips(data: Path):
     files = audio_files([soundscapes]) if soundscapes.is_dir() else []
     test = pd.DataFrame({"file_name": [f.name for f in files], "path": [str(f) for f in files],
                          "label": ""})
-    noise = [str(p) for p in sorted((data / NOISE_DIR).glob("*")) if p.is_file()]
-    return train, test, noise, "birdclef"
+    return train, test, "birdclef"
 
 
 def sample_classes(data: Path) -> list[str]:
@@ -287,13 +304,39 @@ def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+def groups_of(train: pd.DataFrame) -> list[str]:
+    """Each row's group: its own where the table has one, else the file's speaker (speaker_of)."""
+    given = train["group"].astype(str) if "group" in train else pd.Series("", index=train.index)
+    return [g if g != "" else speaker_of(p) for g, p in zip(given, train.path)]
+
+
+def folds_of(train: pd.DataFrame, n_folds: int, seed: int, source: str) -> np.ndarray:
+    """Each row's fold: its own where the table has one (TRAIN_ONLY: trained in every fold,
+    never validated), drawn by assign_folds for the others."""
+    given = train["fold"].astype(str).str.strip() if "fold" in train else \
+        pd.Series("", index=train.index)
+    bad = given[(given != "") & ~given.str.fullmatch(r"(\d+|-1)(\.0*)?")]  # 2 or 2.0
+    if len(bad):
+        raise DataLayoutError(f"{source}: fold {bad.iloc[0]!r} (row {bad.index[0] + 1} of the "
+                              f"training rows): expected a fold number, -1 (train only) or empty")
+    fold = np.full(len(train), TRAIN_ONLY)
+    known = (given != "").to_numpy()
+    fold[known] = given[known].astype(float).astype(int)
+    if (~known).any():
+        fold[~known] = assign_folds(train[~known], n_folds, seed)
+    if not (fold != TRAIN_ONLY).any():
+        raise DataLayoutError(f"{source}: every row has fold -1 (train only): no fold to "
+                              f"validate on")
+    return fold
+
+
 def fold_gaps(train: pd.DataFrame) -> list[str]:
     """One line for each class that some fold has no validation clip of (a class with fewer
     clips, or speakers, than folds): its clips, the folds without it, and the folds that
     train without it. Such data still trains; its CV is measured on fewer folds."""
-    folds = sorted(train.fold.unique())
+    folds = validation_folds(train)
     lines = []
-    for label, g in train.groupby("label", sort=True):
+    for label, g in train[train.fold != TRAIN_ONLY].groupby("label", sort=True):
         held = set(g.fold)
         missing = [k for k in folds if k not in held]
         if not missing:
@@ -324,9 +367,9 @@ def label_rows(train: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return train
 
 
-def fingerprint(cfg: Config, paths: list[str], layout: str) -> str:
+def fingerprint(cfg: Config, paths: list[str], layout: str, data: str) -> str:
     h = hashlib.sha1(json.dumps([CACHE_FORMAT, layout, cfg.sr, cfg.seconds, cfg.max_seconds,
-                                 cfg.n_folds, cfg.seed, cfg.manifest]).encode())
+                                 cfg.n_folds, cfg.seed, cfg.manifest, data]).encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -356,9 +399,10 @@ def write_noise(paths: list[str], work: Path, sr: int, rejected: list) -> float:
 def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dict:
     """Build (or reuse) WORK from the data; returns a summary dict."""
     work, files = Path(cfg.work), Work(cfg.work)
-    train, test, noise, layout = find_clips(cfg)
+    train, test, (noise, noise_dir), layout = find_clips(cfg)
+    data = "" if cfg.manifest else cfg.data  # a manifest's rows name their own files
     all_paths = list(train.path) + list(test.path) + noise
-    fp = fingerprint(cfg, all_paths, layout)
+    fp = fingerprint(cfg, all_paths, layout, data)
     prep_file = files.prep_json
     if not force and prep_file.is_file():
         old = json.loads(prep_file.read_text())
@@ -380,15 +424,14 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
         drop_rows(work, "train", ok.to_numpy())
         train = train[ok].reset_index(drop=True)
     if not len(train):
-        raise DataLayoutError(f"{cfg.data}: every training clip was rejected (see rejected.csv)")
-    sample = sample_classes(Path(cfg.data))
+        raise DataLayoutError(f"{cfg.manifest or cfg.data}: every training clip was rejected "
+                              f"(see rejected.csv)")
+    sample = sample_classes(Path(data)) if data else []
     classes = sorted(set(train.label) | set(sample))
     for line in sample_gaps(train, sample):
         print(f"preprocess: {line}", file=sys.stderr)
-    if "group" not in train or (train.group.astype(str) == "").any():
-        train["group"] = [speaker_of(p) for p in train.path]
-    if "fold" not in train:
-        train["fold"] = assign_folds(train, cfg.n_folds, cfg.seed)
+    train["group"] = groups_of(train)
+    train["fold"] = folds_of(train, cfg.n_folds, cfg.seed, cfg.manifest)
     gaps = fold_gaps(train)
     for line in gaps:
         print(f"preprocess: {line}", file=sys.stderr)
@@ -417,11 +460,12 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
               f"{files.rejected}", file=sys.stderr)
     summary = dict(fingerprint=fp, layout=layout, classes=len(classes), train=len(train),
                    test=len(test), noise_seconds=noise_seconds,
-                   rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds, n_folds=cfg.n_folds,
+                   rejected=len(rejected), sr=cfg.sr, seconds=cfg.seconds,
+                   n_folds=len(validation_folds(train)), noise=noise_dir,
                    max_seconds=cfg.max_seconds, multilabel=multilabel,
                    rows="window" if layout == "birdclef" else "file",
                    train_seconds=round(int(train.samples.sum()) / cfg.sr, 1),
-                   format=CACHE_FORMAT, data=cfg.data, manifest=cfg.manifest, fold_gaps=gaps)
+                   format=CACHE_FORMAT, data=data, manifest=cfg.manifest, fold_gaps=gaps)
     write_json(summary, prep_file)
     return dict(summary, reused=False)
 

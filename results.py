@@ -256,7 +256,7 @@ def leaderboard(work: str | Path) -> pd.DataFrame:
     to WORK/runs/leaderboard.csv."""
     work = Path(work)
     classes = Work(work).classes()
-    n_folds = read_table(Work(work).train_csv).fold.nunique()
+    n_folds = len(Work(work).folds())
     rows = [r for d in sorted(Work(work).runs.glob("*")) if d.is_dir()
             for r in [run_row(d, n_folds, classes)] if r]
     board = pd.DataFrame(rows, columns=["run", "model", "size", "aug", "epochs", "ema", "pseudo",

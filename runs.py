@@ -22,6 +22,14 @@ from pathlib import Path
 
 from util import UsageError, read_table, strip_options
 
+TRAIN_ONLY = -1  # a train.csv fold that is never validated: its rows train every fold
+
+
+def validation_folds(table) -> list[int]:
+    """The folds of a train.csv table that are validated (every fold but TRAIN_ONLY rows')."""
+    return sorted(int(k) for k in table.fold.unique() if k != TRAIN_ONLY)
+
+
 # what a fold writes (pruned.json: tune.py's pruner stopped it); a fresh (not resumed) fold
 # starts without any of them
 FOLD_RECORDS = ("result.json", "best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv",
@@ -63,9 +71,9 @@ class Work:
         return prep
 
     def folds(self) -> list[int]:
-        """The folds of a finished WORK."""
+        """The validated folds of a finished WORK."""
         self.prep()
-        return sorted(read_table(self.train_csv).fold.unique().tolist())
+        return validation_folds(read_table(self.train_csv))
 
     def classes(self) -> list[str]:
         if not self.classes_json.is_file():
