@@ -66,23 +66,29 @@ class LogMel(nn.Module):
             torch.matmul(fb[m0:m1, lo:hi], power[:, lo:hi], out=out[:, m0:m1])
         return out
 
-    def shifted(self, power: torch.Tensor, ratio: torch.Tensor, reach: float) -> torch.Tensor:
-        """The mel power of `power` (B, F, T) pitch-shifted by `ratio` (B,) per sample, i.e.
-        read at bin f / r: filter m of sample b is fb[m] read at bin f * r_b (linearly
-        interpolated, 0 past the top bin) and scaled by r_b, since
-        sum_f fb[m, f] P(f / r) = sum_g r fb[m, g r] P(g). Block-sparse like `mel`: a block's
-        bins are widened to what any ratio within [1 / reach, reach] can reach."""
+    def shifted(self, power: torch.Tensor, ratio: torch.Tensor, reach: float,
+                alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """The mel power of `power` (B, F, T) with its frequency axis moved per sample: content
+        at bin g goes to w(g) = g * ratio (pitch shift), then, with `alpha` (B,), through the
+        vocal-tract-length warp vtlp_warp. Filter m of sample b is fb[m] read at w(g)
+        (linearly interpolated, 0 past the top bin) and scaled by w'(g), since
+        sum_f fb[m, f] P(w^-1(f)) = sum_g w'(g) fb[m, w(g)] P(g). Block-sparse like `mel`: a
+        block's bins are widened to what any w(g) / g within [1 / reach, reach] can reach."""
         B, nf, nt = power.shape
         fbp = F.pad(self.fb.to(power.dtype), (1, 1))  # a zero each side of the bin axis
-        ratio = ratio.to(power.dtype)
+        ratio = ratio.to(power.dtype)[:, None]
         out = power.new_empty(B, self.n_mels, nt)
         for m0, m1, lo, hi in self.blocks:
             a, b = max(0, int((lo - 1) / reach)), min(nf, math.ceil(hi * reach) + 1)
-            pos = torch.arange(a, b, device=power.device, dtype=power.dtype) * ratio[:, None]
+            pos = torch.arange(a, b, device=power.device, dtype=power.dtype) * ratio
+            slope = ratio.expand_as(pos)
+            if alpha is not None:
+                pos, warp_slope = vtlp_warp(pos, alpha.to(power.dtype), nf - 1)
+                slope = slope * warp_slope
             i = pos.floor().long() + 1  # into the padded axis
             frac = (pos - pos.floor())[None]
             left, right = fbp[m0:m1, i.clamp(0, nf + 1)], fbp[m0:m1, (i + 1).clamp(0, nf + 1)]
-            fb = torch.lerp(left, right, frac).permute(1, 0, 2) * ratio[:, None, None]
+            fb = torch.lerp(left, right, frac).permute(1, 0, 2) * slope[:, None, :]
             torch.matmul(fb, power[:, a:b], out=out[:, m0:m1])
         return out
 
@@ -108,6 +114,19 @@ class LogMel(nn.Module):
         else:
             s = normalise(s, self.norm)
         return s.expand(-1, self.chans, -1, -1) if self.chans > 1 else s
+
+
+def vtlp_warp(f: torch.Tensor, alpha: torch.Tensor, top: float,
+              corner: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vocal-tract-length perturbation's frequency warp (Jaitly & Hinton, 2013) of the
+    frequencies `f` (B, n) by `alpha` (B,): alpha * f up to the corner f0 = corner * top *
+    min(alpha, 1) / alpha, then the straight line from there to `top` (top stays top, nothing
+    folds over). Returns (warped f, dw/df)."""
+    a = alpha[:, None]
+    f0 = corner * top * a.clamp(max=1.0) / a
+    upper = (top - a * f0) / (top - f0)
+    below = f <= f0
+    return torch.where(below, a * f, a * f0 + upper * (f - f0)), torch.where(below, a, upper)
 
 
 def filter_blocks(fb: torch.Tensor, block: int) -> list[tuple[int, int, int, int]]:
@@ -272,9 +291,9 @@ def resample_axis(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class SpecWarp(nn.Module):
-    """Pitch shift and time stretch, per sample, batched, done where they cost least:
-    `forward(power, logmel)` turns the power spectrogram (B, F, T) into the mel power
-    (B, M, T) that the shifted and stretched clip would give.
+    """Pitch shift, time stretch, speed perturbation and vocal-tract-length perturbation
+    (VTLP), per sample, batched, done where they cost least: `forward(power, logmel)` turns the
+    power spectrogram (B, F, T) into the mel power (B, M, T) that the warped clip would give.
 
     Pitch shift by s semitones (ratio r = 2**(s/12)) is the power spectrogram read at bin
     f / r (the harmonics and formants move, as with librosa's pitch_shift). Instead of
@@ -284,6 +303,10 @@ class SpecWarp(nn.Module):
     Time stretch by factor s reads frame t from c + (t - c) / s about the clip centre c, so
     a sound lasting d lasts s * d (a phase vocoder's magnitude); it commutes with the mel
     filterbank, so it is done on the M mel rows rather than the F bins.
+    Speed perturbation by s (the clip played s times faster, as resampling does: Kaldi's
+    0.9 / 1.0 / 1.1) is both: the frequencies times s and the duration over s. VTLP warps the
+    frequency axis by alpha up to a corner and linearly above it (vtlp_warp), through the
+    same per-clip filterbank.
     Does nothing in eval mode unless `semitones` or `factor` are given. Only the chosen
     clips pay for the shift (`_chosen`)."""
 
@@ -291,33 +314,64 @@ class SpecWarp(nn.Module):
         super().__init__()
         self.pitch, self.p_pitch = cfg.pitch, cfg.p_pitch
         self.stretch, self.p_stretch = cfg.stretch, cfg.p_stretch
+        self.speed, self.p_speed = cfg.speed, cfg.p_speed
+        self.vtlp, self.p_vtlp = cfg.vtlp, cfg.p_vtlp
 
-    def forward(self, power: torch.Tensor, logmel: "LogMel", semitones=None,
-                factor=None) -> torch.Tensor:
-        """Power (B, F, T) -> mel power (B, M, T); `semitones` and `factor` (per sample) fix
-        the shift and stretch of every sample, otherwise both are random in train mode."""
+    def forward(self, power: torch.Tensor, logmel: "LogMel", semitones=None, factor=None,
+                alpha=None) -> torch.Tensor:
+        """Power (B, F, T) -> mel power (B, M, T); `semitones`, `factor` and `alpha` (per
+        sample) fix the pitch shift, time stretch and VTLP warp of every sample, otherwise they
+        are drawn in train mode (`draw`)."""
         B, nf, nt = power.shape
         dev = power.device
-        on = torch.arange(B, device=dev)  # the samples whose pitch moves
-        if semitones is not None:
-            semitones = torch.as_tensor(semitones, dtype=power.dtype, device=dev).expand(B)
-            most = float(semitones.abs().max())
-        elif factor is None and self.training:
-            if self.p_pitch > 0:  # an axis whose probability is 0 is not touched at all
-                on = _chosen(B, self.p_pitch, dev)
-                semitones, most = _uniform(len(on), -self.pitch, self.pitch, dev), self.pitch
-            if self.p_stretch > 0:
-                factor = 1 + _uniform(B, -self.stretch, self.stretch, dev) * _coin(B, self.p_stretch,
-                                                                                  dev)
+        on = ratio = None
+        if semitones is not None or factor is not None or alpha is not None:
+            if semitones is not None or alpha is not None:
+                on = torch.arange(B, device=dev)
+                ratio = 2.0 ** (_per_sample(power, 0.0 if semitones is None else semitones) / 12)
+                alpha = None if alpha is None else _per_sample(power, alpha)
+                reach = float(torch.maximum(ratio, 1 / ratio).max()) * (
+                    1.0 if alpha is None else float(torch.maximum(alpha, 1 / alpha).max()))
+            factor = None if factor is None else _per_sample(power, factor)
+        elif self.training:
+            on, ratio, alpha, reach, factor = self.draw(B, dev)
         mel = logmel.mel(power)
-        if semitones is not None:
-            shifted = logmel.shifted(power[on], 2.0 ** (semitones / 12.0), 2.0 ** (most / 12.0))
-            mel = mel.index_copy(0, on, shifted)
+        if on is not None:
+            moved = logmel.shifted(power[on], ratio, reach, alpha)
+            mel = mel.index_copy(0, on, moved)
         if factor is not None:
             c = (nt - 1) / 2
             t = torch.arange(nt, device=dev)
-            mel = resample_axis(mel, c + (t - c) / _per_sample(power, factor)[:, None], 2)
+            mel = resample_axis(mel, c + (t - c) / factor[:, None].to(mel.dtype), 2)
         return mel
+
+    def draw(self, B: int, dev) -> tuple:
+        """Train mode's random warps: (the samples whose frequencies move, their ratio and
+        VTLP alpha, the largest w(g) / g any can reach, every sample's duration factor); None
+        for what no probability asks, and an axis whose probability is 0 is not touched. Pitch
+        shift alone moves only the chosen samples (`_chosen`: no wait on the device); speed
+        perturbation and VTLP give every sample its filterbank."""
+        on = ratio = alpha = factor = None
+        reach = 1.0
+        if self.p_pitch > 0:
+            on = _chosen(B, self.p_pitch, dev)
+            ratio = 2.0 ** (_uniform(len(on), -self.pitch, self.pitch, dev) / 12.0)
+            reach = 2.0 ** (self.pitch / 12.0)
+        if self.p_stretch > 0:
+            factor = 1 + _uniform(B, -self.stretch, self.stretch, dev) * _coin(B, self.p_stretch,
+                                                                              dev)
+        if self.p_speed > 0 or self.p_vtlp > 0:
+            every = torch.ones(B, device=dev)
+            on, ratio = torch.arange(B, device=dev), every if on is None else every.index_copy(
+                0, on, ratio)
+        if self.p_speed > 0:  # s times faster: frequencies x s, durations / s
+            s = 1 + _uniform(B, -self.speed, self.speed, dev) * _coin(B, self.p_speed, dev)
+            ratio, factor = ratio * s, (1 / s) if factor is None else factor / s
+            reach /= 1 - self.speed
+        if self.p_vtlp > 0:
+            alpha = 1 + _uniform(B, -self.vtlp, self.vtlp, dev) * _coin(B, self.p_vtlp, dev)
+            reach /= 1 - self.vtlp
+        return on, ratio, alpha, reach, factor
 
 
 class FilterAugment(nn.Module):

@@ -231,7 +231,40 @@ def test_time_stretch_scales_the_duration(factor):
     assert torch.allclose(stretched, on_power, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("on", [dict(p_pitch=1.0), dict(p_stretch=1.0)])
+@pytest.mark.parametrize("alpha,hz", [(1.1, 1000.0), (0.9, 1000.0), (1.1, 7000.0),
+                                      (0.9, 7500.0)])
+def test_vtlp_moves_a_tone_along_its_piecewise_linear_warp(alpha, hz):
+    """Below the corner a tone moves to alpha x its frequency; above it, along the line that
+    keeps the top bin where it is (7 kHz at alpha 1.1 -> 7266 Hz, not 7.7 kHz)."""
+    lm = LogMel(Config(n_fft=2048, hop_length=128, n_mels=128))
+    warped = SpecWarp(Config())(lm.power(tone(hz)), lm, alpha=torch.tensor([alpha]).double())
+    top, f0 = 8000.0, 0.8 * 8000.0 * min(alpha, 1.0) / alpha
+    want = alpha * hz if hz <= f0 else alpha * f0 + (top - alpha * f0) / (top - f0) * (hz - f0)
+    played = lm.mel(lm.power(tone(want)))
+    assert abs(mel_peak_bin(warped[0]) - mel_peak_bin(played[0])) < 0.3
+    assert abs(want - alpha * hz) > 300 or hz < f0  # the upper tones are off the plain scaling
+
+
+def test_speed_perturbation_moves_pitch_and_duration_together():
+    """p_speed: each clip s times faster, s in [1 - speed, 1 + speed]: its frequencies times s
+    and its durations over s, the same s for both."""
+    torch.manual_seed(3)
+    warp = SpecWarp(only(p_speed=1.0, speed=0.1))
+    on, ratio, alpha, reach, factor = warp.draw(64, "cpu")
+    assert len(on) == 64 and alpha is None and torch.allclose(ratio * factor, torch.ones(64))
+    assert ratio.min() >= 0.9 and ratio.max() <= 1.1 and ratio.std() > 0.03
+    assert reach >= 1 / 0.9 - 1e-9
+    hop = 128
+    lm = LogMel(Config(n_fft=2048, hop_length=hop, n_mels=128))
+    power = lm.power(tone(1000.0, on=(0.3, 0.6)))
+    mel = SpecWarp(Config())(power, lm, semitones=torch.tensor([12 * np.log2(1.1)]),
+                             factor=torch.tensor([1 / 1.1]))
+    assert abs(active_seconds(mel[0], hop) / active_seconds(lm.mel(power)[0], hop) - 1 / 1.1) < 0.04
+    assert abs(mel_peak_bin(mel[0]) - mel_peak_bin(lm.mel(lm.power(tone(1100.0)))[0])) < 0.3
+
+
+@pytest.mark.parametrize("on", [dict(p_pitch=1.0), dict(p_stretch=1.0), dict(p_speed=1.0),
+                                dict(p_vtlp=1.0)])
 def test_spec_warp_changes_every_sample_in_train_mode_and_none_in_eval(on):
     torch.manual_seed(1)
     lm = LogMel(Config(size=64))
