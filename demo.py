@@ -48,12 +48,12 @@ background noise, repeating one primary word and, in 36 % of recordings, one or 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,10 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 from tqdm import tqdm
+
+import voices
+from util import UsageError
+from voices import Espeak, KokoroVoice
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,9 @@ class Preset:
     p_channel: float = 0.0               # a channel degradation, one of `channels`
     channels: tuple = ()                 # phone (300-3400 Hz + mu-law), clip, bits, codec
     shifted: "Preset | None" = None      # how the shifted test speakers are made (--preset shift)
+    kokoro: int = 0                      # Kokoro-82M speakers besides the espeak-ng ones
+    speed: tuple = (0.85, 1.2)           # their speaking speed
+    seconds: float = 1.0                 # clip length (short clips: `short` x seconds)
 
 
 SHIFT_TRAIN = dict(accents=("en", "en-us", "en-gb-x-rp", "en-gb-scotland"), variants=(),
@@ -124,54 +131,12 @@ PRESETS = {
         p_noise=0.7,
         snr=(5.0, 30.0), noises=("brown", "babble", "music"), p_reverb=0.3, rt60=(0.3, 0.9),
         p_channel=0.7, channels=("phone", "clip", "bits", "codec"))),
+    # training speech for the real-voice benchmark (real.py, make real): every espeak-ng voice
+    # variant over the English accents with a wide prosody, and 108 Kokoro-82M speakers (its
+    # 54 voices and 54 two-voice mixes); a tenth of the speakers make the synthetic test set
+    "real": Preset(speakers=160, test_share=0.1, variants=(), pitch=(0, 100), prange=(0, 100),
+                   rate=(100, 300), kokoro=108, p_reverb=0.3, rt60=(0.1, 0.6), p_band=0.2),
 }
-
-# espeak-ng C API constants (speak_lib.h)
-_SYNCHRONOUS, _POS_CHARACTER, _RATE, _PITCH, _RANGE = 2, 1, 1, 3, 4
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                             ctypes.c_void_p)
-
-
-class Espeak:
-    """The espeak-ng shared library from `espeakng-loader`, driven through ctypes."""
-
-    def __init__(self):
-        import espeakng_loader
-
-        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        self.sr = self.lib.espeak_Initialize(_SYNCHRONOUS, 0,
-                                             espeakng_loader.get_data_path().encode(), 0)
-        if self.sr <= 0:
-            raise RuntimeError("espeak-ng failed to initialise (espeakng-loader data path)")
-        self._chunks: list[np.ndarray] = []
-
-        def collect(wav, n, _events):
-            if n > 0:
-                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-            return 0
-
-        self._callback = _CALLBACK(collect)  # keep a reference: C holds the pointer
-        self.lib.espeak_SetSynthCallback(self._callback)
-
-    @staticmethod
-    def variants() -> tuple[str, ...]:
-        import espeakng_loader
-
-        folder = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
-        return tuple(sorted(p.name for p in folder.iterdir() if " " not in p.name))
-
-    def say(self, text: str, voice: str, pitch: int, prange: int, rate: int) -> np.ndarray:
-        """float32 waveform at `self.sr` of `text` spoken by `voice` ("accent+variant")."""
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice!r}")
-        for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, prange)):
-            self.lib.espeak_SetParameter(param, value, 0)
-        self._chunks = []
-        text_b = text.encode() + b"\0"
-        self.lib.espeak_Synth(text_b, len(text_b), 0, _POS_CHARACTER, 0, 0, None, None)
-        wav = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-        return wav.astype(np.float32) / 32768.0
-
 
 def unit_rms(x: np.ndarray) -> np.ndarray:
     return (x / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
@@ -293,27 +258,56 @@ def uniform(rng: np.random.Generator, lo_hi: tuple) -> float:
 _ESPEAK: Espeak | None = None
 
 
+def label_of(phrase: str) -> str:
+    """A phrase's class label: its words joined by '_' ("smart mirror" -> smart_mirror)."""
+    return "_".join(phrase.split())
+
+
+def kokoro_speakers(n: int, seed: int, speed: tuple) -> list[KokoroVoice]:
+    """`n` Kokoro speakers: the 54 voices alone (in a seeded order), then two-voice mixes
+    (30-70 % of the first), each at its own speed drawn from `speed`."""
+    names = voices.voice_names()
+    rng = np.random.default_rng([seed, len(names)])
+    names = [str(v) for v in rng.permutation(names)]
+    out = []
+    for j in range(n):
+        s = round(uniform(rng, speed), 3)
+        if j < len(names):
+            out.append(KokoroVoice(names[j], speed=s))
+        else:
+            a, b = rng.choice(names, 2, replace=False)
+            out.append(KokoroVoice(str(a), str(b), round(float(rng.uniform(0.3, 0.7)), 3), s))
+    return out
+
+
 def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
-    """Every word of one speaker as (word, int16 clip, what was done to it); deterministic
-    for the job."""
+    """Every phrase of one speaker as (phrase, int16 clip, what was done to it); deterministic
+    for the job. An espeak-ng speaker draws its voice and prosody; a Kokoro speaker's clips
+    come from the cache (voices.synthesise made them)."""
     global _ESPEAK
-    seed, idx, preset, words, voices = job
+    seed, idx, preset, words, variants, kokoro, cache = job
     if _ESPEAK is None:
         _ESPEAK = Espeak()
     p: Preset = preset
     rng = np.random.default_rng([seed, idx])
-    voice = f"{rng.choice(p.accents)}+{rng.choice(voices)}"
-    prosody = dict(pitch=draw_int(rng, p.pitch), prange=draw_int(rng, p.prange),
-                   rate=draw_int(rng, p.rate))
+    if kokoro is None:
+        voice = f"{rng.choice(p.accents)}+{rng.choice(variants)}"
+        prosody = dict(pitch=draw_int(rng, p.pitch), prange=draw_int(rng, p.prange),
+                       rate=draw_int(rng, p.rate))
+    else:
+        voice = f"kokoro:{kokoro.a}" + (f"+{kokoro.b}:{kokoro.mix:g}" if kokoro.b else "")
+        prosody = dict(speed=kokoro.speed)
     out = []
     for word in words:
         meta = dict(voice=voice, **prosody, rt60=0.0, cut=0.0, lowpass=0.0, noise="", snr=np.inf,
                     channel="")
-        wav = espeak_at_sr(_ESPEAK, word, voice, rng, **prosody)
+        wav = espeak_at_sr(_ESPEAK, word, voice, rng, **prosody) if kokoro is None else \
+            trim(voices.cached(cache, kokoro, word))
         if p.p_reverb and rng.random() < p.p_reverb:
             meta["rt60"] = uniform(rng, p.rt60)
             wav = reverberate(wav, room_impulse(meta["rt60"], rng))
-        length = SR if rng.random() >= p.p_short else int(uniform(rng, p.short) * SR)
+        full = int(round(p.seconds * SR))
+        length = full if rng.random() >= p.p_short else int(uniform(rng, p.short) * full)
         clip = np.zeros(length, np.float32)
         if p.p_cut and rng.random() < p.p_cut:  # part of the word falls outside the clip
             meta["cut"] = rng.uniform(0, p.max_cut)
@@ -336,7 +330,7 @@ def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
             rms = np.sqrt(np.mean(clip ** 2)) + 1e-6
             meta["snr"] = uniform(rng, p.snr)
             meta["noise"] = str(rng.choice(p.noises))
-            noise = make_noise(meta["noise"], length, rng, _ESPEAK, voices)
+            noise = make_noise(meta["noise"], length, rng, _ESPEAK, variants)
             clip = clip + noise * rms / 10 ** (meta["snr"] / 20)
         meta["seconds"] = length / SR
         out.append((word, np.clip(clip * 32767, -32768, 32767).astype(np.int16), meta))
@@ -346,20 +340,28 @@ def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
 def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
                  test_share: float | None = None, workers: int | None = None,
                  progress: bool = True, preset: str | Preset = "demo",
-                 words: tuple | list = WORDS) -> dict:
-    """Write a dataset under `out` with the `preset`'s voices and degradations (speakers and
-    test_share override it); returns counts."""
+                 words: tuple | list = WORDS, kokoro: int | None = None,
+                 seconds: float | None = None, cache: str | Path = "data/tts_cache") -> dict:
+    """Write a dataset under `out` with the `preset`'s voices and degradations (speakers,
+    test_share, kokoro and seconds override it); returns counts. `words` are phrases, each
+    said whole and labelled label_of(phrase); Kokoro's clips are cached under `cache`."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     p = dataclasses.replace(p, speakers=speakers or p.speakers,
-                            test_share=p.test_share if test_share is None else test_share)
+                            test_share=p.test_share if test_share is None else test_share,
+                            kokoro=p.kokoro if kokoro is None else kokoro,
+                            seconds=seconds or p.seconds)
     out = Path(out)
     n_test = max(1, round(p.speakers * p.test_share))
     n_train = p.speakers - n_test
     if n_train < 1:
         raise ValueError("--speakers must be at least 2 (train and test need a speaker each)")
     workers = workers or os.cpu_count() or 1
+    kokoro_voices = kokoro_speakers(p.kokoro, seed, p.speed) if p.kokoro else []
+    if kokoro_voices:  # the slow part, cached and resumable, before anything is written
+        voices.synthesise([(v, w) for v in kokoro_voices for w in words], Path(cache), workers,
+                          progress)
     for word in words:
-        (out / "train" / word).mkdir(parents=True, exist_ok=True)
+        (out / "train" / label_of(word)).mkdir(parents=True, exist_ok=True)
     (out / "test").mkdir(parents=True, exist_ok=True)
     noise_dir = out / "_background_noise_"
     noise_dir.mkdir(parents=True, exist_ok=True)
@@ -373,28 +375,36 @@ def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
         noise = make_noise(kind, 10 * SR, rng, espeak, train_voices)
         sf.write(noise_dir / f"{kind}_noise.wav", 0.3 * noise / 4, SR, subtype="PCM_16")
 
-    jobs = [(seed, i, p, tuple(words), train_voices if i < n_train else tuple(variants))
+    words = tuple(words)
+    jobs = [(seed, i, p, words, train_voices if i < n_train else tuple(variants), None, cache)
             for i in range(p.speakers)]
     n_in = n_train + n_test // 2  # --preset shift: speakers from n_in on are the shifted ones
     if p.shifted is not None:  # the in-domain test speakers speak like the training ones
-        jobs = [(seed, i, p, tuple(words), train_voices) if i < n_in else
-                (seed, i, p.shifted, tuple(words), tuple(sorted(held_out)))
+        jobs = [(seed, i, p, words, train_voices, None, cache) if i < n_in else
+                (seed, i, p.shifted, words, tuple(sorted(held_out)), None, cache)
                 for i in range(p.speakers)]
+    # Kokoro speakers after the espeak-ng ones; the last test_share of them are heard in test
+    n_kokoro_train = len(kokoro_voices) - round(len(kokoro_voices) * p.test_share)
+    jobs += [(seed, p.speakers + j, p, words, train_voices, v, cache)
+             for j, v in enumerate(kokoro_voices)]
+    in_train = [i < n_train or p.speakers <= i < p.speakers + n_kokoro_train
+                for i in range(len(jobs))]
     solution, metas = [], []
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(speak_speaker, jobs, chunksize=4)
-        for (_, idx, *_), clips in tqdm(zip(jobs, results), total=p.speakers, desc="speakers",
+        for (_, idx, *_), clips in tqdm(zip(jobs, results), total=len(jobs), desc="speakers",
                                         disable=not progress):
             speaker = hashlib.sha1(f"{seed}-{idx}".encode()).hexdigest()[:8]
             for word, clip, meta in clips:
-                if idx < n_train:
-                    path = Path("train") / word / f"{speaker}_nohash_0.wav"
+                label = label_of(word)
+                if in_train[idx]:
+                    path = Path("train") / label / f"{speaker}_nohash_0.wav"
                 else:
                     name = hashlib.sha1(f"{speaker}-{word}".encode()).hexdigest()[:10] + ".wav"
                     path = Path("test") / name
-                    solution.append((name, word, "shift" if idx >= n_in else "in"))
+                    solution.append((name, label, "shift" if n_in <= idx < p.speakers else "in"))
                 sf.write(out / path, clip, SR, subtype="PCM_16")
-                metas.append(dict(path=str(path), speaker=speaker, word=word, **meta))
+                metas.append(dict(path=str(path), speaker=speaker, word=label, **meta))
     solution = pd.DataFrame(solution, columns=["file_name", "label", "domain"])
     if p.shifted is None:  # a domain column only where test speakers differ in kind
         solution = solution.drop(columns="domain")
@@ -402,9 +412,11 @@ def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
     solution.to_csv(out / "solution.csv", index=False)
     solution[["file_name"]].assign(label="").to_csv(out / "submission.csv", index=False)
     pd.DataFrame(metas).to_csv(out / "meta.csv", index=False)
-    (out / "voices.json").write_text(json.dumps(dict(train=train_voices,
-                                                    test_only=sorted(held_out)), indent=1))
-    return {"train": n_train * len(words), "test": len(solution), "speakers": p.speakers}
+    (out / "voices.json").write_text(json.dumps(dict(
+        train=train_voices, test_only=sorted(held_out),
+        kokoro=[dataclasses.asdict(v) | dict(train=j < n_kokoro_train)
+                for j, v in enumerate(kokoro_voices)]), indent=1))
+    return {"train": sum(in_train) * len(words), "test": len(solution), "speakers": len(jobs)}
 
 
 SOUNDSCAPE_WORDS = ("yes", "no", "up", "down", "left", "right", "stop", "go", "cat", "dog")
@@ -512,8 +524,24 @@ def make_soundscapes(out: str | Path, seed: int = 0, workers: int | None = None,
     return {"train": len(meta), "test": soundscapes, "speakers": recorders + test_recorders}
 
 
+def words_problem(words: list[str]) -> str | None:
+    """What is wrong with a --words list (None: nothing): a label must be a folder name, and
+    two phrases must not share one."""
+    if not words:
+        return "--words: no words given"
+    labels = [label_of(w) for w in words]
+    bad = [w for w in words if any(c in w for c in '/\\:*?"<>|') or w.startswith((".", "_"))]
+    if bad:
+        return (f"--words: {bad[0]!r} cannot name a class folder (no / \\ : * ? \" < > |, "
+                f"no leading . or _)")
+    twice = sorted({w for w in labels if labels.count(w) > 1})
+    if twice:
+        return f"--words: the label {twice[0]} is given twice"
+    return None
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--out", default="data/demo", help="dataset folder to write")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS) + ["soundscape"],
                    help="demo: clean and quick; hard: the benchmark that tells recipes apart; "
@@ -521,19 +549,42 @@ def main(argv=None) -> int:
     p.add_argument("--speakers", type=int, default=None,
                    help="number of speakers, each saying every word once (default: the preset's, "
                         "160 for demo, 420 for hard); a share of them go to test")
-    p.add_argument("--words", default=",".join(WORDS), help="comma-separated words to say")
+    p.add_argument("--words", default=",".join(WORDS),
+                   help="comma-separated words or phrases to say; a phrase's label joins its "
+                        "words with _ ('smart mirror' -> smart_mirror)")
+    p.add_argument("--kokoro", type=int, default=None, metavar="N",
+                   help="N Kokoro-82M speakers (neural TTS: its 54 voices, then two-voice mixes) "
+                        "besides the espeak-ng ones (default: the preset's; make kokoro "
+                        "installs its voices)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="clip length in s (default: the preset's, 1; longer for phrases, "
+                        "with preprocess.py --seconds the same)")
+    p.add_argument("--cache", default="data/tts_cache",
+                   help="where Kokoro's clips are kept: a second run (or a killed one) says only "
+                        "what is missing")
     p.add_argument("--seed", type=int, default=0, help="same seed -> same dataset")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    words = [w for w in args.words.split(",") if w]
+    words = [" ".join(w.split()) for w in args.words.split(",") if w.strip()]
+    if words_problem(words):
+        p.error(words_problem(words))
+    if args.kokoro is not None and args.kokoro < 0:
+        p.error(f"--kokoro {args.kokoro}: expected 0 or more speakers")
+    if args.seconds is not None and not 0.1 <= args.seconds <= 60:
+        p.error(f"--seconds {args.seconds:g}: expected 0.1 to 60")
     if args.preset == "soundscape":
         counts = make_soundscapes(args.out, args.seed, args.workers)
         log.info("soundscape dataset in %s: %d training recordings, %d test soundscapes",
                  args.out, counts["train"], counts["test"])
         return 0
-    counts = make_dataset(args.out, args.speakers, args.seed, workers=args.workers,
-                          preset=args.preset, words=words)
+    try:
+        counts = make_dataset(args.out, args.speakers, args.seed, workers=args.workers,
+                              preset=args.preset, words=words, kokoro=args.kokoro,
+                              seconds=args.seconds, cache=args.cache)
+    except UsageError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
     log.info("%s dataset in %s: %d train clips, %d test clips, %d speakers", args.preset,
              args.out, counts["train"], counts["test"], counts["speakers"])
     return 0
