@@ -31,6 +31,9 @@ class Config:
     data: str = opt("data/demo", "dataset folder (contest or Speech Commands layout)", "data")
     work: str = opt("work", "work folder written by preprocess.py; runs go in WORK/runs/", "data")
     manifest: str = opt("", "CSV with path,label[,group,fold] instead of a folder layout", "data")
+    noise: str = opt("", "folder of background-noise recordings for --p-bg and pretraining "
+                     "(default: _background_noise_/ in DATA or DATA/train, or beside --manifest)",
+                     "data")
     n_folds: int = opt(5, "number of cross-validation folds preprocess.py makes", "data")
     sr: int = opt(16000, "sample rate every clip is converted to", "data")
     seconds: float = opt(1.0, "clip length the model hears: a training crop of each clip (shorter "
@@ -79,6 +82,13 @@ class Config:
     p_pitch: float = opt(0.5, "pitch shift probability", "augmentation")
     stretch: float = opt(0.15, "time stretch, max fraction longer or shorter", "augmentation")
     p_stretch: float = opt(0.0, "time stretch probability", "augmentation")
+    speed: float = opt(0.1, "speed perturbation: the clip played up to this fraction faster or "
+                       "slower, pitch and duration together (as resampling does)", "augmentation")
+    p_speed: float = opt(0.0, "speed perturbation probability", "augmentation")
+    vtlp: float = opt(0.1, "vocal-tract-length perturbation: the frequency axis warped by a "
+                      "factor up to this fraction above or below 1 (piecewise linear, the top "
+                      "kept)", "augmentation")
+    p_vtlp: float = opt(0.0, "VTLP probability", "augmentation")
     filter_db: float = opt(6.0, "FilterAugment: max gain in dB of each frequency band",
                            "augmentation")
     filter_bands: int = opt(4, "FilterAugment: bands with random edges", "augmentation")
@@ -233,7 +243,7 @@ PRESETS = {  # what each --aug sets when the command line or YAML does not
     "all": {**{p: 0.5 for p in PROBS}, "p_noise": 0.3, "p_mixup": 0.3},
 }
 # settings that preprocess.py fixes in WORK (prep.json): train.py takes them from there
-WORK_FIXED = ("data", "manifest", "n_folds", "sr", "seconds", "max_seconds")
+WORK_FIXED = ("data", "manifest", "noise", "n_folds", "sr", "seconds", "max_seconds")
 RENAMED = {"folds": "n_folds", "hop": "hop_length"}  # old names in saved configs and checkpoints
 GROUPS = ("data", "features", "augmentation", "model", "optim", "teacher", "run")  # train.py
 # settings that --resume may change: where and how the fold runs, not what it learns

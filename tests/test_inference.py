@@ -153,7 +153,8 @@ def test_test_score_per_domain_of_the_solution(tmp_path):
                         "domain": ["in", "in", "shift", "shift"]})
     sol.to_csv(tmp_path / "solution.csv", index=False)
     test = pd.DataFrame({"file_name": ["d", "c", "b", "a"], "label": ""})
-    score = score_test(test, ["no", "no", "no", "yes"], str(tmp_path / "solution.csv"), tmp_path,
+    probs = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # no, no, no, yes
+    score = score_test(test, probs, ["no", "yes"], str(tmp_path / "solution.csv"), tmp_path,
                        "1 fold")
     assert score["accuracy"] == 0.75 and score["by"] == {"domain": {"in": 1.0, "shift": 0.5}}
     assert json.loads((tmp_path / "test_score.json").read_text())["by"]["domain"]["shift"] == 0.5

@@ -1,0 +1,172 @@
+"""The real-voice benchmark: manifests that train on synthetic speech and test on real
+recordings of the Free Spoken Digit Dataset (FSDD), and the table of what the runs scored.
+
+    python real.py data --fsdd ../shared/data/fsdd/recordings --synth data/real/synth --out data/real
+    python real.py table --work work/real --runs RUN [RUN ...]       # markdown rows
+
+`data` writes three manifests (preprocess.py --manifest) and their solutions under OUT:
+
+  synth.csv  the synthetic clips of SYNTH/train/<word>/ (demo.py's layout; every word, the
+             ten digit words and the rest as distractors) train in 5 folds grouped by
+             speaker; all 3,000 FSDD clips are the test set (synth_solution.csv: file_name,
+             label, speaker)
+  few.csv    the same, plus every clip of one real speaker (--real-speaker) in the training
+             set of every fold (fold -1: never validated); the other five speakers are tested
+  real.csv   FSDD alone, one fold per speaker (leave one speaker out): the supervised
+             ceiling on real voices, read from the CV
+
+FSDD names its files {digit}_{speaker}_{index}.wav (8 kHz); the label is the digit's word
+(0 zero ... 9 nine), the vocabulary of demo.py's words. preprocess.py resamples the clips to
+16 kHz as it does every clip. The FSDD is CC BY-SA 4.0 (NOTICE): read in place, never copied.
+`table` reads each run's test_score.json (inference.py --solution ...): digit accuracy (the
+most probable of the ten digit words), top-1 over every class, each speaker's digit accuracy
+and the worst, the CV, epochs and minutes of training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from runs import Run
+from util import UsageError, read_table, write_csv
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NOISE_DIR = "_background_noise_"
+
+
+def fsdd_rows(recordings: Path) -> pd.DataFrame:
+    """path, label (the digit's word), speaker and file_name of every FSDD recording."""
+    if not recordings.is_dir():
+        raise UsageError(f"--fsdd {recordings}: no such folder (the FSDD's recordings/, "
+                         f"{{digit}}_{{speaker}}_{{index}}.wav)")
+    rows = []
+    for f in sorted(recordings.glob("*.wav")):
+        parts = f.stem.split("_")
+        if len(parts) != 3 or not parts[0].isdigit() or not 0 <= int(parts[0]) <= 9:
+            raise UsageError(f"{f}: not an FSDD name ({{digit}}_{{speaker}}_{{index}}.wav)")
+        rows.append(dict(path=str(f.resolve()), label=DIGITS[int(parts[0])], speaker=parts[1],
+                         file_name=f.name))
+    if not rows:
+        raise UsageError(f"--fsdd {recordings}: no .wav files")
+    return pd.DataFrame(rows)
+
+
+def synth_rows(synth: Path) -> pd.DataFrame:
+    """path, label, group of demo.py's training clips (SYNTH/train/<word>/<speaker>_nohash_*)."""
+    files = sorted((synth / "train").glob("*/*.wav"))
+    if not files:
+        raise UsageError(f"--synth {synth}: no clips in {synth}/train/<word>/ (make them with "
+                         f"python demo.py --out {synth})")
+    return pd.DataFrame({"path": [str(f.resolve()) for f in files],
+                         "label": [f.parent.name for f in files],
+                         "group": [f.stem.split("_nohash_")[0] for f in files]})
+
+
+def write_benchmark(fsdd: Path, synth: Path, out: Path, real_speaker: str) -> dict:
+    """OUT/{synth,few,real}.csv and their *_solution.csv; returns the row counts."""
+    real, syn = fsdd_rows(fsdd), synth_rows(synth)
+    speakers = sorted(real.speaker.unique())
+    if real_speaker not in speakers:
+        raise UsageError(f"--real-speaker {real_speaker}: not an FSDD speaker "
+                         f"({', '.join(speakers)})")
+    missing = sorted(set(DIGITS) - set(syn.label))
+    if missing:
+        raise UsageError(f"--synth {synth}: no clips of {', '.join(missing)}; the benchmark "
+                         f"tests the ten digit words (demo.py --words)")
+    out.mkdir(parents=True, exist_ok=True)
+    test = real.assign(split="test", group="", fold="")
+    syn = syn.assign(split="train", fold="")
+    heard = real[real.speaker == real_speaker]
+    few_train = heard.assign(split="train", group="fsdd_" + real_speaker, fold=-1)
+    cols = ["path", "label", "group", "fold", "split"]
+    tables = {
+        "synth": (pd.concat([syn, test])[cols], real),
+        "few": (pd.concat([syn, few_train, test[test.speaker != real_speaker]])[cols],
+                real[real.speaker != real_speaker]),
+        "real": (real.assign(group=real.speaker, fold=real.speaker.map(speakers.index),
+                             split="train")[cols], None),
+    }
+    counts = {}
+    for name, (manifest, solution) in tables.items():
+        write_csv(manifest, out / f"{name}.csv")
+        if solution is not None:
+            write_csv(solution[["file_name", "label", "speaker"]], out / f"{name}_solution.csv")
+        counts[name] = dict(train=int((manifest.split == "train").sum()),
+                            test=int((manifest.split == "test").sum()))
+    noise = synth / NOISE_DIR  # the synthetic set's own background noise, beside the manifests
+    link = out / NOISE_DIR
+    if noise.is_dir() and not link.exists():
+        link.symlink_to(noise.resolve(), target_is_directory=True)
+    return counts
+
+
+def table_rows(work: Path, runs: list[str]) -> list[str]:
+    """One markdown row per run: digit accuracy, top-1, worst speaker, each speaker, CV,
+    epochs, folds and training minutes."""
+    rows = []
+    for name in runs:
+        run = Run(work, name)
+        score = json.loads(run.test_score.read_text()) if run.test_score.is_file() else {}
+        results = [json.loads((d / "result.json").read_text()) for d in run.folds().values()
+                   if (d / "result.json").is_file()]
+        if not results:
+            raise UsageError(f"run {name}: no finished fold in {run.dir}")
+        by = score.get("by_within", score.get("by", {})).get("speaker", {})
+        cv = json.loads(run.cv.read_text()).get("accuracy") if run.cv.is_file() else None
+        hist = read_table(run.fold(results[0]["fold"]) / "history.csv")
+        cells = [name, fmt(score.get("accuracy_within", score.get("accuracy"))),
+                 fmt(score.get("accuracy")), fmt(min(by.values()) if by else None),
+                 " ".join(f"{k[:3]} {v:.2f}" for k, v in sorted(by.items())),
+                 fmt(cv), str(len(hist)), str(len(results)),
+                 f"{sum(r.get('seconds', 0) for r in results) / 60:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def fmt(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+HEADER = ("| run | digits | top-1 | worst speaker | per speaker | CV | epochs | folds | train min |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    sub = p.add_subparsers(dest="job", required=True)
+    d = sub.add_parser("data", help="write the benchmark's manifests", allow_abbrev=False)
+    d.add_argument("--fsdd", default="../shared/data/fsdd/recordings",
+                   help="the FSDD's recordings folder")
+    d.add_argument("--synth", required=True, help="demo.py's output folder (train/<word>/)")
+    d.add_argument("--out", required=True, help="folder for the manifests and solutions")
+    d.add_argument("--real-speaker", default="george",
+                   help="the real speaker whose clips join training in few.csv")
+    t = sub.add_parser("table", help="markdown rows of the runs' scores", allow_abbrev=False)
+    t.add_argument("--work", required=True, help="the WORK the runs are in")
+    t.add_argument("--runs", nargs="+", required=True, help="run names")
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"real: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    if args.job == "data":
+        counts = write_benchmark(Path(args.fsdd), Path(args.synth), Path(args.out),
+                                 args.real_speaker)
+        for name, c in counts.items():
+            print(f"{Path(args.out) / name}.csv: {c['train']} training clips, {c['test']} test")
+        return 0
+    print(HEADER)
+    print("\n".join(table_rows(Path(args.work), args.runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
