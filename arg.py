@@ -114,6 +114,9 @@ class Config:
     pretrained: str = opt("", "'' (from scratch), 'timm' (hub), or a file: pretrain.py's "
                           "encoder.pth, another run's best.ckpt (its backbone; the head is new) "
                           "or timm weights (.pth, .safetensors)", "model")
+    freeze_layers: int = opt(0, "keep the backbone's first N layer groups frozen for the whole "
+                             "run (as --layer-decay counts them: timm's stem then blocks; the "
+                             "speech embedding conv by conv, 20 in all)", "model")
     freeze_epochs: int = opt(0, "train the head alone for this many epochs, then everything",
                              "model")
     layer_decay: float = opt(0.0, "layer-wise learning-rate decay (timm's), e.g. 0.75: each "

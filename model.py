@@ -235,6 +235,24 @@ def load_backbone(net: torch.nn.Module, path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- the network
+def first_layers(backbone: nn.Module, n: int) -> list[nn.Parameter]:
+    """The parameters of the backbone's first `n` layer groups in the order of its group
+    matcher (timm's: the stem, then block by block), the grouping timm's layer decay uses."""
+    if n <= 0:
+        return []
+    from timm.models import group_parameters
+
+    if not hasattr(backbone, "group_matcher"):
+        raise UsageError(f"--freeze-layers: {type(backbone).__name__} has no layer groups "
+                         f"(timm's group_matcher)")
+    groups = list(group_parameters(backbone, backbone.group_matcher(coarse=False)).values())
+    if n >= len(groups):
+        raise UsageError(f"--freeze-layers {n}: the backbone has {len(groups)} layer groups; "
+                         f"freeze fewer (or use --freeze-epochs to train the head alone)")
+    params = dict(backbone.named_parameters())
+    return [params[name] for group in groups[:n] for name in group]
+
+
 class AudioNet(nn.Module):
     """int16 or float waveforms (B, L) -> logits (B, classes): the front end (transform.Frontend:
     augmentation in train mode, log-mel image), a timm backbone and a head (timm's pooling +
@@ -268,6 +286,8 @@ class AudioNet(nn.Module):
         pool_head = speech.AttentionPoolHead if cfg.head == "attention" else speech.MeanMaxHead
         self.head = AttentionHead(n, classes, cfg.drop_rate) if sed else \
             pool_head(n, classes, cfg.drop_rate) if self.speech and classes else None
+        self.fixed = {id(p) for p in first_layers(self.backbone, cfg.freeze_layers)}
+        self.freeze_body(False)
         self.channels_last = cfg.channels_last and not self.speech
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -353,11 +373,12 @@ class AudioNet(nn.Module):
         return list((self.head or self.backbone.get_classifier()).parameters())
 
     def freeze_body(self, frozen: bool) -> None:
-        """Every parameter but the head's learns (False) or not (True): --freeze-epochs."""
+        """Every parameter but the head's learns (False) or not (True): --freeze-epochs; those of
+        the first --freeze-layers groups never learn."""
         head = set(map(id, self.head_parameters()))
         for p in self.backbone.parameters():
             if id(p) not in head:
-                p.requires_grad_(not frozen)
+                p.requires_grad_(not frozen and id(p) not in self.fixed)
 
     def optimizer(self, name: str, lr: float, weight_decay: float, layer_decay: float = 0.0):
         """timm's optimiser over the backbone (no decay on norms and biases; layer-wise lr decay

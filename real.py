@@ -55,20 +55,34 @@ def fsdd_rows(recordings: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def synth_rows(synth: Path) -> pd.DataFrame:
-    """path, label, group of demo.py's training clips (SYNTH/train/<word>/<speaker>_nohash_*)."""
+ENGINES = ("all", "espeak", "kokoro")
+
+
+def synth_rows(synth: Path, engine: str = "all") -> pd.DataFrame:
+    """path, label, group of demo.py's training clips (SYNTH/train/<word>/<speaker>_nohash_*),
+    those of one engine's speakers when `engine` is espeak or kokoro (SYNTH/meta.csv)."""
     files = sorted((synth / "train").glob("*/*.wav"))
     if not files:
         raise UsageError(f"--synth {synth}: no clips in {synth}/train/<word>/ (make them with "
                          f"python demo.py --out {synth})")
-    return pd.DataFrame({"path": [str(f.resolve()) for f in files],
+    rows = pd.DataFrame({"path": [str(f.resolve()) for f in files],
                          "label": [f.parent.name for f in files],
                          "group": [f.stem.split("_nohash_")[0] for f in files]})
+    if engine == "all":
+        return rows
+    meta = pd.read_csv(synth / "meta.csv", keep_default_na=False)
+    kokoro = set(meta.path[meta.voice.str.startswith("kokoro:")].map(lambda p: str(
+        (synth / p).resolve())))
+    rows = rows[rows.path.isin(kokoro) == (engine == "kokoro")]
+    if rows.empty:
+        raise UsageError(f"--voices {engine}: {synth} has no training clips of {engine} speakers")
+    return rows.reset_index(drop=True)
 
 
-def write_benchmark(fsdd: Path, synth: Path, out: Path, real_speaker: str) -> dict:
+def write_benchmark(fsdd: Path, synth: Path, out: Path, real_speaker: str,
+                    engine: str = "all") -> dict:
     """OUT/{synth,few,real}.csv and their *_solution.csv; returns the row counts."""
-    real, syn = fsdd_rows(fsdd), synth_rows(synth)
+    real, syn = fsdd_rows(fsdd), synth_rows(synth, engine)
     speakers = sorted(real.speaker.unique())
     if real_speaker not in speakers:
         raise UsageError(f"--real-speaker {real_speaker}: not an FSDD speaker "
@@ -145,6 +159,8 @@ def main(argv=None) -> int:
     d.add_argument("--out", required=True, help="folder for the manifests and solutions")
     d.add_argument("--real-speaker", default="george",
                    help="the real speaker whose clips join training in few.csv")
+    d.add_argument("--voices", default="all", choices=ENGINES,
+                   help="the synthetic speakers to train on: all, or one engine's (meta.csv)")
     t = sub.add_parser("table", help="markdown rows of the runs' scores", allow_abbrev=False)
     t.add_argument("--work", required=True, help="the WORK the runs are in")
     t.add_argument("--runs", nargs="+", required=True, help="run names")
@@ -159,7 +175,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     if args.job == "data":
         counts = write_benchmark(Path(args.fsdd), Path(args.synth), Path(args.out),
-                                 args.real_speaker)
+                                 args.real_speaker, args.voices)
         for name, c in counts.items():
             print(f"{Path(args.out) / name}.csv: {c['train']} training clips, {c['test']} test")
         return 0

@@ -153,6 +153,12 @@ class SpeechEmbedding(nn.Module):
                 raise ValueError(f"embedding_model.onnx: unexpected {n.op_type} node")
         self.layers = nn.Sequential(*layers)
 
+    @staticmethod
+    def group_matcher(coarse: bool = False) -> dict:
+        """Its layer groups as timm's layer decay and --freeze-layers count them: conv by conv
+        (20), in order."""
+        return dict(blocks=r"^layers\.(\d+)")
+
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """The CNN is valid convolutions and pooling along time that halve it three times, so
         run once over the whole clip it gives, at every 8th frame, exactly what it gives for

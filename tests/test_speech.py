@@ -166,3 +166,41 @@ def test_attention_head_pools_the_windows_by_learnt_weights(demo_data):
         assert not torch.allclose(net.embed(x), seq.amax(1), atol=1e-3)
     with pytest.raises(UsageError, match="--head attention pools the speech embedding"):
         job.check_options(Config(model="resnet18", head="attention"))
+
+
+def test_layer_decay_reaches_the_speech_embedding_s_convolutions():
+    """--layer-decay grouped the speech embedding's 20 convolutions as one layer (timm found no
+    group matcher) and so did nothing; each conv is now its own group, the first the slowest."""
+    from model import AudioNet
+
+    net = AudioNet(Config(model="speech_embedding"), 3)
+    opt = net.optimizer("adamw", 1e-3, 0.01, layer_decay=0.9)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    convs = [m.weight for m in net.backbone.layers if isinstance(m, torch.nn.Conv2d)]
+    lrs = [lr_of[id(w)] for w in convs]
+    assert len(convs) == 20 and lrs == sorted(lrs) and lrs[0] < 0.2 * lrs[-1]
+    assert lr_of[id(net.head.fc.weight)] == pytest.approx(1e-3)
+
+
+def test_freeze_layers_keeps_the_first_groups_fixed_through_training():
+    """--freeze-layers 3: the first three convolutions keep their weights through a training
+    step (and through --freeze-epochs thawing), the fourth learns; too many is one line."""
+    from model import AudioClassifier, AudioNet
+    from util import UsageError
+
+    torch.manual_seed(0)
+    cfg = Config(model="speech_embedding", freeze_layers=3, lr=1e-2)
+    module = AudioClassifier(cfg.to_dict(), ["a", "b", "c"])
+    convs = [m.weight for m in module.net.backbone.layers if isinstance(m, torch.nn.Conv2d)]
+    before = [w.detach().clone() for w in convs[:4]]
+    module.net.freeze_body(True)
+    module.net.freeze_body(False)  # --freeze-epochs thawing leaves the fixed layers fixed
+    opt = module.net.optimizer("adamw", 1e-2, 0.01)
+    wave = torch.randn(4, 16000) * 0.1
+    loss = torch.nn.functional.cross_entropy(module.net(wave), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(b, w) for b, w in zip(before[:3], convs[:3]))
+    assert not torch.equal(before[3], convs[3])
+    with pytest.raises(UsageError, match="--freeze-layers 20: the backbone has 20 layer groups"):
+        AudioNet(Config(model="speech_embedding", freeze_layers=20), 3)
