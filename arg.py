@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from audio import CODECS
+
 
 def opt(default, help: str, group: str, flags: tuple[str, ...] = (), **kw):
     return field(default=default, metadata=dict(help=help, group=group, flags=flags, **kw))
@@ -101,6 +103,11 @@ class Config:
     spec_masks: int = opt(2, "SpecAugment masks on each axis", "augmentation")
     spec_width: float = opt(0.1, "SpecAugment max mask width, fraction of the axis", "augmentation")
     p_spec: float = opt(0.0, "SpecAugment probability", "augmentation")
+    codecs: tuple = opt(("gsm", "ulaw", "alaw", "ima_adpcm", "ms_adpcm", "mp3", "vorbis"),
+                        "codecs a training clip may go through and back (on the CPU, in the "
+                        "loader: opus costs ~60 ms a clip, the others 0.5-10 ms)", "augmentation",
+                        nargs="+", type=str, choices=tuple(CODECS))
+    p_codec: float = opt(0.0, "codec round-trip probability", "augmentation")
     mixup: float = opt(0.2, "mixup Beta(alpha, alpha); 0 = off", "augmentation")
     p_mixup: float = opt(0.0, "mixup probability per batch", "augmentation")
 
@@ -215,6 +222,7 @@ class Config:
     def __post_init__(self):
         self.noise_snr, self.bg_snr = tuple(self.noise_snr), tuple(self.bg_snr)
         self.reverb_rt60, self.unlabelled = tuple(self.reverb_rt60), tuple(self.unlabelled)
+        self.codecs = tuple(self.codecs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -90,6 +90,31 @@ def read_audio(path: str | Path, sr: int, info: dict | None = None) -> np.ndarra
     return resample(y, orig_sr, sr)
 
 
+CODECS = {  # name: (the rate it runs at, None: the clip's own; soundfile format, subtype)
+    "gsm": (8000, "WAV", "GSM610"), "ulaw": (8000, "WAV", "ULAW"), "alaw": (8000, "WAV", "ALAW"),
+    "ima_adpcm": (None, "WAV", "IMA_ADPCM"), "ms_adpcm": (None, "WAV", "MS_ADPCM"),
+    "mp3": (None, "MP3", "MPEG_LAYER_III"), "vorbis": (None, "OGG", "VORBIS"),
+    "opus": (None, "OGG", "OPUS"),
+}
+
+
+def codec(y: np.ndarray, sr: int, name: str) -> np.ndarray:
+    """float32 `y` at `sr` encoded by codec `name` (CODECS) and decoded again, in memory, at
+    `sr` and y's length: a phone line (GSM 6.10, G.711 mu-law and A-law, at 8 kHz: down and
+    back up), ADPCM, or a compressed file (MP3, Vorbis, Opus)."""
+    import io
+
+    import soundfile as sf
+
+    rate, fmt, subtype = CODECS[name]
+    x = resample(y, sr, rate) if rate else y
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(x, -1.0, 1.0), rate or sr, format=fmt, subtype=subtype)
+    buf.seek(0)
+    z, _ = sf.read(buf, dtype="float32")
+    return fit(resample(z, rate, sr) if rate else z, len(y)).astype(np.float32)
+
+
 def audio_files(paths) -> list[Path]:
     """The files given, and the audio files (AUDIO_EXTS) inside the folders given, sorted."""
     files = []

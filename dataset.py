@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from audio import codec
 from runs import Work, validation_folds
 from util import UsageError, read_table
 
@@ -137,8 +138,9 @@ class WaveDataset(Dataset):
     'start': from the beginning (validation, and every clip no longer than `length`)."""
 
     def __init__(self, clips: Clips, rows=None, targets=None, length: int | None = None,
-                 crop: str = "start"):
+                 crop: str = "start", codecs: tuple = (), p_codec: float = 0.0, sr: int = 16000):
         self.clips, self.crop = clips, crop
+        self.codecs, self.p_codec, self.sr = tuple(codecs), p_codec, sr
         self.rows = np.arange(len(clips)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.length = int(length or clips.lengths.max(initial=1))
         self.targets = np.full(len(self.rows), -1) if targets is None else np.asarray(targets)
@@ -156,8 +158,21 @@ class WaveDataset(Dataset):
         rows = self.rows[idx]
         starts = self.clips.random_starts(rows, self.length) if self.crop == "random" else None
         waves = self.clips.read(rows, self.length, starts)
+        if self.p_codec > 0 and self.codecs:
+            self.through_codecs(waves)
         return (torch.from_numpy(waves), torch.from_numpy(self.targets[idx]),
                 torch.from_numpy(self.row_ids[idx]))
+
+
+    def through_codecs(self, waves: np.ndarray) -> None:
+        """--p-codec: each chosen clip of the batch (int16, in place) through one of --codecs
+        and back (audio.codec): CPU work, done where the batch is read (the loader's workers
+        on a GPU machine). Draws from torch's generator, like the crops."""
+        chosen = np.flatnonzero(torch.rand(len(waves)).numpy() < self.p_codec)
+        which = torch.randint(len(self.codecs), (len(chosen),)).numpy()
+        for i, k in zip(chosen, which):
+            y = codec(waves[i].astype(np.float32) / 32768.0, self.sr, self.codecs[k])
+            waves[i] = np.clip(np.round(y * 32768.0), -32768, 32767)
 
 
 class JoinedDataset(Dataset):
@@ -284,7 +299,8 @@ class FoldData(L.LightningDataModule):
     def __init__(self, work: str | Path, fold: int, batch_size: int, workers: int,
                  pseudo: pd.DataFrame | None = None, label_share: float = 1.0, seed: int = 0,
                  length: int | None = None, crop: str = "random", multilabel: bool = False,
-                 secondary_weight: float = 0.5, balance: float = 0.0):
+                 secondary_weight: float = 0.5, balance: float = 0.0, codecs: tuple = (),
+                 p_codec: float = 0.0, sr: int = 16000):
         super().__init__()
         self.work, self.fold, self.batch_size, self.workers = Path(work), fold, batch_size, workers
         self.classes = Work(work).classes()
@@ -301,7 +317,7 @@ class FoldData(L.LightningDataModule):
         def y(t):
             return targets(t, self.classes, multilabel, secondary_weight)
 
-        self.train_ds = WaveDataset(clips, train.row, y(train), length, crop)
+        self.train_ds = WaveDataset(clips, train.row, y(train), length, crop, codecs, p_codec, sr)
         self.sampler = (balanced_sampler(train.y.to_numpy(), balance, seed) if balance > 0
                         else None)
         if pseudo is not None and len(pseudo):

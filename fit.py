@@ -95,7 +95,8 @@ def plan_fold(cfg: Config, k: int) -> Fold:
     pseudo = load_pseudo(cfg, run)
     workers = loader_workers(cfg, accelerator)
     data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo, cfg.labels, cfg.seed,
-                    cfg.clip_samples, cfg.crop, cfg.multilabel, cfg.secondary_weight, cfg.balance)
+                    cfg.clip_samples, cfg.crop, cfg.multilabel, cfg.secondary_weight, cfg.balance,
+                    cfg.codecs, cfg.p_codec, cfg.sr)
     teacher, teacher_path = load_teacher(cfg, k, data.classes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = AudioClassifier(cfg.to_dict(), data.classes)

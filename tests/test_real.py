@@ -307,3 +307,43 @@ def test_real_refuses_a_synthetic_set_without_every_digit(tmp_path):
     proc = run_script("real.py", "data", "--fsdd", FSDD, "--synth", tmp_path / "s", "--out",
                       tmp_path / "o", "--real-speaker", "nobody", check=False)
     assert proc.returncode == 2 and "not an FSDD speaker" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- codecs
+@pytest.mark.parametrize("name", ["gsm", "ulaw", "alaw", "ima_adpcm", "ms_adpcm", "mp3",
+                                  "vorbis", "opus"])
+def test_a_codec_round_trip_keeps_the_length_and_changes_the_sound(name):
+    from audio import codec
+
+    t = np.arange(16000) / 16000
+    y = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.1 * np.sin(2 * np.pi * 6000 * t)).astype(np.float32)
+    z = codec(y, 16000, name)
+    assert z.shape == y.shape and z.dtype == np.float32 and np.isfinite(z).all()
+    assert 0 < np.abs(z - y).mean()  # lossy
+    spec_y, spec_z = (np.abs(np.fft.rfft(v)) for v in (y, z))
+    assert spec_z[440] > 0.5 * spec_y[440]  # the speech band survives
+    if name in ("gsm", "ulaw", "alaw"):  # 8 kHz lines: nothing above 4 kHz comes back
+        assert spec_z[6000] < 0.01 * spec_y[6000]
+
+
+def test_the_loader_sends_chosen_clips_through_codecs(tmp_path):
+    from dataset import Clips, WaveDataset
+    from preprocess import save_offsets, write_clips
+
+    rng = np.random.default_rng(0)
+    clips_in = [(0.2 * rng.standard_normal(16000) * 32767).astype(np.int16) for _ in range(16)]
+    from runs import Work
+
+    offsets = write_clips(Work(tmp_path).wave("train"), [clips_in])
+    save_offsets(tmp_path, "train", offsets)
+    clips = Clips.of(tmp_path, "train")
+    plain = WaveDataset(clips, length=16000).__getitems__(list(range(16)))[0]
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    every = WaveDataset(clips, length=16000, codecs=("gsm", "mp3"), p_codec=1.0)
+    coded = every.__getitems__(list(range(16)))[0]
+    assert coded.shape == plain.shape and (coded != plain).any(1).all()
+    none = WaveDataset(clips, length=16000, codecs=("gsm",), p_codec=0.0)
+    assert torch.equal(none.__getitems__(list(range(16)))[0], plain)
+    proc = run_script("train.py", "--codecs", "gsm", "amr", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'amr'" in proc.stderr
