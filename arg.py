@@ -263,7 +263,13 @@ RESUME_SAFE = ("data", "work", "workers", "gpus", "devices", "strategy", "num_no
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line naming the problem and where help is."""
+    """An ArgumentParser whose errors are one line naming the problem and where help is, and
+    which takes only whole option names: with abbreviations, train.py's `--hop` would silently
+    mean --hop-length (inference.py's --hop is a window step in seconds)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")

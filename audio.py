@@ -20,6 +20,10 @@ class AudioError(ValueError):
 
 
 SHORTEST_WINDOW = 0.01  # seconds: a window or hop shorter than one 10-ms STFT frame is refused
+# --window and --hop mean the same in inference.py and predict.py: one help each
+WINDOW_HELP = ("label a recording window by window, each this many seconds, zero-padded or cut "
+               "to the clip length the models were trained on")
+HOP_HELP = "the step between two windows in seconds"
 
 
 def window_problem(window: float | None, hop: float | None) -> str | None:

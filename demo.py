@@ -556,14 +556,15 @@ def main(argv=None) -> int:
                    help="N Kokoro-82M speakers (neural TTS: its 54 voices, then two-voice mixes) "
                         "besides the espeak-ng ones (default: the preset's; make kokoro "
                         "installs its voices)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="clip length in s (default: the preset's, 1; longer for phrases, "
-                        "with preprocess.py --seconds the same)")
+    p.add_argument("--clip-seconds", type=float, default=None,
+                   help="length of every clip made, in s (default: the preset's, 1; longer for "
+                        "phrases, and preprocess.py --seconds the same)")
     p.add_argument("--cache", default="data/tts_cache",
                    help="where Kokoro's clips are kept: a second run (or a killed one) says only "
                         "what is missing")
     p.add_argument("--seed", type=int, default=0, help="same seed -> same dataset")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes at work at once (default: all cores)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     words = [" ".join(w.split()) for w in args.words.split(",") if w.strip()]
@@ -571,17 +572,17 @@ def main(argv=None) -> int:
         p.error(words_problem(words))
     if args.kokoro is not None and args.kokoro < 0:
         p.error(f"--kokoro {args.kokoro}: expected 0 or more speakers")
-    if args.seconds is not None and not 0.1 <= args.seconds <= 60:
-        p.error(f"--seconds {args.seconds:g}: expected 0.1 to 60")
+    if args.clip_seconds is not None and not 0.1 <= args.clip_seconds <= 60:
+        p.error(f"--clip-seconds {args.clip_seconds:g}: expected 0.1 to 60")
     if args.preset == "soundscape":
-        counts = make_soundscapes(args.out, args.seed, args.workers)
+        counts = make_soundscapes(args.out, args.seed, args.jobs)
         log.info("soundscape dataset in %s: %d training recordings, %d test soundscapes",
                  args.out, counts["train"], counts["test"])
         return 0
     try:
-        counts = make_dataset(args.out, args.speakers, args.seed, workers=args.workers,
+        counts = make_dataset(args.out, args.speakers, args.seed, workers=args.jobs,
                               preset=args.preset, words=words, kokoro=args.kokoro,
-                              seconds=args.seconds, cache=args.cache)
+                              seconds=args.clip_seconds, cache=args.cache)
     except UsageError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2

@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     p = make_parser(__doc__.split("\n")[0], only=("work", "run", "tta"))
     add_folds(p)
     p.add_argument("--runs", nargs="+", default=None,
-                   help="several runs in one graph (a timm run and a speech_embedding run: one "
-                        "front end each), every fold of each weighted equally")
+                   help="several runs blended into one ensemble, every fold of a run weighted "
+                        "equally")
     p.add_argument("--out", default="", help="the .onnx file (default WORK/runs/RUN/RUN.onnx)")
     p.add_argument("--bundle", default="", metavar="DIR",
                    help="also write DIR with the .onnx, predict.py, audio.py, requirements.txt "

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from audio import window_problem
+from audio import HOP_HELP, WINDOW_HELP, window_problem
 from metrics import calibration_error, log_loss, multilabel_scores, padded_cmap
 from model import load_checkpoint, predict_waves
 from results import cv_report, write_html
@@ -181,7 +181,9 @@ def make_parser():
 
     p = config_parser(__doc__.split("\n")[0], GROUPS, only=FIELDS)
     g = p.add_argument_group("members")
-    g.add_argument("--runs", nargs="+", default=None, help="several runs to blend")
+    g.add_argument("--runs", nargs="+", default=None,
+                   help="several runs blended into one ensemble, every fold of a run weighted "
+                        "equally")
     g.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per run")
     g.add_argument("--fit-weights", action="store_true",
                    help="fit the run weights and a temperature on the OOF (min. log-loss); "
@@ -196,10 +198,9 @@ def make_parser():
                         "end second, one probability column per class: BirdCLEF); auto: as "
                         "preprocess.py found the data (a sample_submission.csv with row_id)")
     g.add_argument("--window", type=float, default=None, metavar="SECONDS",
-                   help="test window length (default: the clip length the models were trained "
-                        "on); a window is zero-padded or cut to that length")
+                   help=f"{WINDOW_HELP} (default: the clip length)")
     g.add_argument("--hop", type=float, default=None, metavar="SECONDS",
-                   help="step between windows (default: the window: no overlap)")
+                   help=f"{HOP_HELP} (default: the window: no overlap)")
     g.add_argument("--embed", action="store_true",
                    help="also write the test clips' embeddings (the first model's pooled vector "
                         "before its classifier; a file's windows averaged): embeddings.npy and "

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from audio import (AudioError, audio_files, file_windows, fit, per_file, predict_files,
-                   read_audio, top_line, window_problem, window_starts)
+from audio import (HOP_HELP, WINDOW_HELP, AudioError, audio_files, file_windows, fit, per_file,
+                   predict_files, read_audio, top_line, window_problem, window_starts)
 
 
 class Predictor:
@@ -106,14 +106,15 @@ def segments(rows, min_prob: float = 0.5):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("model", help="the .onnx file written by export.py")
     ap.add_argument("paths", nargs="+", help="audio files or folders")
     ap.add_argument("--top-k", type=int, default=3, help="labels per file")
     ap.add_argument("--window", type=float, default=None, metavar="SECONDS",
-                    help="label windows of a long recording (default window: the clip length)")
+                    help=f"{WINDOW_HELP} (default: the clip length)")
     ap.add_argument("--hop", type=float, default=None, metavar="SECONDS",
-                    help="window step (default 0.25; implies window mode)")
+                    help=f"{HOP_HELP} (default: 0.25 with --window; --hop alone also labels by "
+                         f"window)")
     ap.add_argument("--min-prob", type=float, default=0.5,
                     help="windows below this probability end a segment")
     ap.add_argument("--silence-db", type=float, default=40.0,

@@ -473,7 +473,8 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
 def main(argv=None) -> int:
     p = make_parser(__doc__.split("\n")[0], groups=("data",))
     p.add_argument("--force", action="store_true", help="rebuild WORK even if it is up to date")
-    p.add_argument("--jobs", type=int, default=None, help="decoding processes (default: cores)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes at work at once (default: all cores)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = config_from_args(args)

@@ -191,11 +191,14 @@ def train_command(run: Run, fold: str) -> str:
 def parse_folds(spec: str) -> list[int]:
     """'5' -> [0..4] (the seed's meaning); '0,2' -> [0, 2]; '3,' -> [3]."""
     try:
-        if "," in spec:
-            return [int(s) for s in spec.split(",") if s.strip()]
-        return list(range(int(spec)))
+        folds = [int(s) for s in spec.split(",") if s.strip()] if "," in spec else \
+            list(range(int(spec)))
     except ValueError:
-        raise UsageError(f"-f {spec}: expected a fold count (5) or a list (0,2)") from None
+        folds = []
+    if not folds or len(set(folds)) < len(folds):
+        raise UsageError(f"-f {spec}: expected a fold count of at least 1 (5: folds 0-4) or a "
+                         f"list of distinct folds (0,2)")
+    return folds
 
 
 def requested_folds(work: Path, spec: str) -> list[int]:

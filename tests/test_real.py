@@ -97,8 +97,8 @@ def test_kokoro_voices_missing_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- phrases
 def test_phrases_are_said_whole_and_labelled_with_underscores(tmp_path):
     run_script("demo.py", "--out", tmp_path / "d", "--words", "alexa, smart  mirror ,stop",
-               "--speakers", 3, "--kokoro", 1, "--seconds", 1.5, "--cache", tmp_path / "cache",
-               "--workers", 1)
+               "--speakers", 3, "--kokoro", 1, "--clip-seconds", 1.5, "--cache",
+               tmp_path / "cache", "--jobs", 1)
     train = tmp_path / "d" / "train"
     assert sorted(p.name for p in train.iterdir()) == ["alexa", "smart_mirror", "stop"]
     clips = sorted((train / "smart_mirror").glob("*.wav"))
@@ -118,7 +118,7 @@ def test_phrases_are_said_whole_and_labelled_with_underscores(tmp_path):
     (["--words", "smart mirror,smart_mirror"], "given twice"),
     (["--words", " , "], "no words given"),
     (["--kokoro", "-1"], "--kokoro -1"),
-    (["--seconds", "0"], "--seconds 0"),
+    (["--clip-seconds", "0"], "--clip-seconds 0"),
 ])
 def test_demo_refuses_bad_words_and_counts(tmp_path, args, said):
     proc = run_script("demo.py", "--out", tmp_path / "d", *args, check=False)
