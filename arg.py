@@ -334,6 +334,9 @@ def read_yaml(path: str, parser: Parser | None = None) -> dict:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         fail(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+    except UnicodeDecodeError:
+        fail(f"--config {path}: not a text file (a YAML file of 'name: value' lines, such as a "
+             f"fold's config.yaml)")
     if not isinstance(values, dict):
         fail(f"--config {path}: expected 'name: value' lines")
     values = {RENAMED.get(k, k): v for k, v in values.items()}

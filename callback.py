@@ -85,7 +85,9 @@ class History(Callback):
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         row = {c: m.get(c, np.nan) for c in self.columns}
-        row.update(epoch=trainer.current_epoch, lr=trainer.optimizers[0].param_groups[0]["lr"],
+        # the schedule's lr: the largest group's (--layer-decay scales the lower layers down)
+        lr = max(g["lr"] for g in trainer.optimizers[0].param_groups)
+        row.update(epoch=trainer.current_epoch, lr=lr,
                    seconds=round(time.time() - self._t0, 2))
         path = self.folder / "history.csv"
         old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=self.columns)

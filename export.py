@@ -7,9 +7,11 @@ offline bundle that runs it with numpy, soundfile, soxr and onnxruntime alone.
 
 The graph takes float32 waveforms (batch, samples) at the trained rate and length and
 returns class probabilities `probs` (batch, classes): the soft mean over folds and views,
-exactly what `inference.py -f N -a y` computes; and `embedding` (batch, features): the first
-fold's pooled vector before its classifier, for search, clustering or a model of your own. The class names, sample rate and clip length are in
-the model's metadata. torch.stft exports as the ONNX STFT operator through torch's dynamo
+what `inference.py -f N -a y` computes with its default soft ensemble (a hard vote is not
+exported); with --weights or --blend, the runs weighted (and calibrated) as inference.py
+--weights or --fit-weights did. `embedding` (batch, features): the first fold's pooled vector
+before its classifier, for search, clustering or a model of your own. The class names, sample
+rate, clip length, weights and temperature are in the model's metadata. torch.stft exports as the ONNX STFT operator through torch's dynamo
 exporter (the TorchScript exporter refuses it: "STFT does not currently support complex
 types").
 """
@@ -34,14 +36,16 @@ ROOT = Path(__file__).resolve().parent
 BUNDLED = ("predict.py", "audio.py")  # the predictor and the reader it shares with training
 
 
-def export_onnx(models: list, tta: bool, out: Path, meta: dict) -> Path:
-    """Export the ensemble with a dynamic batch axis; metadata: classes (JSON), sample_rate,
-    clip_samples, clip_seconds and `meta`."""
+def export_onnx(models: list, tta: bool, out: Path, meta: dict, weights=None,
+                temperature: float = 1.0) -> Path:
+    """Export the ensemble (members weighted by `weights`, calibrated by `temperature`) with a
+    dynamic batch axis; metadata: classes (JSON), sample_rate, clip_samples, clip_seconds and
+    `meta`."""
     import onnx
 
     cfg = models[0].cfg
     length = cfg.clip_samples
-    net = WithEmbedding(Ensemble([m.net for m in models], tta)).eval()
+    net = WithEmbedding(Ensemble([m.net for m in models], tta, weights, temperature)).eval()
     example = torch.zeros(2, length)
     with torch.no_grad():
         program = torch.onnx.export(net, (example,), dynamo=True, verbose=False,
@@ -105,6 +109,31 @@ Classes: {', '.join(classes)}
 """, folder / "README.md")
 
 
+def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) -> tuple:
+    """(a weight per run, temperature): --weights, or --blend's blend.json (inference.py
+    --fit-weights), which must have been fitted for these runs, folds and views."""
+    if args.blend and args.weights:
+        raise UsageError("--blend takes the fitted weights: drop --weights")
+    if args.blend:
+        path = Run.blend(work, runs).dir / "blend.json"
+        if not path.is_file():
+            raise UsageError(f"--blend: no {path}; fit it with inference.py --work {work} --runs "
+                             f"{' '.join(runs)} -f {args.folds} --fit-weights")
+        blend = json.loads(path.read_text())
+        if (blend.get("runs"), blend.get("folds"), blend.get("tta")) != (runs, folds, tta):
+            raise UsageError(f"--blend: {path} was fitted for runs {blend.get('runs')}, folds "
+                             f"{blend.get('folds')}, TTA {blend.get('tta')}: export those, or "
+                             f"fit again for these")
+        return np.asarray(blend["weights"], float), float(blend["temperature"])
+    weights = np.asarray(args.weights or [1.0] * len(runs), float)
+    if len(weights) != len(runs):
+        raise UsageError(f"{len(weights)} --weights for {len(runs)} runs")
+    if (weights < 0).any() or not weights.sum() > 0:
+        raise UsageError(f"--weights {' '.join(map(str, args.weights))}: expected weights of 0 "
+                         f"or more, not all 0")
+    return weights, 1.0
+
+
 def main(argv=None) -> int:
     from arg import add_folds, config_from_args, make_parser
 
@@ -113,6 +142,10 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", default=None,
                    help="several runs blended into one ensemble, every fold of a run weighted "
                         "equally")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per run")
+    p.add_argument("--blend", action="store_true",
+                   help="the weights and temperature inference.py --fit-weights fitted for these "
+                        "runs and folds (their blend.json)")
     p.add_argument("--out", default="", help="the .onnx file (default WORK/runs/RUN/RUN.onnx)")
     p.add_argument("--bundle", default="", metavar="DIR",
                    help="also write DIR with the .onnx, predict.py, audio.py, requirements.txt "
@@ -129,11 +162,13 @@ def main(argv=None) -> int:
             raise UsageError("--run RUN (or --runs A B): which run to export (a folder of "
                              "WORK/runs)")
         folds = requested_folds(work, args.folds)
+        weights, temperature = run_weights(work, runs, folds, tta, args)
         models = load_members([p for r in runs for p in Run(work, r).checkpoints(folds)])
         name = Run.blend(work, runs).name
         out = Path(args.out) if args.out else Run.blend(work, runs).dir / f"{name}.onnx"
-        meta = dict(run=name, folds=len(folds), tta=tta)
-        export_onnx(models, tta, out, meta)
+        meta = dict(run=name, folds=len(folds), tta=tta, weights=json.dumps(weights.tolist()),
+                    temperature=temperature)
+        export_onnx(models, tta, out, meta, np.repeat(weights, len(folds)), temperature)
     except UsageError as e:
         print(f"export: {e}", file=sys.stderr)
         return 2

@@ -113,7 +113,9 @@ def plan_fold(cfg: Config, k: int) -> Fold:
 
 
 def start_records(fold: Fold) -> None:
-    """A fresh fold starts without the records of an earlier one; config.yaml, command.txt and
+    """A fresh fold starts without the records of an earlier one, and its run without the
+    results made from the earlier folds (the leaderboard would pair the old test score with
+    the new CV, --pseudo would read the old test_probs.csv); config.yaml, command.txt and
     versions.json say what makes it."""
     if fold.resume_from:
         log.info("fold %d: resuming from %s", fold.k, fold.resume_from)
@@ -123,6 +125,12 @@ def start_records(fold: Fold) -> None:
                         fold.dir / "last.ckpt")
         for name in FOLD_RECORDS:
             (fold.dir / name).unlink(missing_ok=True)
+        stale = fold.run.results()
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.info("fold %d: a fresh start: removed the run's earlier %s", fold.k,
+                     ", ".join(p.name for p in stale))
     write_records(fold.dir, fold.cfg)
 
 
@@ -159,7 +167,8 @@ def finish_fold(fold: Fold, trainer, t0: float) -> dict:
     from results import cv_summary, write_html
 
     cfg, best = fold.cfg, trainer.checkpoint_callback
-    result = dict(fold=fold.k, **{best.monitor: float(best.best_model_score or float("nan"))},
+    score = float("nan") if best.best_model_score is None else float(best.best_model_score)
+    result = dict(fold=fold.k, **{best.monitor: score},  # a best score of 0.0 is 0.0
                   epochs=trainer.current_epoch, seconds=round(time.time() - t0, 1),
                   device=fold.accelerator, processes=trainer.world_size, ema=cfg.ema,
                   teacher=fold.teacher, pseudo_clips=fold.pseudo_clips)

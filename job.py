@@ -193,11 +193,13 @@ def versions() -> dict:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
                               timeout=10)
 
-    try:
+    try:  # a copy of the project inside another repository is not that repository's commit
         head = git("rev-parse", "HEAD")
-        commit = head.stdout.strip() if head.returncode == 0 else "not a git checkout"
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip()) \
-            if head.returncode == 0 else None
+        ours = git("ls-files", "--error-unmatch", "--", Path(__file__).name)
+        tracked = head.returncode == 0 and ours.returncode == 0
+        commit = head.stdout.strip() if tracked else "not a git checkout"
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout
+                     .strip()) if tracked else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "not a git checkout", None
     return dict(commit=commit, uncommitted_changes=dirty, python=sys.version.split()[0],

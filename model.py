@@ -253,6 +253,19 @@ def first_layers(backbone: nn.Module, n: int) -> list[nn.Parameter]:
     return [params[name] for group in groups[:n] for name in group]
 
 
+def make_frontend(cfg: Config) -> Frontend:
+    """The front end a network of `cfg` hears through (the speech embedding's own 32-band mel,
+    else the log-mel of -t); what AudioNet builds, and what the run report draws."""
+    if cfg.model != speech.NAME:
+        return Frontend(cfg)
+    if cfg.sr != speech.SR:
+        raise UsageError(f"-m {speech.NAME} hears {speech.SR} Hz audio (its STFT and mel "
+                         f"filterbank were made for it); WORK is at {cfg.sr} Hz: run "
+                         f"preprocess.py --sr {speech.SR} into another --work")
+    return Frontend(cfg, logmel=speech.SpeechMel(EMBED_SCALE[cfg.embed_input],
+                                                 int(speech.PAD_SECONDS * cfg.sr)))
+
+
 class AudioNet(nn.Module):
     """int16 or float waveforms (B, L) -> logits (B, classes): the front end (transform.Frontend:
     augmentation in train mode, log-mel image), a timm backbone and a head (timm's pooling +
@@ -269,9 +282,8 @@ class AudioNet(nn.Module):
         self.cfg = cfg
         sed = cfg.head == "sed" and classes > 0  # the backbone gives its feature map
         self.speech = cfg.model == speech.NAME  # Google's speech embedding, else a timm model
+        self.frontend = make_frontend(cfg)
         if self.speech:  # the weights come with it; --pretrained may replace the CNN's
-            self.frontend = Frontend(cfg, logmel=speech.SpeechMel(EMBED_SCALE[cfg.embed_input],
-                                                                  int(speech.PAD_SECONDS * cfg.sr)))
             self.backbone = speech.SpeechEmbedding()
             pretrained = cfg.pretrained if pretrained is None else pretrained
             if pretrained and pretrained != "timm":
@@ -279,7 +291,6 @@ class AudioNet(nn.Module):
                 log.info("--pretrained %s: %d of %d speech embedding weight tensors loaded",
                          pretrained, counts["loaded"], counts["wanted"])
         else:
-            self.frontend = Frontend(cfg)
             self.backbone = create_backbone(cfg, 0 if sed else classes, pretrained,
                                             **(dict(global_pool="") if sed else {}))
         n = self.backbone.num_features
@@ -408,11 +419,13 @@ class AudioNet(nn.Module):
 class Ensemble(nn.Module):
     """float32 waveforms (B, L) -> probabilities (B, C): for each view, the front end of each
     group of members that share one (a timm family and the speech embedding are two groups),
-    every member's probabilities, averaged with the members' weights and the views. What
-    export.py writes as ONNX."""
+    every member's probabilities, averaged with the members' weights and the views, then
+    calibrated by `temperature` (softmax(log p / T), inference.py's with_temperature; single
+    label only). What export.py writes as ONNX."""
 
-    def __init__(self, nets: list[AudioNet], tta: bool, weights=None):
+    def __init__(self, nets: list[AudioNet], tta: bool, weights=None, temperature: float = 1.0):
         super().__init__()
+        self.temperature = float(temperature)
         self.nets = nn.ModuleList(n.for_export() for n in nets)
         self.multilabel = nets[0].cfg.multilabel
         self.views = list(tta_views(tta).values())
@@ -433,6 +446,8 @@ class Ensemble(nn.Module):
         for k, net in enumerate(self.nets):
             p = to_probs(net.logits(images[self.front[k]]), self.multilabel)
             probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
+        if self.temperature != 1.0 and not self.multilabel:
+            probs = torch.softmax(probs.clamp_min(1e-15).log() / self.temperature, -1)
         return probs
 
     def embed(self, wave: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,13 @@ from audio import (HOP_HELP, WINDOW_HELP, AudioError, audio_files, file_windows,
                    predict_files, read_audio, top_line, window_problem, window_starts)
 
 
+class ModelError(ValueError):
+    """A file that is not a model export.py wrote, or lacks what was asked of it."""
+
+
 class Predictor:
-    """An exported ensemble: class names, sample rate and clip length from its metadata."""
+    """An exported ensemble: class names, sample rate and clip length from its metadata.
+    ModelError when `model` is not one (a checkpoint, another ONNX graph)."""
 
     def __init__(self, model: str | Path, batch: int = 64, threads: int = 0):
         import onnxruntime as ort
@@ -35,25 +40,41 @@ class Predictor:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.classes = json.loads(meta["classes"])
-        self.sr, self.length = int(meta["sample_rate"]), int(meta["clip_samples"])
+        try:
+            self.session = ort.InferenceSession(str(model), opts,
+                                                providers=["CPUExecutionProvider"])
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.classes = json.loads(meta["classes"])
+            self.sr, self.length = int(meta["sample_rate"]), int(meta["clip_samples"])
+        except KeyError as e:
+            raise ModelError(f"{model}: an ONNX graph without export.py's {e} metadata; "
+                             f"export the run with export.py") from None
+        except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, ...: not an ONNX file
+            said = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{model}: not an ONNX model ({said}); a run's best.ckpt is "
+                             f"exported with export.py") from None
+        self.outputs = {o.name for o in self.session.get_outputs()}
         self.batch = batch
+
+    def _run(self, output: str, waves: np.ndarray) -> list[np.ndarray]:
+        """One output of the graph (and only it: an embedding is not computed for labels) over
+        `waves` in batches."""
+        if output not in self.outputs:
+            raise ModelError(f"this model has no {output!r} output (exported before it was "
+                             f"added): export the run again with export.py")
+        return [self.session.run([output], {"wave": np.ascontiguousarray(
+            waves[i:i + self.batch], dtype=np.float32)})[0]
+            for i in range(0, len(waves), self.batch)]
 
     def probs(self, waves: np.ndarray) -> np.ndarray:
         """(N, clip samples) float32 -> (N, classes) probabilities."""
-        out = [self.session.run(None, {"wave": np.ascontiguousarray(waves[i:i + self.batch],
-                                                                    dtype=np.float32)})[0]
-               for i in range(0, len(waves), self.batch)]
+        out = self._run("probs", waves)
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def embed(self, waves: np.ndarray) -> np.ndarray:
         """(N, clip samples) float32 -> (N, features): the model's `embedding` output (the
         first fold's pooled vector before its classifier)."""
-        out = [self.session.run(["embedding"], {"wave": np.ascontiguousarray(
-            waves[i:i + self.batch], dtype=np.float32)})[0]
-            for i in range(0, len(waves), self.batch)]
+        out = self._run("embedding", waves)
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def embed_files(self, paths, errors=None) -> tuple[list, np.ndarray]:
@@ -133,15 +154,28 @@ def main(argv=None) -> int:
         print(f"predict: {args.model}: no such model file (make one with export.py)",
               file=sys.stderr)
         return 2
-    pred = Predictor(args.model, threads=args.threads)
+    embed = Path(args.embed if args.embed.endswith(".npy") else args.embed + ".npy") \
+        if args.embed else None
+    if embed is not None and not embed.parent.is_dir():
+        print(f"predict: --embed {args.embed}: no folder {embed.parent} to write it in",
+              file=sys.stderr)
+        return 2
+    try:
+        pred = Predictor(args.model, threads=args.threads)
+        if embed is not None and "embedding" not in pred.outputs:
+            raise ModelError(f"{args.model} has no 'embedding' output (exported before it was "
+                             f"added): export the run again with export.py for --embed")
+    except ModelError as e:
+        print(f"predict: {e}", file=sys.stderr)
+        return 2
     files, errors, rows, header = audio_files(args.paths), [], [], ["path"]
-    if args.embed:
+    if embed is not None:
         good, vectors = pred.embed_files(files, errors)
-        np.save(args.embed, vectors)
-        with open(Path(args.embed).with_suffix(".csv"), "w", newline="") as f:
+        np.save(embed, vectors)
+        with open(embed.with_suffix(".csv"), "w", newline="") as f:
             csv.writer(f).writerows([["path"], *[[str(g)] for g in good]])
         print(f"{len(good)} embeddings of {vectors.shape[1] if len(good) else 0} features -> "
-              f"{args.embed} (rows in the order of {Path(args.embed).with_suffix('.csv')})")
+              f"{embed} (rows in the order of {embed.with_suffix('.csv')})")
     elif args.window is None and args.hop is None:
         for path, top in pred.predict_files(files, args.top_k, errors):
             print(top_line(path, top))

@@ -192,7 +192,7 @@ def augmentation_label(cfg: dict) -> str:
 
 
 def _short(v):
-    return "-".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else (
+    return "-".join(map(_short, v)) if isinstance(v, (list, tuple)) else (
         f"{v:g}" if isinstance(v, float) else str(v))
 
 
@@ -357,22 +357,29 @@ def html_per_class(true, pred, classes: list[str]) -> tuple[pd.DataFrame, pd.Dat
     return per_class.sort_values("f1"), pairs
 
 
+@torch.no_grad()
+def seen_images(cfg, waves: np.ndarray) -> torch.Tensor:
+    """(N, bands, frames): what a network of `cfg` hears of int16 `waves` (its own front end:
+    the speech embedding's 32 bands, a CNN's -t log-mel), augmentation off."""
+    from model import make_frontend
+
+    return make_frontend(cfg).eval()(torch.from_numpy(np.ascontiguousarray(waves)))[:, 0]
+
+
 def html_audit(work: Path, cfg, table: pd.DataFrame, probs: np.ndarray, true, classes: list[str],
                audit: int) -> pd.DataFrame:
     """The `audit` OOF clips with the highest loss: path, speaker, player, log-mel, labels."""
     from dataset import Clips
-    from transform import Frontend
 
     train = read_table(Work(work).train_csv).set_index("row")
     pred, p_true = probs.argmax(1), probs[np.arange(len(true)), true]
     worst = np.argsort(-np.log(np.clip(p_true, 1e-12, 1)))[:audit]
     rows = table.row.to_numpy()[worst]
     waves = Clips.of(work, "train").read(rows, cfg.clip_samples)
-    with torch.no_grad():
-        imgs = Frontend(cfg).eval()(torch.from_numpy(np.ascontiguousarray(waves)))[:, 0]
-        if imgs.shape[-1] > 128:
-            imgs = torch.nn.functional.interpolate(imgs[:, None], size=(128, 128),
-                                                   mode="area")[:, 0]
+    imgs = seen_images(cfg, waves)
+    if imgs.shape[-1] > 128:
+        imgs = torch.nn.functional.interpolate(imgs[:, None], size=(min(imgs.shape[1], 128), 128),
+                                               mode="area")[:, 0]
     out, esc = [], html.escape
     for i, (k, img) in enumerate(zip(worst, _image_uris(imgs.numpy()))):
         row = table.iloc[k]

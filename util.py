@@ -129,10 +129,14 @@ def pick_device(spec: str, devices: int = 1) -> tuple[str, list[int] | int]:
         have = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(n))
         raise UsageError(f"GPU {missing} requested with -g {spec}, but the visible GPUs "
                          f"are: {have}. Use -g with one of those, or -g -1 for the CPU")
-    if devices > 1:
-        ids = gpus if len(gpus) == devices else list(range(devices))
+    if devices > 1:  # -g 3 --devices 2: GPUs 3 and 4; -g 0,2 --devices 2: those two
+        if len(gpus) not in (1, devices):
+            raise UsageError(f"-g {spec} names {len(gpus)} GPUs for --devices {devices}: give one "
+                             f"(the first of {devices} in a row) or {devices}")
+        ids = gpus if len(gpus) == devices else list(range(gpus[0], gpus[0] + devices))
         if max(ids) >= n:
-            raise UsageError(f"--devices {devices} needs {devices} GPUs; {n} visible")
+            raise UsageError(f"--devices {devices} from GPU {gpus[0]} needs GPUs "
+                             f"{', '.join(map(str, ids))}; {n} visible")
         return "gpu", ids
     return "gpu", gpus[:1]
 

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT, cached, run_script
+from conftest import ROOT, TINY, cached, run_script
 
 BLOCKED = ("torch", "torchvision", "torchaudio", "lightning", "pytorch_lightning", "timm",
            "librosa", "sklearn", "scipy", "pandas", "matplotlib")
@@ -193,3 +193,112 @@ def test_inference_writes_the_test_clips_embeddings(e2e, tmp_path):
     want = embed_waves(e2e["run"] / "fold0" / "best.ckpt", cached(e2e["work"], "test"),
                        torch.device("cpu"), 64)
     assert np.abs(vectors - want).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def two_runs(e2e, tmp_path_factory):
+    """A second run on the end-to-end WORK (another seed), blended with the first by
+    inference.py with --weights and with --fit-weights."""
+    work = e2e["work"]
+    run_script("train.py", "--work", work, *TINY, "-f", "all", "-g", "cpu,cpu", "--seed", 7,
+               "--run", "second")
+    out = tmp_path_factory.mktemp("blends")
+    run_script("inference.py", "--work", work, "--runs", "resnet18_32", "second", "-f", 2,
+               "--weights", 1, 3, "--out", out / "weighted")
+    run_script("inference.py", "--work", work, "--runs", "resnet18_32", "second", "-f", 2,
+               "--fit-weights")
+    return out
+
+
+def graph_probs(path, waves) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path))
+    return session.run(["probs"], {"wave": (waves / 32768.0).astype(np.float32)})[0]
+
+
+def test_the_graph_applies_the_blend_inference_used(e2e, two_runs, tmp_path):
+    """--weights and --blend (blend.json's fitted weights and temperature) put into the graph
+    what inference.py computed: the same test probabilities, not the equal-weight mean."""
+    work, waves = e2e["work"], cached(e2e["work"], "test")
+    runs = ["--work", work, "--runs", "resnet18_32", "second", "-f", 2]
+    weighted = pd.read_csv(two_runs / "weighted" / "test_probs.csv").set_index("file_name")
+    run_script("export.py", *runs, "--weights", 1, 3, "--out", tmp_path / "w.onnx")
+    run_script("export.py", *runs, "--out", tmp_path / "equal.onnx")
+    got, equal = graph_probs(tmp_path / "w.onnx", waves), graph_probs(tmp_path / "equal.onnx", waves)
+    assert np.abs(got - weighted.to_numpy()).max() <= 1e-4
+    assert np.abs(equal - weighted.to_numpy()).max() > 1e-3  # the weights are in the graph
+    blend_dir = work / "runs" / "blend_resnet18_32+second"
+    blend = json.loads((blend_dir / "blend.json").read_text())
+    assert abs(blend["temperature"] - 1) > 0.01
+    run_script("export.py", *runs, "--blend", "--out", tmp_path / "b.onnx")
+    fitted = pd.read_csv(blend_dir / "test_probs.csv").set_index("file_name").to_numpy()
+    assert np.abs(graph_probs(tmp_path / "b.onnx", waves) - fitted).max() <= 1e-4
+
+
+@pytest.mark.parametrize("args,said", [
+    (["-f", 1, "--blend"], "was fitted for runs ['resnet18_32', 'second'], folds [0, 1]"),
+    (["-f", 2, "--blend", "--weights", 1, 1], "--blend takes the fitted weights"),
+    (["-f", 2, "--weights", 1], "1 --weights for 2 runs"),
+    (["-f", 2, "--weights", 0, 0], "not all 0"),
+])
+def test_export_refuses_a_blend_it_cannot_put_in_the_graph(e2e, two_runs, tmp_path, args, said):
+    proc = run_script("export.py", "--work", e2e["work"], "--runs", "resnet18_32", "second",
+                      *args, "--out", tmp_path / "x.onnx", check=False)
+    assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_predict_fetches_only_what_was_asked(exported, e2e):
+    """Labels do not pay for the embedding pass (the graph's second output), nor the reverse."""
+    from predict import Predictor
+
+    pred = Predictor(exported / "plain.onnx")
+    asked = []
+    run = pred.session.run
+    pred.session.run = lambda names, feeds: asked.append(names) or run(names, feeds)
+    waves = (cached(e2e["work"], "test")[:3] / 32768.0).astype(np.float32)
+    assert pred.probs(waves).shape[0] == 3 and asked == [["probs"]]
+    assert pred.embed(waves).shape[0] == 3 and asked[-1] == ["embedding"]
+
+
+def test_predict_refuses_what_is_not_an_exported_model(e2e, exported, tmp_path):
+    import onnx
+
+    clip = sorted((e2e["data"] / "test").glob("*.wav"))[0]
+    ckpt = run_script("predict.py", e2e["run"] / "fold0" / "best.ckpt", clip, check=False)
+    assert ckpt.returncode == 2 and "not an ONNX model" in ckpt.stderr
+    assert "export.py" in ckpt.stderr and "Traceback" not in ckpt.stderr
+    old = onnx.load(str(exported / "plain.onnx"))
+    del old.graph.output[1]  # as exported before the embedding output
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    proc = run_script("predict.py", tmp_path / "old.onnx", clip, "--embed", tmp_path / "v.npy",
+                      check=False)
+    assert proc.returncode == 2 and "no 'embedding' output" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "v.npy").exists()
+    assert run_script("predict.py", tmp_path / "old.onnx", clip).returncode == 0  # labels work
+    nodir = run_script("predict.py", exported / "plain.onnx", clip, "--embed",
+                       tmp_path / "nodir" / "v.npy", check=False)
+    assert nodir.returncode == 2 and "no folder" in nodir.stderr and "Traceback" not in nodir.stderr
+    said = run_script("predict.py", exported / "plain.onnx", clip, "--embed", tmp_path / "vec")
+    assert (tmp_path / "vec.npy").is_file() and f"-> {tmp_path / 'vec.npy'} " in said.stdout
+    assert (tmp_path / "vec.csv").is_file()
+
+
+FSDD = ROOT.parent / "shared" / "data" / "fsdd" / "recordings"
+
+
+@pytest.mark.skipif(not FSDD.is_dir(), reason="../shared/data/fsdd is not here")
+def test_predict_hears_an_8khz_recording_at_the_model_s_16khz(exported, tmp_path):
+    """An FSDD clip (8 kHz) is resampled as preprocess.py resamples: the same probabilities as
+    the same clip written at 16 kHz by the project's own reader."""
+    from audio import read_audio
+    from predict import Predictor
+
+    src = FSDD / "7_jackson_0.wav"
+    assert sf.info(src).samplerate == 8000
+    sf.write(tmp_path / "at16k.wav", read_audio(src, 16000), 16000, subtype="FLOAT")
+    pred = Predictor(exported / "plain.onnx")
+    (_, a), (_, b) = pred.predict_files([src, tmp_path / "at16k.wav"], top_k=3)
+    assert [lab for lab, _ in a] == [lab for lab, _ in b]
+    assert np.allclose([p for _, p in a], [p for _, p in b], atol=1e-6)
