@@ -559,6 +559,10 @@ def main(argv=None) -> int:
     p.add_argument("--clip-seconds", type=float, default=None,
                    help="length of every clip made, in s (default: the preset's, 1; longer for "
                         "phrases, and preprocess.py --seconds the same)")
+    p.add_argument("--accents", default=None,
+                   help="comma-separated espeak-ng languages and accents the espeak speakers "
+                        "read the words with (default: the preset's English accents; e.g. "
+                        "en-us,de,fr: English words read by German and French voices)")
     p.add_argument("--cache", default="data/tts_cache",
                    help="where Kokoro's clips are kept: a second run (or a killed one) says only "
                         "what is missing")
@@ -570,6 +574,12 @@ def main(argv=None) -> int:
     words = [" ".join(w.split()) for w in args.words.split(",") if w.strip()]
     if words_problem(words):
         p.error(words_problem(words))
+    accents = tuple(a.strip() for a in (args.accents or "").split(",") if a.strip())
+    unknown = [a for a in accents if a not in Espeak.languages()]
+    if args.accents is not None and (unknown or not accents):
+        p.error(f"--accents {args.accents}: " + (f"espeak-ng has no {unknown[0]!r} (it has "
+                                                 f"{', '.join(Espeak.languages()[:12])} ...)"
+                                                 if unknown else "no accent given"))
     if args.kokoro is not None and args.kokoro < 0:
         p.error(f"--kokoro {args.kokoro}: expected 0 or more speakers")
     if args.clip_seconds is not None and not 0.1 <= args.clip_seconds <= 60:
@@ -580,8 +590,10 @@ def main(argv=None) -> int:
                  args.out, counts["train"], counts["test"])
         return 0
     try:
+        preset = PRESETS[args.preset] if not accents else dataclasses.replace(
+            PRESETS[args.preset], accents=accents)
         counts = make_dataset(args.out, args.speakers, args.seed, workers=args.jobs,
-                              preset=args.preset, words=words, kokoro=args.kokoro,
+                              preset=preset, words=words, kokoro=args.kokoro,
                               seconds=args.clip_seconds, cache=args.cache)
     except UsageError as e:
         print(f"demo: {e}", file=sys.stderr)

@@ -60,6 +60,14 @@ class Espeak:
         self.lib.espeak_SetSynthCallback(self._callback)
 
     @staticmethod
+    def languages() -> tuple[str, ...]:
+        """Every language and accent espeak-ng can speak with (en-us, de, fr, ...), lower case."""
+        import espeakng_loader
+
+        folder = Path(espeakng_loader.get_data_path()) / "lang"
+        return tuple(sorted(p.name.lower() for p in folder.rglob("*") if p.is_file()))
+
+    @staticmethod
     def variants() -> tuple[str, ...]:
         import espeakng_loader
 

@@ -119,6 +119,7 @@ def test_phrases_are_said_whole_and_labelled_with_underscores(tmp_path):
     (["--words", " , "], "no words given"),
     (["--kokoro", "-1"], "--kokoro -1"),
     (["--clip-seconds", "0"], "--clip-seconds 0"),
+    (["--accents", "en-us,xx"], "espeak-ng has no 'xx'"),
 ])
 def test_demo_refuses_bad_words_and_counts(tmp_path, args, said):
     proc = run_script("demo.py", "--out", tmp_path / "d", *args, check=False)
