@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audio import CODECS
+from util import atomic_write
 
 
 def opt(default, help: str, group: str, flags: tuple[str, ...] = (), **kw):
@@ -348,8 +349,6 @@ def read_yaml(path: str, parser: Parser | None = None) -> dict:
 
 def write_yaml(cfg: Config, path: str | Path) -> None:
     import yaml
-
-    from util import atomic_write
 
     d = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(d, sort_keys=False)))

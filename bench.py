@@ -277,7 +277,8 @@ def crops_section(args, n: int = 4096, sr: int = 16000) -> None:
 def ssl_section(args, waves, device) -> None:
     """samples/s of one BYOL-A pretraining step (two views, online + target networks) beside
     one supervised step (one view), resnet18 at -t, batch -b, on the -g device."""
-    from model import BYOL, AudioClassifier
+    from byol import BYOL
+    from model import AudioClassifier
 
     cfg = Config(work=args.work, size=args.size, model="resnet18")
     wave = torch.from_numpy(np.array(waves[:args.batch_size])).to(device)
@@ -536,7 +537,7 @@ def onnx_section(args, waves) -> None:
     """ONNX Runtime vs PyTorch on the CPU for RUN's folds with TTA, size and cold start."""
     import onnxruntime as ort
 
-    from model import Ensemble, load_members
+    from ensemble import Ensemble, load_members
     from runs import Run
 
     if not args.run:

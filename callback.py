@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, WeightAver
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from metrics import monitored, validation_scores
+from model import warmup_steps
 from results import plot_curves, save_figure
 from util import atomic_write, probs_frame, write_csv
 
@@ -174,8 +175,6 @@ class EMA(EMAWeightAveraging):
         self.cfg = cfg
 
     def on_train_start(self, trainer, pl_module):
-        from model import warmup_steps
-
         self.update_starting_at_step = warmup_steps(trainer, self.cfg)
         super().on_train_start(trainer, pl_module)
 

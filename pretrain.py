@@ -9,7 +9,7 @@ BYOL for audio (Niizumi et al., BYOL-A): two views of each clip, each made by th
 own augmentation (transform.Frontend: shift, reverb, gain, noise, pitch, FilterAugment ... as
 the Config says), mixing with another clip in the power domain of the log-mel, and a random
 resize crop of the log-mel image; an online network (backbone, projector, predictor) learns
-to predict the projection of the other view by a momentum target network (model.BYOL). Writes
+to predict the projection of the other view by a momentum target network (byol.BYOL). Writes
 WORK/pretrain/<run>/{encoder.pth (a timm state dict of the backbone), config.yaml,
 versions.json, history.csv (loss, probe accuracy: logistic regression on frozen embeddings,
 fold 0's training rows -> its validation rows), curve.png, last.ckpt (--resume), command.txt}.
@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from arg import Config, make_parser, parse_config
+from arg import Config, FIELDS as CONFIG, make_parser, parse_config
+from byol import BYOL, Probe, unlabelled_data
+from callback import History
+from dataset import loader
 from job import (check_model, check_resume, loader_workers, make_trainer, owned, stopped,
                  work_settings, write_records)
 from runs import Work
-from util import UsageError, launched_rank_zero, pick_device, read_table, setup_logging
+from util import UsageError, atomic_write, launched_rank_zero, pick_device, setup_logging
 
 log = logging.getLogger(__name__)
 FIELDS = ("work", "seed", "size", "n_fft", "hop_length", "n_mels", "norm", "top_db", "model",
@@ -42,87 +43,9 @@ FIELDS = ("work", "seed", "size", "n_fft", "hop_length", "n_mels", "norm", "top_
 
 
 # ----------------------------------------------------------------------------- data
-def unlabelled_data(cfg: Config):
-    """Every clip pretraining learns from: WORK's training clips, its readable test clips and
-    background noise (--ssl-data all), and crops of the --unlabelled folders' audio."""
-    from audio import AudioError, audio_files, read_audio
-    from dataset import Clips, JoinedDataset, WaveDataset
-
-    work, n = Work(cfg.work), cfg.clip_samples
-    parts = [WaveDataset(Clips.of(work.dir, "train"), length=n, crop="random")]
-    recordings = []
-    if cfg.ssl_data == "all":
-        test = read_table(work.test_csv)
-        if (test.status == "ok").any():
-            parts.append(WaveDataset(Clips.of(work.dir, "test"), test.row[test.status == "ok"], None,
-                                     n, "random"))
-        if work.noise.is_file():
-            recordings.append(np.load(work.noise))
-    for folder in cfg.unlabelled:
-        files = audio_files([folder])
-        if not Path(folder).is_dir() or not files:
-            raise UsageError(f"--unlabelled {folder}: not a folder with audio files in it")
-        for f in files:
-            try:
-                y = read_audio(f, cfg.sr)
-            except AudioError as e:
-                log.warning("--unlabelled: %s skipped (%s)", f, e)
-                continue
-            recordings.append(np.clip(np.round(y * 32768), -32768, 32767).astype(np.int16))
-    if recordings:  # one random crop per clip length of audio, each epoch
-        rows = np.repeat(np.arange(len(recordings)), [max(1, len(r) // n) for r in recordings])
-        parts.append(WaveDataset(Clips.from_arrays(recordings), rows, None, n, "random"))
-    return JoinedDataset(*parts)
 
 
 # ----------------------------------------------------------------------------- probe
-def probe_accuracy(module, work: Path, batch: int, most: int = 2000) -> float:
-    """Logistic regression on frozen embeddings of fold 0's training rows (up to `most`),
-    scored on its validation rows: how much of the labels the representation holds."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from dataset import Clips
-
-    table = read_table(Work(work).train_csv)
-    train = table[table.fold != 0].sample(frac=1.0, random_state=0).head(most).sort_values("row")
-    val = table[table.fold == 0]
-    clips, n = Clips.of(work, "train"), module.cfg.clip_samples
-    was = module.training
-    module.eval()
-    feats = []
-    with torch.no_grad():
-        for rows in (train.row.to_numpy(), val.row.to_numpy()):  # ascending: memmap order
-            out = [module.embed(torch.from_numpy(clips.read(rows[i:i + batch], n))
-                                .to(module.device)).float().cpu()
-                   for i in range(0, len(rows), batch)]
-            feats.append(torch.cat(out).numpy())
-    module.train(was)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
-    with warnings.catch_warnings():  # an unconverged fit still ranks representations
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(feats[0], train.y.to_numpy())
-    return float(clf.score(feats[1], val.y.to_numpy()))
-
-
-class Probe(Callback):
-    """probe_acc every `every` epochs and at the last: put where History reads metrics."""
-
-    def __init__(self, work: Path, every: int, batch: int):
-        self.work, self.every, self.batch = work, max(1, every), batch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        trainer.callback_metrics.pop("probe_acc", None)  # an epoch without a probe shows none
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        epoch = trainer.current_epoch + 1
-        if not trainer.is_global_zero or (epoch % self.every and epoch != trainer.max_epochs):
-            return
-        acc = probe_accuracy(pl_module, self.work, self.batch)
-        trainer.callback_metrics["probe_acc"] = torch.tensor(acc)
-        log.info("epoch %d: probe accuracy %.4f (fold 0, frozen embeddings)", epoch, acc)
 
 
 # ----------------------------------------------------------------------------- main
@@ -147,13 +70,6 @@ def check_start(cfg: Config, out: Path, force: bool) -> str | None:
 
 def pretrain(cfg: Config, progress: bool = True, force: bool = False) -> Path:
     """Pretrain and write WORK/pretrain/<run>/encoder.pth; returns its path."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from callback import History
-    from dataset import loader
-    from model import BYOL
-    from util import atomic_write
-
     cfg = work_settings(cfg)
     check_model(cfg.model)
     out = Work(cfg.work).pretrain(cfg.run_name)
@@ -184,8 +100,6 @@ def pretrain(cfg: Config, progress: bool = True, force: bool = False) -> Path:
 
 
 def main(argv=None) -> int:
-    from arg import FIELDS as CONFIG
-
     augmentation = tuple(n for n, f in CONFIG.items() if f.metadata["group"] == "augmentation")
     p = make_parser(__doc__.split("\n")[0], groups=("data", "features", "augmentation", "model",
                                                     "optim", "run", "pretrain"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from arg import make_parser
 from results import leaderboard, write_html
 from runs import Run, Work
 from util import UsageError, setup_logging
@@ -19,8 +20,6 @@ log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
-    from arg import make_parser
-
     p = make_parser(__doc__.split("\n")[0], only=("work", "run"))
     args = p.parse_args(argv)
     setup_logging()

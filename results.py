@@ -18,7 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from arg import Config, FIELDS
+from dataset import Clips, targets
 from metrics import most_confused, multilabel_scores, scores
+from model import make_frontend
 from runs import Run, Work, fold_done, fold_pruned, read_config
 from util import atomic_write, read_table, write_csv, write_json, write_text
 
@@ -105,8 +108,6 @@ def load_oof(run_dirs: list[Path], folds: list[int], name: str, classes: list[st
 
 def ranking_scores(table: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> dict:
     """Macro mAP and ROC-AUC (metrics.multilabel_scores) of multilabel OOF rows; {} otherwise."""
-    from dataset import targets
-
     if "secondary" not in table:
         return {}
     truth = targets(table.assign(y=label_index(table.label, classes)), classes, True, 1.0)
@@ -181,8 +182,6 @@ def cv_report(run_dirs: list[Path], weights, folds: list[int], classes: list[str
 # ----------------------------------------------------------------------------- leaderboard
 def augmentation_label(cfg: dict) -> str:
     """The preset and what the run set differently from it: 'seed +p_pitch=0.5'."""
-    from arg import FIELDS, Config
-
     preset = cfg.get("aug", "default")
     base = Config.preset(preset).to_dict()
     group = [n for n, f in FIELDS.items() if f.metadata["group"] == "augmentation" and n != "aug"]
@@ -361,16 +360,12 @@ def html_per_class(true, pred, classes: list[str]) -> tuple[pd.DataFrame, pd.Dat
 def seen_images(cfg, waves: np.ndarray) -> torch.Tensor:
     """(N, bands, frames): what a network of `cfg` hears of int16 `waves` (its own front end:
     the speech embedding's 32 bands, a CNN's -t log-mel), augmentation off."""
-    from model import make_frontend
-
     return make_frontend(cfg).eval()(torch.from_numpy(np.ascontiguousarray(waves)))[:, 0]
 
 
 def html_audit(work: Path, cfg, table: pd.DataFrame, probs: np.ndarray, true, classes: list[str],
                audit: int) -> pd.DataFrame:
     """The `audit` OOF clips with the highest loss: path, speaker, player, log-mel, labels."""
-    from dataset import Clips
-
     train = read_table(Work(work).train_csv).set_index("row")
     pred, p_true = probs.argmax(1), probs[np.arange(len(true)), true]
     worst = np.argsort(-np.log(np.clip(p_true, 1e-12, 1)))[:audit]
@@ -412,8 +407,6 @@ def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
     per-class table, confusion matrix, most confused pairs, the `audit` OOF clips with the
     highest loss (audio, log-mel, labels) and the speakers with the highest error rate. One
     self-contained file: images and audio are embedded. None while a fold is unfinished."""
-    from arg import Config
-
     run, work = Run.at(run_dir), Path(work)
     classes = Work(work).classes()
     folds = run.folds()

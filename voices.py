@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from audio import resample
 from util import UsageError, atomic_write
 
 SR = 16000  # every voice is resampled to it
@@ -219,8 +220,6 @@ class Kokoro:
 
     def say(self, text: str, voice: KokoroVoice) -> np.ndarray:
         """float32 waveform at SR of `text` said by `voice`, silence trimmed."""
-        from audio import resample
-
         wav, sr = self.tts.create(text, voice=voice.style(self.styles), speed=voice.speed,
                                   lang=voice.lang)
         return resample(np.asarray(wav, np.float32), sr, SR)

@@ -204,7 +204,7 @@ def test_secondary_weight_is_the_target_of_a_secondary_label(two_label_work):
 
 
 def test_unlabelled_folders_join_pretraining_as_crops(two_label_work, tmp_path):
-    from pretrain import unlabelled_data
+    from byol import unlabelled_data
     from util import UsageError
 
     cfg = Config(**TINY_NET, work=str(two_label_work), ssl_data="train")

@@ -32,8 +32,8 @@ def exported(e2e, tmp_path_factory):
 def test_onnx_matches_the_pytorch_ensemble(e2e, exported, tta):
     import onnxruntime as ort
 
-    from inference import ensemble
-    from model import predict_waves
+    from ensemble import ensemble
+    from ensemble import predict_waves
 
     waves = cached(e2e["work"], "test")
     paths = [e2e["run"] / f"fold{k}" / "best.ckpt" for k in (0, 1)]
@@ -152,7 +152,7 @@ def test_the_bundle_s_embedding_equals_torch_s_and_holds_the_words(e2e, exported
     word are closer (cosine) than clips of two words, on average."""
     import onnxruntime as ort
 
-    from model import embed_waves
+    from ensemble import embed_waves
 
     waves = cached(e2e["work"], "train")
     labels = pd.read_csv(e2e["work"] / "train.csv").label.to_numpy()
@@ -182,7 +182,7 @@ def test_the_bundle_s_embedding_equals_torch_s_and_holds_the_words(e2e, exported
 
 
 def test_inference_writes_the_test_clips_embeddings(e2e, tmp_path):
-    from model import embed_waves
+    from ensemble import embed_waves
 
     run_script("inference.py", "--work", e2e["work"], "-m", "resnet18", "-t", 32, "-f", 1,
                "--embed", "--out", tmp_path)

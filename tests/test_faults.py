@@ -195,7 +195,7 @@ def test_sample_classes_without_recordings_and_labels_outside_the_sample_are_nam
 def test_a_class_without_recordings_has_no_positives_and_the_sample_keeps_its_columns(
         ghost_work, tmp_path):
     from dataset import targets
-    from inference import write_windows
+    from submission import write_windows
     from runs import Work
     from util import read_table
 

@@ -8,9 +8,10 @@ import soundfile as sf
 import torch
 
 from conftest import cached, run_script
-from inference import ensemble
+from ensemble import ensemble
 from runs import parse_folds
-from model import CheckpointError, check_compatible, load_checkpoint, predict_waves
+from checkpoints import CheckpointError
+from ensemble import check_compatible, load_checkpoint, predict_waves
 from transform import tta_views
 
 
@@ -147,7 +148,7 @@ def test_unreadable_test_row_still_gets_a_label(e2e, tmp_path):
 
 def test_test_score_per_domain_of_the_solution(tmp_path):
     """A solution column besides the label (the shift preset's `domain`) is scored per value."""
-    from inference import score_test
+    from submission import score_test
 
     sol = pd.DataFrame({"file_name": ["a", "b", "c", "d"], "label": ["yes", "no", "yes", "no"],
                         "domain": ["in", "in", "shift", "shift"]})

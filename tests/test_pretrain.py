@@ -72,7 +72,8 @@ def test_an_encoder_loads_into_train_with_every_backbone_tensor_equal(two_kinds)
 
 def test_a_checkpoint_with_other_classes_transfers_its_backbone(e2e, two_kinds):
     """best.ckpt of the 30-class run into a 2-class run: backbone equal, head new."""
-    from model import AudioClassifier, load_checkpoint
+    from ensemble import load_checkpoint
+    from model import AudioClassifier
 
     src = e2e["run"] / "fold0" / "best.ckpt"
     teacher = backbone_state(load_checkpoint(src))

@@ -271,7 +271,7 @@ def test_fsdd_8khz_clips_go_through_preprocess_at_16khz(benchmark, tmp_path):
 def test_digit_accuracy_is_the_most_probable_of_the_solution_labels(tmp_path):
     """Where the true labels are fewer than the classes, accuracy_within takes the most
     probable of them: a clip whose top class is a distractor can still be right."""
-    from inference import score_test
+    from submission import score_test
 
     classes = ["bed", "one", "two", "yes"]
     score = np.array([[0.1, 0.6, 0.3, 0.0],    # one: right either way

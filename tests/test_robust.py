@@ -29,7 +29,7 @@ def fold_files(fold):
 
 def assert_oof_matches_best(work, fold_dir, k):
     """oof.csv holds every validation row once, and best.ckpt predicts it to 1e-5."""
-    from model import predict_waves
+    from ensemble import predict_waves
 
     classes = json.loads((work / "classes.json").read_text())
     table = pd.read_csv(work / "train.csv")

@@ -42,7 +42,7 @@ def test_hard_preset_degrades_and_holds_voices_out(tmp_path):
 
 
 def test_ema_weights_are_validated_and_saved_in_best(work):
-    from model import predict_waves
+    from ensemble import predict_waves
 
     train(work, "-f", "0", "--run", "ema", "--ema", "0.9", "-e", "1", "-b", 8, "--limit-batches", 6)
     fold = work / "runs" / "ema" / "fold0"
@@ -114,7 +114,7 @@ def test_distillation_loss():
 
 
 def test_fitted_weights_beat_equal_weights_and_temperature_calibrates():
-    from inference import fit_blend
+    from ensemble import fit_blend
     from metrics import log_loss
 
     rng = np.random.default_rng(0)

@@ -103,7 +103,7 @@ def test_a_missing_wheel_is_one_line_with_the_pip_command(e2e, monkeypatch, caps
 def test_the_family_trains_predicts_and_exports(e2e, tmp_path):
     """train.py -m speech_embedding (frozen CNN, its head learns), inference, and the ONNX
     export, whose probabilities equal the PyTorch ensemble's."""
-    from model import Ensemble, load_checkpoint
+    from ensemble import Ensemble, load_checkpoint
 
     work = e2e["work"]
     run_script("train.py", "--work", work, "-m", "speech_embedding", "-e", 1, "-b", 32, "-f", 0,

@@ -218,7 +218,7 @@ def test_a_bug_keeps_its_traceback(work, monkeypatch):
 
 
 def test_bad_request_errors_are_one_type():
-    from model import CheckpointError, PretrainedError
+    from checkpoints import CheckpointError, PretrainedError
     from preprocess import DataLayoutError
     from util import UsageError
 

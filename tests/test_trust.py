@@ -106,7 +106,7 @@ def test_pretrain_resume_refuses_it(planted, capsys):
 
 def test_the_project_s_own_checkpoints_load_without_pickled_code(e2e):
     """weights_only=True is no loss: every file a run writes loads with it."""
-    from model import load_checkpoint
+    from ensemble import load_checkpoint
 
     for fold in sorted(e2e["run"].glob("fold*")):
         for name in ("best.ckpt", "last.ckpt"):
@@ -128,7 +128,8 @@ def test_non_finite_validation_stops_the_fold_and_keeps_the_last_good_checkpoint
     """A model whose validation output turns NaN at epoch 1 (its training loss stays finite):
     exit 1, one line, and epoch 0's checkpoints still load."""
     import train
-    from model import AudioClassifier, load_checkpoint
+    from ensemble import load_checkpoint
+    from model import AudioClassifier
 
     forward = AudioClassifier.forward
 
