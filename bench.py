@@ -168,7 +168,7 @@ def step_share(cfg: Config, waves, batch, device, front=None) -> tuple[float, fl
 def main(argv=None) -> int:
     from arg import config_from_args, make_parser
 
-    p = make_parser(__doc__.split("\n")[0], only=("work", "size", "batch_size", "gpus", "run"))
+    p = make_parser(__doc__.split("\n")[0], "bench")
     p.add_argument("--clips", type=int, default=512, help="clips per pipeline")
     p.add_argument("--seed-workers", type=int, default=2,
                    help="DataLoader workers of the original per-sample pipeline (a)")

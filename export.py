@@ -136,7 +136,7 @@ def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) 
 
 
 def main(argv=None) -> int:
-    p = make_parser(__doc__.split("\n")[0], only=("work", "run", "tta"))
+    p = make_parser(__doc__.split("\n")[0], "export")
     add_folds(p)
     p.add_argument("--runs", nargs="+", default=None,
                    help="several runs blended into one ensemble, every fold of a run weighted "

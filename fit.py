@@ -12,16 +12,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from arg import Config
+from arg import LEARNT, Config
 from callback import EMA, FreezeBody, History, OOFWriter, SWA, ValidationCollector
 from dataset import Clips, FoldData, load_noise, pseudo_labels, Rows
 from ensemble import load_checkpoint, predict_waves
-from job import (build_logger, check_model, check_resume, loader_workers, make_trainer, owned,
-                 write_records)
+from job import Job, build_logger, check_model, check_resume, loader_workers, run_job
 from model import AudioClassifier
 from results import cv_summary, write_html
 from runs import FOLD_RECORDS, Run, Work, fold_done, train_command, validation_folds
-from util import UsageError, launched_rank_zero, pick_device, write_csv, write_json
+from util import UsageError, pick_device, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def plan_fold(cfg: Config, k: int) -> Fold:
                     cfg.codecs, cfg.p_codec, cfg.sr)
     teacher, teacher_path = load_teacher(cfg, k, data.classes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = AudioClassifier(cfg.to_dict(), data.classes)
+    model = AudioClassifier(cfg.part(*LEARNT), data.classes)  # what the checkpoint holds
     model.net.set_noise(load_noise(cfg.work))
     if teacher is not None:
         model.set_teacher(teacher)
@@ -108,28 +107,6 @@ def plan_fold(cfg: Config, k: int) -> Fold:
                  len(pseudo), cfg.pseudo_threshold)
     return Fold(cfg, k, run, accelerator, devices, data, model, resume_from, teacher_path,
                 0 if pseudo is None else len(pseudo))
-
-
-def start_records(fold: Fold) -> None:
-    """A fresh fold starts without the records of an earlier one, and its run without the
-    results made from the earlier folds (the leaderboard would pair the old test score with
-    the new CV, --pseudo would read the old test_probs.csv); config.yaml, command.txt and
-    versions.json say what makes it."""
-    if fold.resume_from:
-        log.info("fold %d: resuming from %s", fold.k, fold.resume_from)
-    else:
-        if fold.cfg.resume:
-            log.warning("fold %d: --resume but no %s yet: starting from scratch", fold.k,
-                        fold.dir / "last.ckpt")
-        for name in FOLD_RECORDS:
-            (fold.dir / name).unlink(missing_ok=True)
-        stale = fold.run.results()
-        for path in stale:
-            path.unlink(missing_ok=True)
-        if stale:
-            log.info("fold %d: a fresh start: removed the run's earlier %s", fold.k,
-                     ", ".join(p.name for p in stale))
-    write_records(fold.dir, fold.cfg)
 
 
 def fold_callbacks(fold: Fold) -> list:
@@ -196,16 +173,16 @@ def train_fold(cfg: Config, k: int, progress: bool = True, extra_callbacks=()) -
     before anything is written; from the lock on, this process owns the fold folder.
     `extra_callbacks`: more Lightning callbacks (tune.py's pruning)."""
     fold = plan_fold(cfg, k)
-    with owned(fold.dir):
-        if launched_rank_zero():
-            start_records(fold)
-        trainer = make_trainer(cfg, fold.accelerator, fold.devices, fold.dir,
-                               fold_callbacks(fold) + list(extra_callbacks), progress,
-                               build_logger(cfg, fold.dir, f"fold{fold.k}"))
-        t0 = time.time()
-        trainer.fit(fold.model, datamodule=fold.data, ckpt_path=fold.resume_from,
-                    weights_only=True)
-        return finish_fold(fold, trainer, t0)
+    # a fresh fold starts without its earlier records, and its run without the results made
+    # from the earlier folds (the leaderboard would pair the old test score with the new CV,
+    # --pseudo would read the old test_probs.csv)
+    job = Job(cfg, fold.dir, fold.model, dict(datamodule=fold.data), "train.py", fold.accelerator,
+              fold.devices, f"fold {k}", k, fold.resume_from,
+              tuple(fold.dir / n for n in FOLD_RECORDS) + tuple(fold.run.results()))
+    t0 = time.time()
+    return run_job(job, fold_callbacks(fold) + list(extra_callbacks), progress,
+                   lambda trainer: finish_fold(fold, trainer, t0),
+                   build_logger(cfg, fold.dir, f"fold{k}"))
 
 
 def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch: int,

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 import audio
-from arg import GROUPS, Config, add_folds, config_from_args, make_parser as config_parser
+from arg import Config, add_folds, config_from_args, make_parser as config_parser
 from audio import HOP_HELP, WINDOW_HELP, window_problem
 from dataset import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, oof_for_blend, predict_waves,
@@ -60,11 +60,10 @@ def predict_files(paths: list[Path], files: list[str], tta: bool, how: str, weig
 
 
 # ----------------------------------------------------------------------------- main
-FIELDS = ("work", "model", "size", "run", "gpus", "tta", "batch_size")  # of Config
 
 
 def make_parser():
-    p = config_parser(__doc__.split("\n")[0], GROUPS, only=FIELDS)
+    p = config_parser(__doc__.split("\n")[0], "inference")
     g = p.add_argument_group("members")
     g.add_argument("--runs", nargs="+", default=None,
                    help="several runs blended into one ensemble, every fold of a run weighted "

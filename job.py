@@ -1,6 +1,7 @@
-"""What every training script shares (train.py, pretrain.py): the settings WORK fixed, the
-checks made before anything runs, the device, precision and strategy, the Trainer, a run
-folder's records (config.yaml, command.txt, versions.json) and its lock.
+"""What every training script shares (train.py, tune.py's trials, pretrain.py): the settings
+WORK fixed, the checks made before anything runs, the device, precision and strategy, the
+Trainer, the one runner (run_job: lock, records, fit, outputs, signals), a run folder's records
+(config.yaml, command.txt, versions.json) and its lock.
 
 Scripts sit on top of this module and never import one another.
 """
@@ -24,7 +25,7 @@ from callback import AtomicCheckpointIO
 from checkpoints import CheckpointError, safe_load
 from runs import Work, read_config
 import speech
-from util import FoldLock, UsageError, launched_rank_zero, write_json, write_text
+from util import FoldLock, Stopped, UsageError, launched_rank_zero, write_json, write_text
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -112,15 +113,70 @@ def check_resume(cfg: Config, folder: Path, fix: str) -> None:
                          f"flags (--config {folder / 'config.yaml'}), or train under a new --run")
 
 
-def stopped(script: str, e: BaseException, what: str) -> int:
-    """A run stopped by SIGTERM or ^C: one line, and the exit code a shell gives a process the
-    signal ended (143, 130); the last checkpoint is what --resume continues from."""
+# ----------------------------------------------------------------------------- the runner
+@dataclasses.dataclass
+class Job:
+    """One training process's work, every check done and nothing written yet: the module and
+    what it fits on (`fit_args`: datamodule= or train_dataloaders=), its folder, what a fresh
+    start clears there (`stale`), the script command.txt replays, and where it runs."""
+    cfg: Config
+    folder: Path
+    module: object  # a LightningModule
+    fit_args: dict
+    script: str  # train.py, pretrain.py
+    accelerator: str
+    devices: list[int] | int
+    name: str  # for messages: "fold 0", "run byol"
+    fold: int | None = None
+    resume_from: str | None = None
+    stale: tuple = ()
+
+
+def run_job(job: Job, callbacks: list, progress: bool, finish, logger=False):
+    """The one runner of train.py's folds, tune.py's trials and pretrain.py: the folder's lock;
+    a fresh start's clean slate (or the resume); the records; the Trainer and the fit; then
+    `finish(trainer)`'s outputs, returned, all while the lock is held. A signal ends it as
+    Stopped (SIGTERM 143, ^C 130: Lightning turns ^C into exit code 1), a loss that went NaN
+    as a FloatingPointError naming the job."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    name, code = ("SIGTERM", 143) if isinstance(e, SIGTERMException) else ("SIGINT", 130)
-    print(f"{script}: {what} stopped by {name}; its last.ckpt is where --resume continues",
-          file=sys.stderr)
-    return code
+    with owned(job.folder):
+        if launched_rank_zero():
+            start_records(job)
+        trainer = make_trainer(job.cfg, job.accelerator, job.devices, job.folder, callbacks,
+                               progress, logger)
+        try:
+            trainer.fit(job.module, ckpt_path=job.resume_from, weights_only=True,
+                        **job.fit_args)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{job.name}: {e}") from None
+        except SystemExit as e:
+            signal = "SIGTERM" if isinstance(e, SIGTERMException) else \
+                "SIGINT (^C)" if trainer.interrupted else None
+            if signal is None:
+                raise
+            raise Stopped(f"{job.name} stopped by {signal}; its last.ckpt is where --resume "
+                          f"continues", 143 if signal == "SIGTERM" else 130) from None
+        return finish(trainer)
+
+
+def start_records(job: Job) -> None:
+    """A fresh start clears what an earlier run left in the folder (`stale`: its records, and
+    the results made from them, which would otherwise sit beside the new ones); config.yaml,
+    command.txt and versions.json say what makes this one."""
+    if job.resume_from:
+        log.info("%s: resuming from %s", job.name, job.resume_from)
+    else:
+        if job.cfg.resume:
+            log.warning("%s: --resume but no %s yet: starting from scratch", job.name,
+                        job.folder / "last.ckpt")
+        removed = [p for p in job.stale if p.is_file()]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if removed:
+            log.info("%s: a fresh start: removed the earlier %s", job.name,
+                     ", ".join(sorted({p.name for p in removed})))
+    write_records(job.folder, job.cfg, job.script, job.fold)
 
 
 # ----------------------------------------------------------------------------- the Trainer
@@ -205,10 +261,14 @@ def versions() -> dict:
                 timm=timm.__version__, numpy=numpy.__version__)
 
 
-def write_records(folder: Path, cfg: Config) -> None:
-    """config.yaml (what makes the run: --config reads it back), command.txt and versions.json."""
+def write_records(folder: Path, cfg: Config, script: str, fold: int | None = None) -> None:
+    """config.yaml (what makes the run, in labelled parts: --config reads it back), command.txt
+    (the command that makes it again from config.yaml, whichever script started it: tune.py's
+    trials too) and versions.json."""
     write_yaml(cfg, folder / "config.yaml")
-    write_text(shlex.join([sys.executable, *sys.argv]) + "\n", folder / "command.txt")
+    replay = ["python", script, "--config", str(folder / "config.yaml")]
+    write_text(shlex.join(replay + (["-f", str(fold)] if fold is not None else [])) + "\n",
+               folder / "command.txt")
     write_json(versions(), folder / "versions.json")
 
 

@@ -471,7 +471,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
 
 
 def main(argv=None) -> int:
-    p = make_parser(__doc__.split("\n")[0], groups=("data",))
+    p = make_parser(__doc__.split("\n")[0], "preprocess")
     p.add_argument("--force", action="store_true", help="rebuild WORK even if it is up to date")
     p.add_argument("--jobs", type=int, default=None,
                    help="processes at work at once (default: all cores)")

@@ -17,38 +17,21 @@ fold 0's training rows -> its validation rows), curve.png, last.ckpt (--resume),
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from arg import Config, FIELDS as CONFIG, make_parser, parse_config
+from arg import LEARNT, Config, make_parser, parse_config
 from byol import BYOL, Probe, unlabelled_data
 from callback import History
 from dataset import loader
-from job import (check_model, check_resume, loader_workers, make_trainer, owned, stopped,
-                 work_settings, write_records)
+from job import Job, check_model, check_resume, loader_workers, run_job, work_settings
 from runs import Work
-from util import UsageError, atomic_write, launched_rank_zero, pick_device, setup_logging
+from util import UsageError, atomic_write, launched_rank_zero, pick_device, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
-FIELDS = ("work", "seed", "size", "n_fft", "hop_length", "n_mels", "norm", "top_db", "model",
-          "pretrained", "drop_path_rate", "channels_last", "epochs", "batch_size", "lr", "min_lr",
-          "weight_decay", "warmup", "gpus", "precision", "run", "resume", "devices", "strategy",
-          "num_nodes", "workers", "limit_batches", "ssl_data", "unlabelled", "ssl_tau",
-          "ssl_dim", "probe_every")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-# ----------------------------------------------------------------------------- probe
-
-
-# ----------------------------------------------------------------------------- main
 RECORDS = ("encoder.pth", "last.ckpt", "history.csv", "curve.png", "config.yaml")  # of a run
 
 
@@ -77,53 +60,42 @@ def pretrain(cfg: Config, progress: bool = True, force: bool = False) -> Path:
     data = unlabelled_data(cfg)
     resume = check_start(cfg, out, force)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = BYOL(cfg.to_dict())
-    with owned(out):
-        if launched_rank_zero():
-            if not resume:  # a fresh start (or --force): nothing of an earlier run stays
-                for name in RECORDS:
-                    (out / name).unlink(missing_ok=True)
-            write_records(out, cfg)
-        callbacks = [Probe(Path(cfg.work), cfg.probe_every, cfg.batch_size * 2),
-                     History(out, f"{cfg.run_name}: BYOL-A pretraining",
-                             columns=["epoch", "lr", "train_loss", "probe_acc", "seconds"]),
-                     ModelCheckpoint(dirpath=out, filename="last", enable_version_counter=False)]
-        trainer = make_trainer(cfg, accelerator, devices, out, callbacks, progress)
-        workers = loader_workers(cfg, accelerator)
-        trainer.fit(module, train_dataloaders=loader(data, cfg.batch_size, True, workers,
-                                                     drop_last=len(data) > cfg.batch_size),
-                    ckpt_path=resume, weights_only=True)
+    module = BYOL(cfg.part(*LEARNT, "pretrain"))
+    batches = loader(data, cfg.batch_size, True, loader_workers(cfg, accelerator),
+                     drop_last=len(data) > cfg.batch_size)
+    job = Job(cfg, out, module, dict(train_dataloaders=batches), "pretrain.py", accelerator,
+              devices, f"run {cfg.run_name}", resume_from=resume,
+              stale=tuple(out / n for n in RECORDS))  # a fresh start (or --force) clears them
+    callbacks = [Probe(Path(cfg.work), cfg.probe_every, cfg.batch_size * 2),
+                 History(out, f"{cfg.run_name}: BYOL-A pretraining",
+                         columns=["epoch", "lr", "train_loss", "probe_acc", "seconds"]),
+                 ModelCheckpoint(dirpath=out, filename="last", enable_version_counter=False)]
+
+    def save_encoder(trainer) -> Path:
         if trainer.is_global_zero:
             state = module.encoder.backbone_state()
             atomic_write(out / "encoder.pth", lambda tmp: torch.save(state, tmp))
-    return out / "encoder.pth"
+        return out / "encoder.pth"
+    return run_job(job, callbacks, progress, save_encoder)
 
 
-def main(argv=None) -> int:
-    augmentation = tuple(n for n, f in CONFIG.items() if f.metadata["group"] == "augmentation")
-    p = make_parser(__doc__.split("\n")[0], groups=("data", "features", "augmentation", "model",
-                                                    "optim", "run", "pretrain"),
-                    only=FIELDS + augmentation, config_file=True)
+def steps(argv) -> int:
+    p = make_parser(__doc__.split("\n")[0], "pretrain", config_file=True)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (logs to files)")
     p.add_argument("--force", action="store_true",
                    help="replace a pretraining run of the same --run name")
     cfg, args = parse_config(p, argv)
     setup_logging()
-    try:
-        path = pretrain(cfg, args.progress, args.force)
-    except UsageError as e:
-        print(f"pretrain: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"pretrain: {e}", file=sys.stderr)
-        return 1
-    except (SIGTERMException, KeyboardInterrupt) as e:
-        return stopped("pretrain", e, f"run {cfg.run_name}")
+    path = pretrain(cfg, args.progress, args.force)
     if launched_rank_zero():
         log.info("encoder: %s (fine-tune with: python train.py --work %s -m %s -t %d "
                  "--pretrained %s)", path, cfg.work, cfg.model, cfg.size, path)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(steps, "pretrain", argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
-    p = make_parser(__doc__.split("\n")[0], only=("work", "run"))
+    p = make_parser(__doc__.split("\n")[0], "report")
     args = p.parse_args(argv)
     setup_logging()
     work = Path(getattr(args, "work", "work"))

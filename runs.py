@@ -129,9 +129,8 @@ class Run:
         return self.fold(k) / "best.ckpt"
 
     def results(self) -> list[Path]:
-        """The run's outputs made from its folds (RUN_RESULTS and RUN.onnx) that exist."""
-        return [p for p in [self.dir / n for n in RUN_RESULTS] + [self.dir / f"{self.name}.onnx"]
-                if p.is_file()]
+        """Where the run's outputs made from its folds go (RUN_RESULTS and RUN.onnx)."""
+        return [self.dir / n for n in RUN_RESULTS] + [self.dir / f"{self.name}.onnx"]
 
     def oof(self, k: int, name: str = "oof") -> Path:
         """fold k's out-of-fold predictions: oof.csv, or oof_tta.csv with name='oof_tta'."""

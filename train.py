@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from arg import WORK_FIXED, Config, make_parser, parse_config
+from arg import Config, make_parser, parse_config
 from fit import train_fold
-from job import check_model, stopped, work_settings
+from job import check_model, work_settings
 from metrics import monitored
 from runs import Run, Work
-from util import UsageError, parse_gpus, pick_device, setup_logging, strip_options
+from util import UsageError, parse_gpus, pick_device, run_cli, setup_logging, strip_options
 
 log = logging.getLogger(__name__)
 
@@ -117,29 +116,24 @@ def train_all(cfg: Config, argv: list[str]) -> int:
     return 0 if (summary.status == "ok").all() else 1
 
 
-def main(argv=None) -> int:
+def steps(argv) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = make_parser(__doc__.split("\n")[0], config_file=True, skip=WORK_FIXED)
+    p = make_parser(__doc__.split("\n")[0], "train", config_file=True)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (logs to files)")
     cfg, args = parse_config(p, argv)
     setup_logging()
-    try:
-        cfg = work_settings(cfg, args.given)
-        if cfg.fold == "all":
-            return train_all(cfg, argv)
-        if not cfg.fold.lstrip("-").isdigit():
-            raise UsageError(f"-f {cfg.fold}: expected a fold number or 'all'")
-        train_fold(cfg, int(cfg.fold), args.progress)
-    except UsageError as e:
-        print(f"train: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"train: fold {cfg.fold}: {e}", file=sys.stderr)
-        return 1
-    except (SIGTERMException, KeyboardInterrupt) as e:
-        return stopped("train", e, f"fold {cfg.fold}")
+    cfg = work_settings(cfg, args.given)
+    if cfg.fold == "all":
+        return train_all(cfg, argv)
+    if not cfg.fold.lstrip("-").isdigit():
+        raise UsageError(f"-f {cfg.fold}: expected a fold number or 'all'")
+    train_fold(cfg, int(cfg.fold), args.progress)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(steps, "train", argv)
 
 
 if __name__ == "__main__":

@@ -438,8 +438,8 @@ def summarise(study, given: dict, out: Path) -> Path | None:
     from job import work_settings
 
     cfg = work_settings(trial_config(given, best.params, study.study_name, best.number))
-    write_yaml(dataclasses.replace(cfg, run=f"{study.study_name}-best", resume=False),
-               out / "best.yaml")
+    write_yaml(dataclasses.replace(cfg, run=f"{study.study_name}-best"), out / "best.yaml",
+               roles=("recipe", "place"), only=("run",))  # the recipe; no worker's placement
     images = plot_study(study, out)
     write_report(study, table, best, images, out)
     return out / "best.yaml"
@@ -494,7 +494,7 @@ def write_report(study, table, best, images: list[Path], out: Path) -> None:
 
 # ----------------------------------------------------------------------------- main
 def parse(argv):
-    p = make_parser(__doc__.split("\n")[0], config_file=True, skip=(*WORK_FIXED, "resume"))
+    p = make_parser(__doc__.split("\n")[0], "train", config_file=True, skip=("resume",))
     g = p.add_argument_group("study")
     g.add_argument("--study", required=True, help="study name: trials run as WORK/runs/STUDY-N")
     g.add_argument("--space", default="", help="YAML file of the searched settings (space.yaml)")

@@ -21,6 +21,37 @@ class UsageError(Exception):
     else is a bug and keeps its traceback."""
 
 
+class Stopped(Exception):
+    """A run a signal ended (job.run_job says which and what --resume continues from), with
+    the exit code a shell gives a process that signal ends: 143 (SIGTERM), 130 (SIGINT, ^C)."""
+
+    def __init__(self, said: str, code: int):
+        super().__init__(said)
+        self.code = code
+
+
+def run_cli(main, name: str, argv=None) -> int:
+    """Run a script's `main(argv)` and map what ends it to one line and an exit code, the same
+    for every script: a bad request (UsageError) 2, a loss that went NaN (FloatingPointError)
+    1, SIGTERM 143 and ^C 130; anything else keeps its traceback (a bug)."""
+    try:
+        return main(argv) or 0
+    except UsageError as e:
+        said, code = str(e), 2
+    except FloatingPointError as e:
+        said, code = str(e), 1
+    except Stopped as e:
+        said, code = str(e), e.code
+    except KeyboardInterrupt:
+        said, code = "stopped by SIGINT (^C)", 130
+    except SystemExit as e:
+        if type(e).__name__ != "SIGTERMException":  # Lightning's, raised in its loops
+            raise
+        said, code = "stopped by SIGTERM", 143
+    print(f"{name}: {said}", file=sys.stderr)
+    return code
+
+
 # ----------------------------------------------------------------------------- I/O
 class DiskFullError(UsageError):
     """A write found no room (full disk, quota, file-size limit). The file it was replacing

@@ -225,13 +225,13 @@ def test_flags_mean_one_thing_in_every_script():
     """Each long flag has one meaning: preprocess's fold count is --n-folds, inference's fold
     list is --folds; the STFT hop is --hop-length (samples), the window step --hop (seconds)."""
     import inference
-    from arg import GROUPS, WORK_FIXED, make_parser
+    from arg import make_parser
 
     def flags(parser):
         return {s for a in parser._actions for s in a.option_strings}
 
-    pre = flags(make_parser("preprocess", groups=("data",)))  # as preprocess.py builds it
-    train = flags(make_parser("train", GROUPS, skip=WORK_FIXED))  # as train.py builds it
+    pre = flags(make_parser("preprocess", "preprocess"))  # as preprocess.py builds it
+    train = flags(make_parser("train", "train"))  # as train.py builds it
     infer = flags(inference.make_parser())
     assert "--n-folds" in pre and "--folds" not in pre and "--folds" not in train
     assert "--folds" in infer and "--hop-length" in train and "--hop" not in train

@@ -63,3 +63,47 @@ def test_a_fold_count_that_names_no_fold_is_one_line(tmp_path, script, folds):
     proc = run_script(script, "--work", tmp_path, "--run", "r", "-f", folds, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"-f {folds}: expected a fold count of at least 1" in proc.stderr
+
+
+JOB_OF = {"preprocess": "preprocess", "train": "train", "tune": "train", "pretrain": "pretrain",
+          "inference": "inference", "export": "export", "report": "report", "bench": "bench"}
+
+
+def config_options(job: str) -> dict[str, str]:
+    """{long flag: Config field} of the fields whose role says `job` uses them."""
+    from arg import FIELDS
+
+    out = {}
+    for name, f in FIELDS.items():
+        if job in f.metadata["jobs"]:
+            for flag in f.metadata["flags"] or (f"--{name.replace('_', '-')}",):
+                if flag.startswith("--"):
+                    out[flag] = name
+    return out
+
+
+@pytest.mark.parametrize("script", sorted(JOB_OF))
+def test_a_script_offers_the_config_fields_its_job_uses_and_no_others(script):
+    """From the roles alone: every Config flag a script's --help offers is a field its job
+    uses, and every field its job uses is offered (tune.py: train's; its --resume is the
+    study's own)."""
+    from arg import FIELDS
+
+    every = {flag: name for job in JOB_OF.values() for flag, name in config_options(job).items()}
+    offered = {flag for flag in options(script) if flag in every}
+    want = set(config_options(JOB_OF[script]))
+    assert offered == want, (sorted(offered - want), sorted(want - offered))
+    roles = {FIELDS[every[f]].metadata["role"] for f in offered}
+    if script in ("inference", "export", "report", "bench"):
+        assert "work" not in roles and "pretrain" not in roles
+
+
+def test_the_roles_say_what_each_job_leaves_out():
+    """A few facts the roles must keep: preprocess takes no training setting, pretrain
+    no setting BYOL never applies, train no setting WORK fixes."""
+    pre, ssl, train = (set(config_options(j).values()) for j in ("preprocess", "pretrain", "train"))
+    assert {"sr", "seconds", "n_folds", "manifest", "noise"} <= pre
+    assert not {"crop", "labels", "epochs", "model"} & pre
+    assert not {"p_mixup", "mixup", "p_codec", "smoothing", "ohem", "ema", "head"} & ssl
+    assert {"ssl_tau", "p_pitch", "lr"} <= ssl
+    assert not {"sr", "seconds", "n_folds", "manifest", "data", "ssl_tau"} & train

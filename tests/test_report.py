@@ -73,18 +73,26 @@ def test_config_yaml_remakes_the_same_config(e2e, tmp_path):
     from arg import Config, make_parser, parse_config
 
     saved = e2e["run"] / "fold0" / "config.yaml"
-    cfg, _ = parse_config(make_parser("x", config_file=True), ["--config", str(saved)])
+    cfg, _ = parse_config(make_parser("x", "train", config_file=True), ["--config", str(saved)])
     assert cfg == Config.from_dict(yaml.safe_load(saved.read_text()))
     import torch
 
+    from arg import LEARNT, fields_with
+
     ckpt = torch.load(e2e["run"] / "fold0" / "best.ckpt", map_location="cpu", weights_only=False)
-    assert cfg == Config.from_dict(ckpt["hyper_parameters"]["config"])
+    held = ckpt["hyper_parameters"]["config"]  # the recipe and the clips, not the placement
+    assert set(held) == set(fields_with(*LEARNT)) and "gpus" not in held and "work" not in held
+    assert cfg.part(*LEARNT) == Config.from_dict(held).part(*LEARNT)
+    text = saved.read_text()  # config.yaml: both, in labelled parts
+    assert text.index("# recipe:") < text.index("# work:") < text.index("# place:")
+    assert (e2e["run"] / "fold0" / "command.txt").read_text().split() == [
+        "python", "train.py", "--config", str(saved), "-f", "0"]
     # a run made from that file, under another name, has the same Config but its name
     work = tmp_path / "work"
     shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
     run_script("train.py", "--config", saved, "--work", work, "--run", "again", "-g", "cpu",
                "--no-progress", "--limit-batches", 2)
-    again, _ = parse_config(make_parser("x", config_file=True),
+    again, _ = parse_config(make_parser("x", "train", config_file=True),
                             ["--config", str(work / "runs" / "again" / "fold0" / "config.yaml")])
     mine = dict(cfg.to_dict(), work=str(work), run="again", gpus="cpu", limit_batches=2)
     assert again == Config.from_dict(mine)

@@ -143,3 +143,27 @@ def test_a_config_that_is_not_text_is_one_line(tmp_path):
     proc = run_script("train.py", "--config", tmp_path / "x.gz", check=False)
     assert proc.returncode == 2 and "not a text file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("sig,code,said", [("SIGINT", 130, "SIGINT (^C)"),
+                                           ("SIGTERM", 143, "SIGTERM")])
+def test_a_signal_ends_training_with_the_shell_s_code_and_one_line(work, sig, code, said):
+    """^C in train.py ended in exit 1 and silence (Lightning turns it into sys.exit(1));
+    now it is 130 and one line, as SIGTERM is 143; last.ckpt stays for --resume."""
+    import signal
+    import time
+
+    fold = work / "runs" / f"sig{code}" / "fold0"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--work", str(work), *TINY,
+                             "-e", "50", "-f", "0", "-g", "cpu", "--run", f"sig{code}",
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (fold / "last.ckpt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == code, err[-2000:]
+    assert f"train: fold 0 stopped by {said}; its last.ckpt is where --resume continues" in err
+    assert "Traceback" not in err and (fold / "last.ckpt").is_file()
+    assert not (fold / "result.json").exists()

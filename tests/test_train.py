@@ -123,13 +123,13 @@ def test_missing_gpu_lists_the_visible_ones(monkeypatch):
 def test_g_means_the_same_in_every_script(capsys):
     """-g is one Config field: train, inference and bench parse it alike, and a GPU that is
     not there is the same one-line refusal from inference as from train."""
-    from arg import GROUPS, make_parser
+    from arg import make_parser
     import bench
     import export
     import inference
     import report
 
-    for parser in (make_parser("x", GROUPS), inference.make_parser()):
+    for parser in (make_parser("x", "train"), inference.make_parser()):
         assert parser.parse_args(["-g", "cpu"]).gpus == "cpu"
         assert parser.parse_args(["--gpus", "0,1"]).gpus == "0,1"
     for main in (report.main, export.main):  # they run on the CPU: no -g to offer
@@ -144,7 +144,7 @@ def test_g_means_the_same_in_every_script(capsys):
 def test_config_flags_round_trip():
     from arg import config_from_args, make_parser
 
-    args = make_parser("x").parse_args(["-e", "3", "-b", "8", "-t", "64", "-m", "resnet18",
+    args = make_parser("x", "train").parse_args(["-e", "3", "-b", "8", "-t", "64", "-m", "resnet18",
                                         "-l1", "0.01", "-l2", "0.0001", "-d", "0", "-s", "0.1",
                                         "-o", "0.7", "-f", "all", "-g", "0,1", "-p", "bf16",
                                         "-a", "y", "--aug", "seed", "--channels-last", "no"])
@@ -232,7 +232,7 @@ def test_fold_lock_is_released_when_training_fails(work):
     from arg import make_parser, parse_config
     from util import FoldLock, UsageError
 
-    cfg, _ = parse_config(make_parser("x"), ["--work", str(work), *TINY, "-g", "cpu",
+    cfg, _ = parse_config(make_parser("x", "train"), ["--work", str(work), *TINY, "-g", "cpu",
                                              "--run", "boom", "-l1", "1e30", "-e", "2"])
     cfg = job.work_settings(cfg)
     fold_dir = work / "runs" / "boom" / "fold0"

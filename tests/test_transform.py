@@ -331,7 +331,7 @@ def test_filter_augment_gains_are_bounded_and_smooth():
 def test_presets_fill_only_what_is_not_given(tmp_path):
     from arg import make_parser, parse_config, write_yaml
 
-    p = make_parser("x", config_file=True)
+    p = make_parser("x", "train", config_file=True)
     cfg, _ = parse_config(p, ["--aug", "seed", "--p-pitch", "0.5", "--p-noise", "0.1"])
     assert cfg.p_pitch == 0.5 and cfg.p_noise == 0.1 and cfg.p_shift == 0.5
     assert cfg.p_bg == cfg.p_spec == cfg.p_mixup == cfg.p_reverb == 0.0
