@@ -19,7 +19,8 @@ from torch import nn
 
 from arg import Config
 from audio import AudioError, audio_files, read_audio
-from dataset import Clips, JoinedDataset, WaveDataset
+from cache import Clips
+from dataset import JoinedDataset, WaveDataset
 from model import AudioNet, warmup_cosine
 from runs import Work
 from util import UsageError, read_table

@@ -1,4 +1,4 @@
-"""Datasets over the int16 waveform caches of preprocess.py, and the data module of one fold.
+"""Datasets over the int16 waveform cache (cache.py), and the data module of one fold.
 
 No decoding and no features here: a batch is a slice of rows of a memory-mapped .npy
 (int16 tensor), the labels and the row indices. Features are made on the device (model.py).
@@ -14,120 +14,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from audio import codec, seconds_label, window_starts
+from audio import codec
+from cache import Clips
 from runs import Work, validation_folds
 from util import UsageError, read_table
-
-
-class Clips:
-    """The clips of one split, each of its own length: WORK/{split}_wave.npy holds every sample
-    of every clip back to back (int16, 1-D, memory-mapped) and {split}_offsets.npy where each
-    clip starts (N + 1 entries). A WORK built before clips kept their length (a 2-D [N, L]
-    cache, no offsets) reads the same way. Opened lazily, once per worker process."""
-
-    def __init__(self, wave: str | Path | np.ndarray, offsets=None):
-        """`wave`: the cache file or an array; `offsets`: a file or an array of N + 1 starts
-        (None, or a file that is not there, with an older [N, L] cache: rows of L samples)."""
-        self.path, self._wave = (None, wave) if isinstance(wave, np.ndarray) else (str(wave), None)
-        if isinstance(offsets, (str, Path)):
-            offsets = np.load(offsets) if Path(offsets).is_file() else None
-        self._offsets = None if offsets is None else np.asarray(offsets, dtype=np.int64)
-        if self._offsets is None:  # an older [N, L] cache
-            n, length = np.load(self.path, mmap_mode="r").shape
-            self._offsets = np.arange(n + 1, dtype=np.int64) * length
-
-    @classmethod
-    def of(cls, work: str | Path, split: str) -> "Clips":
-        return cls(Work(work).wave(split), Work(work).offsets(split))
-
-    @classmethod
-    def from_arrays(cls, clips) -> "Clips":
-        """In memory, from a list of 1-D int16 arrays (tests, bench)."""
-        lengths = [len(c) for c in clips]
-        flat = np.concatenate(clips).astype(np.int16) if clips else np.zeros(0, np.int16)
-        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]))
-
-    def __getstate__(self):  # a memmap would travel as a copy of the data: reopen instead
-        return {**self.__dict__, "_wave": None if self.path else self._wave}
-
-    @property
-    def wave(self) -> np.ndarray:
-        if self._wave is None:
-            self._wave = np.load(self.path, mmap_mode="r").reshape(-1).view(np.ndarray)
-        return self._wave
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self._offsets)
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def clip(self, i: int) -> np.ndarray:
-        return self.wave[self._offsets[i]:self._offsets[i + 1]]
-
-    def read(self, rows, length: int, starts=None) -> np.ndarray:
-        """[len(rows), length] int16: `length` samples of each clip from its start (or
-        `starts`), zero-padded past its end."""
-        rows = np.asarray(rows, dtype=np.int64)
-        starts = np.zeros(len(rows), np.int64) if starts is None else np.asarray(starts, np.int64)
-        # np.empty, not np.zeros: a fresh zeroed buffer costs a page fault per 4 KiB written,
-        # which made reading a batch 9x slower (bench.py --sections crops)
-        begin, end = self._offsets[rows] + starts, self._offsets[rows + 1]
-        whole = end - begin >= length  # most rows: one gather in C
-        if len(rows) and whole.all():  # (no rows: the cache may be shorter than a window)
-            return np.lib.stride_tricks.sliding_window_view(self.wave, length)[begin]
-        out = np.empty((len(rows), length), np.int16)
-        if whole.any():
-            out[whole] = np.lib.stride_tricks.sliding_window_view(self.wave, length)[begin[whole]]
-        for i in np.flatnonzero(~whole):  # shorter than `length` from there: zero-padded
-            n = max(0, int(end[i] - begin[i]))
-            out[i, :n] = self.wave[begin[i]:begin[i] + n]
-            out[i, n:] = 0
-        return out
-
-    def random_starts(self, rows, length: int) -> np.ndarray:
-        """A uniform random start for each clip longer than `length` (torch's generator:
-        seeded by Lightning, one stream per worker), 0 for the others."""
-        room = np.maximum(self.lengths[np.asarray(rows, dtype=np.int64)] - length, 0)
-        if not room.any():  # fixed-length clips draw nothing: their runs stay as they were
-            return np.zeros(len(room), np.int64)
-        u = torch.rand(len(room), dtype=torch.float64).numpy()
-        return np.floor(u * (room + 1)).astype(np.int64)
-
-
-class Rows:
-    """`window` samples (default `length`) of clips[rows] from their start (or `starts`),
-    zero-padded or cut to `length`, read a slice at a time (predict_waves takes it batch by
-    batch): the rows are never all in memory at once."""
-
-    def __init__(self, clips: Clips, rows, length: int, starts=None, window: int | None = None):
-        self.clips, self.rows, self.length = clips, np.asarray(rows, dtype=np.int64), length
-        self.starts = np.zeros(len(self.rows), np.int64) if starts is None else np.asarray(starts)
-        self.window = window or length
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, s: slice) -> np.ndarray:
-        w = self.clips.read(self.rows[s], self.window, self.starts[s])
-        if self.window == self.length:
-            return w
-        out = np.zeros((len(w), self.length), np.int16)
-        n = min(self.window, self.length)
-        out[:, :n] = w[:, :n]
-        return out
-
-
-def windows(clips: Clips, window: int, hop: int, sr: int) -> pd.DataFrame:
-    """Every clip's windows (audio.window_starts), in clip then time order: row, start
-    (samples), end (the window's end in seconds as a row id writes it: audio.seconds_label)."""
-    rows, starts, ends = [], [], []
-    for i, n in enumerate(clips.lengths):
-        for s in window_starts(int(n), window, hop):
-            rows.append(i), starts.append(s)
-            ends.append(seconds_label(s + window, sr))
-    return pd.DataFrame({"row": rows, "start": starts, "end": ends})
 
 
 class WaveDataset(Dataset):

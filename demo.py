@@ -1,527 +1,29 @@
-"""Synthesise a Speech-Commands-like dataset with espeak-ng, so the pipeline runs anywhere.
+"""Synthesise a Speech-Commands-like dataset (espeak-ng and Kokoro-82M voices), so the
+pipeline runs anywhere, nothing downloaded.
 
     python demo.py --out data/demo                      # the demo: 160 speakers, easy
     python demo.py --preset hard --out data/hard        # the benchmark that ranks recipes
     python demo.py --preset shift --out data/shift      # in-domain vs shifted test speakers
+    python demo.py --preset real --out data/real/synth  # training speech of the real-voice
+                                                        # benchmark (real.py): + 108 Kokoro speakers
     python demo.py --preset soundscape --out data/soundscape   # recordings, several labels
     python demo.py --out data/yesno --words yes,no --speakers 40
+    python demo.py --out data/mine --words "alexa,smart mirror" --kokoro 54 --clip-seconds 1.5
 
-A "speaker" is one espeak-ng voice (accent + variant) with its own pitch, pitch range and
-rate. Each clip places the word at a random offset in 1 s at 16 kHz with a random gain;
-most clips get noise at a random SNR; some are shorter than 1 s, as in the real data.
-
-`--preset hard` (420 speakers, 10,080 train and 2,520 test clips, made in about 30 s on
-2 cores) adds what makes real keyword data hard: every voice variant espeak-ng ships (103)
-of which a fifth are heard only in test, a wider pitch / rate / volume spread, room
-reverberation (synthetic impulse responses, 40 % of clips), band limiting (phone-like
-microphones, 30 %), babble and music as well as coloured noise at SNRs down to 0 dB (85 %),
-30 % of clips shorter than 1 s, and words cut at the clip edge (5 %). The
-`_background_noise_` files are other recordings of the same noise kinds, never the ones
-mixed into the clips. The layout is the contest's:
-
-    OUT/train/<word>/<speaker>_nohash_<n>.wav     OUT/test/<id>.wav (unseen speakers)
-    OUT/submission.csv (file_name,label empty)    OUT/solution.csv (the truth)
-    OUT/_background_noise_/*.wav                  OUT/meta.csv (how each clip was made)
-    OUT/voices.json (the voice variants of training speakers, and those heard only in test)
-
-`--preset shift` (240 speakers: 5,040 train clips, 1,080 in-domain and 1,080 shifted test
-clips) measures domain shift: training speakers use 4 English accents, half of the voice
-variants, pitch 30-70 and rate 130-220, white/pink/hum noise and small rooms; half of the
-test speakers are drawn the same way (in-domain), the other half use 6 other accents and
-languages (Caribbean, Welsh, Lancastrian and New York English, Dutch, German) reading the
-English words, the other half of the variants, pitch 0-100 and rate 90-320, brown noise,
-babble and music, larger rooms, and channels never heard in training (telephone band with
-mu-law, clipping, 4-6 bit depth, a codec-like low-pass). solution.csv has a `domain` column
-(in / shift); inference.py --solution scores each domain.
-
-`--preset soundscape` (about a minute) has the BirdCLEF shape: 10 words are the "species";
-80 recorders (espeak voices) each make 6 training recordings of 2-60 s over their own
-background noise, repeating one primary word and, in 36 % of recordings, one or two others
-(secondary labels); primary labels follow a long tail (the commonest word 15x the rarest).
-20 test soundscapes of 60 s from 10 other recorders hold 1-4 words each; solution.csv has a
-0/1 column per word for each 2-s window (row_id = file stem + end second). The layout:
-
-    OUT/train_metadata.csv (primary_label, secondary_labels, filename, author)
-    OUT/train_audio/<word>/<id>.wav   OUT/test_soundscapes/<id>.wav
-    OUT/sample_submission.csv (row_id + one column per word)   OUT/solution.csv (the truth)
+What each preset speaks and how it degrades the clips, and the layouts written: synth.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import soundfile as sf
-from tqdm import tqdm
-
-import voices
-from util import UsageError
-from voices import Espeak, KokoroVoice
+from arg import Parser
+from soundscapes import make_soundscapes
+from synth import PRESETS, WORDS, label_of, make_dataset
+from util import run_cli
+from voices import Espeak
 
 log = logging.getLogger(__name__)
-
-WORDS = ("bed bird cat dog down eight five four go happy house left marvin nine no off on "
-         "one right seven sheila six stop three tree two up wow yes zero").split()
-ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan",
-           "en-gb-x-gbcwmd", "en-us-nyc")
-VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
-            "klatt", "klatt2", "klatt3", "croak", "adam", "belinda", "john", "linda")
-SR = 16000
-
-
-@dataclass(frozen=True)
-class Preset:
-    """How a dataset is spoken and degraded. Ranges are (low, high), drawn uniformly."""
-    speakers: int = 160
-    test_share: float = 1 / 6
-    accents: tuple = ACCENTS
-    variants: tuple = VARIANTS           # () = every variant espeak-ng ships
-    test_only_variants: float = 0.0      # share of variants heard only by test speakers
-    pitch: tuple = (20, 80)              # espeak-ng pitch, pitch range, words per minute [lo, hi)
-                                         # (or two ranges: lo1, hi1, lo2, hi2)
-    prange: tuple = (20, 90)
-    rate: tuple = (120, 230)
-    gain_db: tuple = (-12.0, 3.0)
-    p_short: float = 0.1                 # clips shorter than 1 s, and their length in s
-    short: tuple = (0.55, 0.95)
-    p_cut: float = 0.0                   # word partly outside the clip, up to max_cut of it
-    max_cut: float = 0.4
-    p_noise: float = 0.8
-    snr: tuple = (5.0, 30.0)
-    noises: tuple = ("white", "pink", "brown", "hum")
-    p_reverb: float = 0.0
-    rt60: tuple = (0.15, 0.9)            # reverberation time in s
-    p_band: float = 0.0                  # band limiting: low-pass and high-pass corners in Hz
-    lowpass: tuple = (2500.0, 7000.0)
-    highpass: tuple = (80.0, 500.0)
-    p_channel: float = 0.0               # a channel degradation, one of `channels`
-    channels: tuple = ()                 # phone (300-3400 Hz + mu-law), clip, bits, codec
-    shifted: "Preset | None" = None      # how the shifted test speakers are made (--preset shift)
-    kokoro: int = 0                      # Kokoro-82M speakers besides the espeak-ng ones
-    speed: tuple = (0.85, 1.2)           # their speaking speed
-    seconds: float = 1.0                 # clip length (short clips: `short` x seconds)
-
-
-SHIFT_TRAIN = dict(accents=("en", "en-us", "en-gb-x-rp", "en-gb-scotland"), variants=(),
-                   test_only_variants=0.5, pitch=(30, 70), prange=(30, 80), rate=(130, 220),
-                   gain_db=(-12.0, 3.0), p_noise=0.7, snr=(5.0, 30.0),
-                   noises=("white", "pink", "hum"), p_reverb=0.3, rt60=(0.1, 0.5))
-PRESETS = {
-    "demo": Preset(),
-    "hard": Preset(speakers=420, test_share=0.2, variants=(), test_only_variants=0.2,
-                   pitch=(0, 100), prange=(0, 100), rate=(100, 320), gain_db=(-30.0, 6.0),
-                   p_short=0.3, short=(0.4, 0.95), p_cut=0.05, max_cut=0.3, p_noise=0.85,
-                   snr=(0.0, 30.0), noises=("white", "pink", "brown", "hum", "babble", "music"),
-                   p_reverb=0.4, rt60=(0.1, 0.8), p_band=0.3),
-    # training speakers from one part of what espeak-ng can do; the shifted test speakers
-    # from the rest: other accents and languages, the other half of the voice variants,
-    # pitch and rate outside the training range, other noises, channels never heard
-    "shift": Preset(speakers=240, test_share=0.3, **SHIFT_TRAIN, shifted=Preset(
-        accents=("en-029", "en-gb-x-gbcwmd", "en-gb-x-gbclan", "en-us-nyc", "nl", "de"),
-        pitch=(0, 30, 70, 100), prange=(0, 100), rate=(90, 130, 220, 320), gain_db=(-20.0, 6.0),
-        p_noise=0.7,
-        snr=(5.0, 30.0), noises=("brown", "babble", "music"), p_reverb=0.3, rt60=(0.3, 0.9),
-        p_channel=0.7, channels=("phone", "clip", "bits", "codec"))),
-    # training speech for the real-voice benchmark (real.py, make real): every espeak-ng voice
-    # variant over the English accents with a wide prosody, and 108 Kokoro-82M speakers (its
-    # 54 voices and 54 two-voice mixes); a tenth of the speakers make the synthetic test set
-    "real": Preset(speakers=160, test_share=0.1, variants=(), pitch=(0, 100), prange=(0, 100),
-                   rate=(100, 300), kokoro=108, p_reverb=0.3, rt60=(0.1, 0.6), p_band=0.2),
-}
-
-def unit_rms(x: np.ndarray) -> np.ndarray:
-    return (x / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
-
-
-def make_noise(kind: str, n: int, rng: np.random.Generator, espeak: Espeak | None = None,
-               voices: tuple = ()) -> np.ndarray:
-    """Unit-RMS noise of `n` samples: white, pink (1/f), brown (1/f^2), mains hum, music
-    (random chords with note envelopes) or babble (overlapping words of several voices)."""
-    t = np.arange(n) / SR
-    if kind == "hum":
-        f0 = rng.choice([50.0, 60.0])
-        x = sum(rng.uniform(0.2, 1.0) / k * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3))
-                for k in range(1, 6))
-        x = x + 0.05 * rng.standard_normal(n)
-    elif kind == "music":
-        x = np.zeros(n)
-        for start in range(0, n, int(SR * 0.25)):  # a new note every 250 ms
-            f = 110 * 2 ** (rng.integers(0, 36) / 12)
-            seg = t[: min(n - start, int(SR * rng.uniform(0.3, 1.2)))]
-            note = sum(np.sin(2 * np.pi * f * h * seg) / h for h in (1, 2, 3))
-            x[start:start + len(seg)] += note * np.exp(-seg * rng.uniform(2, 8))
-    elif kind == "babble":
-        x = np.zeros(n)
-        for _ in range(6):  # six talkers, each a stream of random words
-            pos = int(rng.integers(-SR // 2, SR // 4))
-            voice = f"{rng.choice(ACCENTS)}+{rng.choice(voices or VARIANTS)}"
-            while pos < n:
-                w = espeak_at_sr(espeak, str(rng.choice(WORDS)), voice, rng)
-                lo = max(0, -pos)
-                seg = w[lo:n - pos] if pos + len(w) > 0 else w[:0]
-                x[max(pos, 0):max(pos, 0) + len(seg)] += seg
-                pos += len(w) + int(rng.integers(0, SR // 5))
-    else:
-        spec = np.fft.rfft(rng.standard_normal(n))
-        f = np.maximum(np.fft.rfftfreq(n, 1 / SR), 20.0)
-        spec *= {"white": 1.0, "pink": f ** -0.5, "brown": f ** -1.0}[kind]
-        x = np.fft.irfft(spec, n)
-    return unit_rms(x)
-
-
-def espeak_at_sr(espeak: Espeak, word: str, voice: str, rng: np.random.Generator,
-                 pitch=None, prange=None, rate=None) -> np.ndarray:
-    """`word` said by `voice`, trimmed, resampled to SR (random prosody unless given)."""
-    import librosa
-
-    wav = trim(espeak.say(word, voice, int(rng.integers(20, 80)) if pitch is None else pitch,
-                          int(rng.integers(20, 90)) if prange is None else prange,
-                          int(rng.integers(140, 220)) if rate is None else rate))
-    return librosa.resample(wav, orig_sr=espeak.sr, target_sr=SR)
-
-
-def room_impulse(rt60: float, rng: np.random.Generator) -> np.ndarray:
-    """A synthetic room impulse response: the direct path, then exponentially decaying noise
-    that falls 60 dB in `rt60` seconds, with a random direct-to-reverberant ratio."""
-    n = int(SR * rt60 * 1.1) + 1
-    tail = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / (SR * rt60))
-    tail[: int(SR * 0.002)] = 0  # the first reflections arrive a little after the direct path
-    drr = 10 ** (rng.uniform(-6, 6) / 20)
-    h = tail / np.sqrt(np.sum(tail ** 2)) / drr
-    h[0] = 1.0
-    return h
-
-
-def fft_filter(x: np.ndarray, response) -> np.ndarray:
-    """x filtered by a real magnitude response given as a function of frequency in Hz."""
-    n = len(x)
-    return np.fft.irfft(np.fft.rfft(x) * response(np.fft.rfftfreq(n, 1 / SR)), n)
-
-
-def band_limit(x: np.ndarray, low: float, high: float) -> np.ndarray:
-    """4th-order Butterworth-shaped band-pass between `low` and `high` Hz (magnitude only)."""
-    return fft_filter(x, lambda f: 1 / np.sqrt((1 + (f / high) ** 8)
-                                              * (1 + (low / np.maximum(f, 1.0)) ** 8)))
-
-
-def reverberate(x: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """x convolved with h by FFT, the tail kept, at x's RMS."""
-    n = len(x) + len(h) - 1
-    y = np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(h, n), n)
-    return y * np.sqrt(np.mean(x ** 2) / (np.mean(y[: len(x)] ** 2) + 1e-12))
-
-
-def degrade(x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A channel the training data never went through: a telephone (300-3400 Hz band, 8-bit
-    mu-law), hard clipping, a low bit depth, or a codec-like steep low-pass."""
-    peak = np.abs(x).max() + 1e-9
-    if kind == "phone":
-        y = band_limit(x, 300.0, 3400.0)
-        y = y / (np.abs(y).max() + 1e-9)
-        mu = 255.0
-        q = np.round(np.sign(y) * np.log1p(mu * np.abs(y)) / np.log1p(mu) * 127) / 127
-        return (np.sign(q) * np.expm1(np.abs(q) * np.log1p(mu)) / mu * peak).astype(np.float32)
-    if kind == "clip":
-        t = peak / rng.uniform(3.0, 10.0)
-        return (np.clip(x, -t, t) * (peak / t) ** 0.5).astype(np.float32)
-    if kind == "bits":
-        levels = 2 ** int(rng.integers(4, 7)) / 2
-        return (np.round(x / peak * levels) / levels * peak).astype(np.float32)
-    cut = rng.uniform(2000.0, 3500.0)  # codec: a steep low-pass
-    return fft_filter(x, lambda f: 1 / np.sqrt(1 + (f / cut) ** 24)).astype(np.float32)
-
-
-def trim(wav: np.ndarray, thresh: float = 0.01) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(wav) > thresh)
-    return wav[loud[0]:loud[-1] + 1] if loud.size else wav
-
-
-def draw_int(rng: np.random.Generator, ranges: tuple) -> int:
-    """An integer from [lo, hi), or from one of two ranges (lo1, hi1, lo2, hi2) at random."""
-    k = 2 * int(rng.integers(0, len(ranges) // 2))
-    return int(rng.integers(ranges[k], ranges[k + 1]))
-
-
-def uniform(rng: np.random.Generator, lo_hi: tuple) -> float:
-    return float(rng.uniform(*lo_hi))
-
-
-_ESPEAK: Espeak | None = None
-
-
-def label_of(phrase: str) -> str:
-    """A phrase's class label: its words joined by '_' ("smart mirror" -> smart_mirror)."""
-    return "_".join(phrase.split())
-
-
-def kokoro_speakers(n: int, seed: int, speed: tuple) -> list[KokoroVoice]:
-    """`n` Kokoro speakers: the 54 voices alone (in a seeded order), then two-voice mixes
-    (30-70 % of the first), each at its own speed drawn from `speed`."""
-    names = voices.voice_names()
-    rng = np.random.default_rng([seed, len(names)])
-    names = [str(v) for v in rng.permutation(names)]
-    out = []
-    for j in range(n):
-        s = round(uniform(rng, speed), 3)
-        if j < len(names):
-            out.append(KokoroVoice(names[j], speed=s))
-        else:
-            a, b = rng.choice(names, 2, replace=False)
-            out.append(KokoroVoice(str(a), str(b), round(float(rng.uniform(0.3, 0.7)), 3), s))
-    return out
-
-
-def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
-    """Every phrase of one speaker as (phrase, int16 clip, what was done to it); deterministic
-    for the job. An espeak-ng speaker draws its voice and prosody; a Kokoro speaker's clips
-    come from the cache (voices.synthesise made them)."""
-    global _ESPEAK
-    seed, idx, preset, words, variants, kokoro, cache = job
-    if _ESPEAK is None:
-        _ESPEAK = Espeak()
-    p: Preset = preset
-    rng = np.random.default_rng([seed, idx])
-    if kokoro is None:
-        voice = f"{rng.choice(p.accents)}+{rng.choice(variants)}"
-        prosody = dict(pitch=draw_int(rng, p.pitch), prange=draw_int(rng, p.prange),
-                       rate=draw_int(rng, p.rate))
-    else:
-        voice = f"kokoro:{kokoro.a}" + (f"+{kokoro.b}:{kokoro.mix:g}" if kokoro.b else "")
-        prosody = dict(speed=kokoro.speed)
-    out = []
-    for word in words:
-        meta = dict(voice=voice, **prosody, rt60=0.0, cut=0.0, lowpass=0.0, noise="", snr=np.inf,
-                    channel="")
-        wav = espeak_at_sr(_ESPEAK, word, voice, rng, **prosody) if kokoro is None else \
-            trim(voices.cached(cache, kokoro, word))
-        if p.p_reverb and rng.random() < p.p_reverb:
-            meta["rt60"] = uniform(rng, p.rt60)
-            wav = reverberate(wav, room_impulse(meta["rt60"], rng))
-        full = int(round(p.seconds * SR))
-        length = full if rng.random() >= p.p_short else int(uniform(rng, p.short) * full)
-        clip = np.zeros(length, np.float32)
-        if p.p_cut and rng.random() < p.p_cut:  # part of the word falls outside the clip
-            meta["cut"] = rng.uniform(0, p.max_cut)
-            start = int(rng.choice([-1, 1]) * meta["cut"] * len(wav))
-            start = start if start < 0 else length - len(wav) + start
-        else:
-            start = int(rng.integers(0, max(1, length - len(wav) + 1)))
-        lo, hi = max(0, start), min(length, start + len(wav))
-        if hi > lo:
-            clip[lo:hi] = wav[lo - start:hi - start]
-        meta["gain_db"] = uniform(rng, p.gain_db)
-        clip *= 10 ** (meta["gain_db"] / 20)
-        if p.p_band and rng.random() < p.p_band:
-            meta["highpass"], meta["lowpass"] = uniform(rng, p.highpass), uniform(rng, p.lowpass)
-            clip = band_limit(clip, meta["highpass"], meta["lowpass"])
-        if p.p_channel and rng.random() < p.p_channel:
-            meta["channel"] = str(rng.choice(p.channels))
-            clip = degrade(clip, meta["channel"], rng)
-        if rng.random() < p.p_noise:
-            rms = np.sqrt(np.mean(clip ** 2)) + 1e-6
-            meta["snr"] = uniform(rng, p.snr)
-            meta["noise"] = str(rng.choice(p.noises))
-            noise = make_noise(meta["noise"], length, rng, _ESPEAK, variants)
-            clip = clip + noise * rms / 10 ** (meta["snr"] / 20)
-        meta["seconds"] = length / SR
-        out.append((word, np.clip(clip * 32767, -32768, 32767).astype(np.int16), meta))
-    return out
-
-
-def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
-                 test_share: float | None = None, workers: int | None = None,
-                 progress: bool = True, preset: str | Preset = "demo",
-                 words: tuple | list = WORDS, kokoro: int | None = None,
-                 seconds: float | None = None, cache: str | Path = "data/tts_cache") -> dict:
-    """Write a dataset under `out` with the `preset`'s voices and degradations (speakers,
-    test_share, kokoro and seconds override it); returns counts. `words` are phrases, each
-    said whole and labelled label_of(phrase); Kokoro's clips are cached under `cache`."""
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    p = dataclasses.replace(p, speakers=speakers or p.speakers,
-                            test_share=p.test_share if test_share is None else test_share,
-                            kokoro=p.kokoro if kokoro is None else kokoro,
-                            seconds=seconds or p.seconds)
-    out = Path(out)
-    n_test = max(1, round(p.speakers * p.test_share))
-    n_train = p.speakers - n_test
-    if n_train < 1:
-        raise ValueError("--speakers must be at least 2 (train and test need a speaker each)")
-    workers = workers or os.cpu_count() or 1
-    kokoro_voices = kokoro_speakers(p.kokoro, seed, p.speed) if p.kokoro else []
-    if kokoro_voices:  # the slow part, cached and resumable, before anything is written
-        voices.synthesise([(v, w) for v in kokoro_voices for w in words], Path(cache), workers,
-                          progress)
-    for word in words:
-        (out / "train" / label_of(word)).mkdir(parents=True, exist_ok=True)
-    (out / "test").mkdir(parents=True, exist_ok=True)
-    noise_dir = out / "_background_noise_"
-    noise_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    variants = p.variants or Espeak.variants()
-    n_held = round(len(variants) * p.test_only_variants)
-    held_out = {str(v) for v in rng.choice(variants, n_held, replace=False)} if n_held else set()
-    train_voices = tuple(v for v in variants if v not in held_out)
-    espeak = Espeak() if "babble" in p.noises else None
-    for kind in p.noises:
-        noise = make_noise(kind, 10 * SR, rng, espeak, train_voices)
-        sf.write(noise_dir / f"{kind}_noise.wav", 0.3 * noise / 4, SR, subtype="PCM_16")
-
-    words = tuple(words)
-    jobs = [(seed, i, p, words, train_voices if i < n_train else tuple(variants), None, cache)
-            for i in range(p.speakers)]
-    n_in = n_train + n_test // 2  # --preset shift: speakers from n_in on are the shifted ones
-    if p.shifted is not None:  # the in-domain test speakers speak like the training ones
-        jobs = [(seed, i, p, words, train_voices, None, cache) if i < n_in else
-                (seed, i, p.shifted, words, tuple(sorted(held_out)), None, cache)
-                for i in range(p.speakers)]
-    # Kokoro speakers after the espeak-ng ones; the last test_share of them are heard in test
-    n_kokoro_train = len(kokoro_voices) - round(len(kokoro_voices) * p.test_share)
-    jobs += [(seed, p.speakers + j, p, words, train_voices, v, cache)
-             for j, v in enumerate(kokoro_voices)]
-    in_train = [i < n_train or p.speakers <= i < p.speakers + n_kokoro_train
-                for i in range(len(jobs))]
-    solution, metas = [], []
-    with ProcessPoolExecutor(workers) as pool:
-        results = pool.map(speak_speaker, jobs, chunksize=4)
-        for (_, idx, *_), clips in tqdm(zip(jobs, results), total=len(jobs), desc="speakers",
-                                        disable=not progress):
-            speaker = hashlib.sha1(f"{seed}-{idx}".encode()).hexdigest()[:8]
-            for word, clip, meta in clips:
-                label = label_of(word)
-                if in_train[idx]:
-                    path = Path("train") / label / f"{speaker}_nohash_0.wav"
-                else:
-                    name = hashlib.sha1(f"{speaker}-{word}".encode()).hexdigest()[:10] + ".wav"
-                    path = Path("test") / name
-                    solution.append((name, label, "shift" if n_in <= idx < p.speakers else "in"))
-                sf.write(out / path, clip, SR, subtype="PCM_16")
-                metas.append(dict(path=str(path), speaker=speaker, word=label, **meta))
-    solution = pd.DataFrame(solution, columns=["file_name", "label", "domain"])
-    if p.shifted is None:  # a domain column only where test speakers differ in kind
-        solution = solution.drop(columns="domain")
-    solution = solution.sort_values("file_name")
-    solution.to_csv(out / "solution.csv", index=False)
-    solution[["file_name"]].assign(label="").to_csv(out / "submission.csv", index=False)
-    pd.DataFrame(metas).to_csv(out / "meta.csv", index=False)
-    (out / "voices.json").write_text(json.dumps(dict(
-        train=train_voices, test_only=sorted(held_out),
-        kokoro=[dataclasses.asdict(v) | dict(train=j < n_kokoro_train)
-                for j, v in enumerate(kokoro_voices)]), indent=1))
-    return {"train": sum(in_train) * len(words), "test": len(solution), "speakers": len(jobs)}
-
-
-SOUNDSCAPE_WORDS = ("yes", "no", "up", "down", "left", "right", "stop", "go", "cat", "dog")
-
-
-def _event_track(n: int, words: list, rng: np.random.Generator, voice: str, gap: tuple,
-                 level_db: tuple) -> tuple[np.ndarray, list]:
-    """`n` samples of words said one after another with random gaps; [(word, start, end)]."""
-    x, events, pos = np.zeros(n, np.float32), [], int(rng.uniform(0, gap[1]) * SR)
-    while pos < n:
-        word = str(rng.choice(words))
-        w = espeak_at_sr(_ESPEAK, word, voice, rng) * 10 ** (uniform(rng, level_db) / 20)
-        seg = w[:n - pos]
-        x[pos:pos + len(seg)] += seg
-        events.append((word, pos, pos + len(seg)))
-        pos += len(w) + int(uniform(rng, gap) * SR)
-    return x, events
-
-
-def speak_recorder(job: tuple) -> list:
-    """One recorder's recordings: [(primary, [secondary], int16 audio, events)]."""
-    global _ESPEAK
-    seed, idx, plan, words, voices, test = job
-    if _ESPEAK is None:
-        _ESPEAK = Espeak()
-    rng = np.random.default_rng([seed, 7, idx])
-    voice = f"{rng.choice(ACCENTS)}+{rng.choice(voices)}"
-    noise_kind = str(rng.choice(["pink", "brown", "hum", "white"]))
-    out = []
-    for k, (primary, seconds) in enumerate(plan):
-        n = int(seconds * SR)
-        noise = make_noise(noise_kind, n, rng) * 0.02 * 10 ** (rng.uniform(-10, 6) / 20)
-        if test:  # 1-4 words, each in bursts somewhere in the minute; every word is in some
-            first = words[(len(plan) * idx + k) % len(words)]
-            others = [w for w in words if w != first]
-            present = [first] + list(rng.choice(others, int(rng.integers(0, 4)), replace=False))
-            x, events = np.zeros(n, np.float32), []
-            for w in present:
-                a = int(rng.uniform(0, 0.7) * n)
-                b = min(n, a + int(rng.uniform(10, 30) * SR))
-                track, ev = _event_track(b - a, [w], rng, voice, (0.5, 3.0), (-14, -4))
-                x[a:b] += track
-                events += [(e[0], e[1] + a, e[2] + a) for e in ev]
-            out.append(("", [], x + noise, events))
-            continue
-        others = [w for w in words if w != primary]
-        second = list(rng.choice(others, int(rng.integers(1, 3)), replace=False)) \
-            if rng.random() < 0.36 else []
-        x, events = _event_track(n, [primary], rng, voice, (0.3, 2.5), (-10, 0))
-        for w in second:  # fainter and rarer than the primary
-            track, ev = _event_track(n, [w], rng, voice, (2.0, 10.0), (-20, -8))
-            x, events = x + track, events + ev
-        out.append((primary, second, x + noise, events))
-    return [(p, sec, np.clip(x * 32767, -32768, 32767).astype(np.int16), ev)
-            for p, sec, x, ev in out]
-
-
-def make_soundscapes(out: str | Path, seed: int = 0, workers: int | None = None,
-                     progress: bool = True, words=SOUNDSCAPE_WORDS, recorders: int = 80,
-                     per_recorder: int = 6, test_recorders: int = 10, soundscapes: int = 20,
-                     window: float = 2.0) -> dict:
-    """The BirdCLEF-shaped benchmark (module docstring); returns counts."""
-    out = Path(out)
-    rng = np.random.default_rng(seed)
-    words = list(words)
-    tail = 1.0 / np.arange(1, len(words) + 1)  # long tail of primary labels
-    variants = Espeak.variants()
-    train_v = tuple(v for i, v in enumerate(variants) if i % 5)
-    test_v = tuple(v for i, v in enumerate(variants) if not i % 5)
-    jobs = []
-    for i in range(recorders):
-        primaries = rng.choice(words, per_recorder, p=tail / tail.sum())
-        seconds = np.exp(rng.uniform(np.log(2), np.log(60), per_recorder)).round(2)
-        jobs.append((seed, i, list(zip(primaries, seconds)), words, train_v, False))
-    for i in range(test_recorders):
-        jobs.append((seed, recorders + i, [("", 60.0)] * (soundscapes // test_recorders), words,
-                     test_v, True))
-    meta, sol = [], []
-    (out / "test_soundscapes").mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        for job, recs in tqdm(zip(jobs, pool.map(speak_recorder, jobs)), total=len(jobs),
-                              desc="recorders", disable=not progress):
-            author = f"rec{job[1]:03d}"
-            for k, (primary, second, audio, events) in enumerate(recs):
-                if job[5]:
-                    stem = f"soundscape_{job[1]:03d}{k}"
-                    sf.write(out / "test_soundscapes" / f"{stem}.wav", audio, SR, subtype="PCM_16")
-                    win = int(window * SR)
-                    for end in range(win, len(audio) + 1, win):  # a word counts where its middle is
-                        row = {w: 0 for w in words}
-                        for w, a, b in events:
-                            row[w] |= int(end - win <= (a + b) // 2 < end)
-                        sol.append({"row_id": f"{stem}_{end // SR}", **row})
-                    continue
-                name = f"{primary}/{author}_{k}.wav"
-                (out / "train_audio" / primary).mkdir(parents=True, exist_ok=True)
-                sf.write(out / "train_audio" / name, audio, SR, subtype="PCM_16")
-                meta.append(dict(primary_label=primary, filename=name, author=author,
-                                 secondary_labels=str([str(w) for w in second]),
-                                 seconds=len(audio) / SR))
-    pd.DataFrame(meta).to_csv(out / "train_metadata.csv", index=False)
-    sol = pd.DataFrame(sol)
-    sol.to_csv(out / "solution.csv", index=False)
-    sol.assign(**{w: 0.0 for w in words}).to_csv(out / "sample_submission.csv", index=False)
-    return {"train": len(meta), "test": soundscapes, "speakers": recorders + test_recorders}
 
 
 def words_problem(words: list[str]) -> str | None:
@@ -540,8 +42,8 @@ def words_problem(words: list[str]) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+def steps(argv) -> int:
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/demo", help="dataset folder to write")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS) + ["soundscape"],
                    help="demo: clean and quick; hard: the benchmark that tells recipes apart; "
@@ -589,18 +91,18 @@ def main(argv=None) -> int:
         log.info("soundscape dataset in %s: %d training recordings, %d test soundscapes",
                  args.out, counts["train"], counts["test"])
         return 0
-    try:
-        preset = PRESETS[args.preset] if not accents else dataclasses.replace(
-            PRESETS[args.preset], accents=accents)
-        counts = make_dataset(args.out, args.speakers, args.seed, workers=args.jobs,
-                              preset=preset, words=words, kokoro=args.kokoro,
-                              seconds=args.clip_seconds, cache=args.cache)
-    except UsageError as e:
-        print(f"demo: {e}", file=sys.stderr)
-        return 2
+    preset = PRESETS[args.preset] if not accents else dataclasses.replace(
+        PRESETS[args.preset], accents=accents)
+    counts = make_dataset(args.out, args.speakers, args.seed, workers=args.jobs, preset=preset,
+                          words=words, kokoro=args.kokoro, seconds=args.clip_seconds,
+                          cache=args.cache)
     log.info("%s dataset in %s: %d train clips, %d test clips, %d speakers", args.preset,
              args.out, counts["train"], counts["test"], counts["speakers"])
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(steps, "demo", argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,12 @@ from arg import add_folds, config_from_args, make_parser
 from ensemble import Ensemble, WithEmbedding, load_members
 from runs import Run, requested_folds
 from transform import N_VIEWS
-from util import UsageError, atomic_write, setup_logging, write_text
+from util import UsageError, atomic_write, run_cli, setup_logging, write_text
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
-BUNDLED = ("predict.py", "audio.py")  # the predictor and the reader it shares with training
+BUNDLED = ("predict.py", "predictor.py", "audio.py")  # the predictor, its command line and the
+# reader it shares with training
 
 
 def export_onnx(models: list, tta: bool, out: Path, meta: dict, weights=None,
@@ -67,8 +67,8 @@ def export_onnx(models: list, tta: bool, out: Path, meta: dict, weights=None,
 
 
 def write_bundle(onnx_path: Path, folder: Path, meta: dict, classes: list[str]) -> None:
-    """folder/: the .onnx, predict.py and audio.py, requirements.txt and a README, nothing
-    else needed."""
+    """folder/: the .onnx, BUNDLED (predict.py, predictor.py, audio.py), requirements.txt and a
+    README, nothing else needed."""
     import onnxruntime
     import soundfile
     import soxr
@@ -99,7 +99,7 @@ python predict.py {name} folder/ --embed vectors.npy   # embeddings (+ vectors.c
 From Python:
 
 ```python
-from predict import Predictor
+from predictor import Predictor
 p = Predictor("{name}")
 p.predict_files(["clip.wav"], top_k=3)          # [(path, [(label, probability), ...]), ...]
 p.windows("long.wav", window=1.0, hop=0.25)      # [(start_s, end_s, label, probability), ...]
@@ -135,7 +135,7 @@ def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) 
     return weights, 1.0
 
 
-def main(argv=None) -> int:
+def steps(argv) -> int:
     p = make_parser(__doc__.split("\n")[0], "export")
     add_folds(p)
     p.add_argument("--runs", nargs="+", default=None,
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
                         "runs and folds (their blend.json)")
     p.add_argument("--out", default="", help="the .onnx file (default WORK/runs/RUN/RUN.onnx)")
     p.add_argument("--bundle", default="", metavar="DIR",
-                   help="also write DIR with the .onnx, predict.py, audio.py, requirements.txt "
+                   help="also write DIR with the .onnx, predict.py, predictor.py, audio.py, "
+                        "requirements.txt "
                         "and README.md")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
@@ -155,22 +156,18 @@ def main(argv=None) -> int:
     for name in ("onnx_ir", "onnxscript"):  # their passes log every initializer at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     work, tta = Path(cfg.work), cfg.tta == "y"
-    try:
-        runs = args.runs or ([cfg.run] if cfg.run else [])
-        if not runs:
-            raise UsageError("--run RUN (or --runs A B): which run to export (a folder of "
-                             "WORK/runs)")
-        folds = requested_folds(work, args.folds)
-        weights, temperature = run_weights(work, runs, folds, tta, args)
-        models = load_members([p for r in runs for p in Run(work, r).checkpoints(folds)])
-        name = Run.blend(work, runs).name
-        out = Path(args.out) if args.out else Run.blend(work, runs).dir / f"{name}.onnx"
-        meta = dict(run=name, folds=len(folds), tta=tta, weights=json.dumps(weights.tolist()),
-                    temperature=temperature)
-        export_onnx(models, tta, out, meta, np.repeat(weights, len(folds)), temperature)
-    except UsageError as e:
-        print(f"export: {e}", file=sys.stderr)
-        return 2
+    runs = args.runs or ([cfg.run] if cfg.run else [])
+    if not runs:
+        raise UsageError("--run RUN (or --runs A B): which run to export (a folder of "
+                         "WORK/runs)")
+    folds = requested_folds(work, args.folds)
+    weights, temperature = run_weights(work, runs, folds, tta, args)
+    models = load_members([p for r in runs for p in Run(work, r).checkpoints(folds)])
+    name = Run.blend(work, runs).name
+    out = Path(args.out) if args.out else Run.blend(work, runs).dir / f"{name}.onnx"
+    meta = dict(run=name, folds=len(folds), tta=tta, weights=json.dumps(weights.tolist()),
+                temperature=temperature)
+    export_onnx(models, tta, out, meta, np.repeat(weights, len(folds)), temperature)
     first = models[0].cfg
     log.info("export: %s (%.1f MB): %d fold(s)%s, input wave (batch, %d) at %d Hz",
              out, out.stat().st_size / 1e6, len(folds), f" x {N_VIEWS} views" if tta else "",
@@ -178,9 +175,13 @@ def main(argv=None) -> int:
     if args.bundle:
         write_bundle(out, Path(args.bundle), dict(meta, sample_rate=first.sr,
                                                   clip_seconds=first.seconds), models[0].classes)
-        log.info("bundle: %s (model, predict.py, audio.py, requirements.txt, README.md)",
-                 args.bundle)
+        log.info("bundle: %s (model, %s, requirements.txt, README.md)", args.bundle,
+                 ", ".join(BUNDLED))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(steps, "export", argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import torch
 
 from arg import LEARNT, Config
 from callback import EMA, FreezeBody, History, OOFWriter, SWA, ValidationCollector
-from dataset import Clips, FoldData, load_noise, pseudo_labels, Rows
+from cache import Clips, Rows
+from dataset import FoldData, load_noise, pseudo_labels
 from ensemble import load_checkpoint, predict_waves
 from job import Job, build_logger, check_model, check_resume, loader_workers, run_job
 from model import AudioClassifier

@@ -24,14 +24,14 @@ import torch
 import audio
 from arg import Config, add_folds, config_from_args, make_parser as config_parser
 from audio import HOP_HELP, WINDOW_HELP, window_problem
-from dataset import Clips, Rows, windows
+from cache import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, oof_for_blend, predict_waves,
                       with_temperature)
 from results import cv_report, write_html
 from runs import RUN_RESULTS, Run, Work, requested_folds
 from submission import write_blend, write_embeddings, write_submission, write_windows
 from transform import tta_views
-from util import UsageError, setup_logging, torch_device
+from util import UsageError, run_cli, setup_logging, torch_device
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,15 @@ def make_parser():
     return p
 
 
-def main(argv=None) -> int:
+def steps(argv) -> int:
     args = make_parser().parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
-    try:
-        return run(cfg, args)
-    except UsageError as e:
-        print(f"inference: {e}", file=sys.stderr)
-        return 2
+    return run(cfg, args)
+
+
+def main(argv=None) -> int:
+    return run_cli(steps, "inference", argv)
 
 
 def check_request(cfg, args) -> list[str]:

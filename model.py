@@ -23,7 +23,8 @@ import speech
 from arg import Config
 from checkpoints import PretrainedError, averaged_weights, load_backbone, upgrade_keys
 from metrics import top1_label
-from transform import Frontend, mixup
+from augment import mixup
+from transform import Frontend
 from util import UsageError
 
 log = logging.getLogger(__name__)

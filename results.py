@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from arg import Config, FIELDS
-from dataset import Clips, targets
+from cache import Clips
+from dataset import targets
 from metrics import most_confused, multilabel_scores, scores
 from model import make_frontend
 from runs import Run, Work, fold_done, fold_pruned, read_config

@@ -27,19 +27,29 @@ def run_script(script: str, *args: str, check: bool = True, timeout: int = 600):
     return proc
 
 
+def refused(script: str, *args) -> str:
+    """Run a script as a user would, expecting a refusal: exit code 2 and one line on stderr,
+    no traceback; returns that line."""
+    proc = run_script(script, *args, check=False)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, \
+        (proc.returncode, proc.stderr[-3000:])
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    import demo
+    import synth
 
     out = tmp_path_factory.mktemp("data") / "demo"
-    demo.make_dataset(out, speakers=8, seed=1, workers=2, progress=False)
+    synth.make_dataset(out, speakers=8, seed=1, workers=2, progress=False)
     return out
 
 
 def prepared(data: Path, tmp_path_factory, folds: int) -> Path:
     """A WORK folder made from `data` by preprocess.prepare with `folds` folds."""
     from arg import Config
-    from preprocess import prepare
+    from layouts import prepare
 
     work = tmp_path_factory.mktemp(f"work{folds}")
     prepare(Config(data=str(data), work=str(work), n_folds=folds), workers=2)
@@ -63,7 +73,7 @@ def e2e(tmp_path_factory, demo_data) -> dict:
 
 def cached(work, split: str = "train", rows=None, length: int = 16000) -> np.ndarray:
     """[N, length] int16 of WORK's clip cache (every clip, or `rows`), from each clip's start."""
-    from dataset import Clips
+    from cache import Clips
 
     clips = Clips.of(work, split)
     return clips.read(np.arange(len(clips)) if rows is None else np.asarray(rows), length)

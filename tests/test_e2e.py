@@ -26,12 +26,12 @@ def test_pipeline_writes_every_output(e2e):
 
 
 def test_demo_is_deterministic(tmp_path):
-    import demo
+    import synth
     import numpy as np
     import soundfile as sf
 
-    a = demo.make_dataset(tmp_path / "a", speakers=3, seed=5, workers=1, progress=False)
-    demo.make_dataset(tmp_path / "b", speakers=3, seed=5, workers=1, progress=False)
+    a = synth.make_dataset(tmp_path / "a", speakers=3, seed=5, workers=1, progress=False)
+    synth.make_dataset(tmp_path / "b", speakers=3, seed=5, workers=1, progress=False)
     assert a == {"train": 60, "test": 30, "speakers": 3}
     fa = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.wav"))
     fb = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.wav"))

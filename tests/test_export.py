@@ -74,6 +74,7 @@ def test_the_bundle_predicts_without_torch(e2e, exported, tmp_path):
         assert probe.returncode != 0 and "blocked here" in probe.stderr
     bundle = exported / "bundle"
     assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "audio.py", "predict.py",
+                                                        "predictor.py",
                                                         "requirements.txt", "tta.onnx"]
     assert (bundle / "requirements.txt").read_text().split()[0].startswith("numpy")
     files = sorted((e2e["data"] / "test").glob("*.wav"))[:6]
@@ -96,11 +97,11 @@ def test_the_bundle_predicts_without_torch(e2e, exported, tmp_path):
 @pytest.fixture(scope="module")
 def three_words(tmp_path_factory):
     """A 3-word model trained on clean demo speech, exported (fold 0)."""
-    import demo
+    import synth
 
     root = tmp_path_factory.mktemp("words")
-    clean = dataclasses.replace(demo.PRESETS["demo"], p_noise=0.0, p_short=0.0)
-    demo.make_dataset(root / "data", speakers=200, seed=3, preset=clean,
+    clean = dataclasses.replace(synth.PRESETS["demo"], p_noise=0.0, p_short=0.0)
+    synth.make_dataset(root / "data", speakers=200, seed=3, preset=clean,
                       words=("marvin", "up", "six"), workers=2, progress=False)
     run_script("preprocess.py", "--data", root / "data", "--work", root / "work", "--n-folds", 2)
     run_script("train.py", "--work", root / "work", "-m", "resnet18", "-t", 32, "-e", 8,
@@ -111,13 +112,13 @@ def three_words(tmp_path_factory):
 
 
 def test_windows_find_three_words_in_order_at_their_times(three_words, tmp_path):
-    import demo
+    import synth
 
-    espeak, rng, sr = demo.Espeak(), np.random.default_rng(0), 16000
+    espeak, rng, sr = synth.Espeak(), np.random.default_rng(0), 16000
     rec = np.zeros(int(5.5 * sr), np.float32)
     truth = []
     for word, centre in (("marvin", 1.0), ("up", 2.5), ("six", 4.0)):
-        y = 0.3 * demo.espeak_at_sr(espeak, word, "en-us+m3", rng, pitch=50, prange=50, rate=170)
+        y = 0.3 * synth.espeak_at_sr(espeak, word, "en-us+m3", rng, pitch=50, prange=50, rate=170)
         start = int(centre * sr - len(y) / 2)
         rec[start:start + len(y)] += y
         truth.append((word, centre))
@@ -134,7 +135,7 @@ def test_windows_find_three_words_in_order_at_their_times(three_words, tmp_path)
     rows = pd.read_csv(tmp_path / "rows.csv", keep_default_na=False)
     rec_rows = rows[rows.path.str.endswith("rec.wav")]
     assert list(rec_rows.start) == [i * hop for i in range(len(rec_rows))]
-    from predict import segments
+    from predictor import segments
 
     segs = [s for s in segments(list(rec_rows[["start", "end", "label", "p"]]
                                      .itertuples(index=False, name=None)))
@@ -251,7 +252,7 @@ def test_export_refuses_a_blend_it_cannot_put_in_the_graph(e2e, two_runs, tmp_pa
 
 def test_predict_fetches_only_what_was_asked(exported, e2e):
     """Labels do not pay for the embedding pass (the graph's second output), nor the reverse."""
-    from predict import Predictor
+    from predictor import Predictor
 
     pred = Predictor(exported / "plain.onnx")
     asked = []
@@ -293,7 +294,7 @@ def test_predict_hears_an_8khz_recording_at_the_model_s_16khz(exported, tmp_path
     """An FSDD clip (8 kHz) is resampled as preprocess.py resamples: the same probabilities as
     the same clip written at 16 kHz by the project's own reader."""
     from audio import read_audio
-    from predict import Predictor
+    from predictor import Predictor
 
     src = FSDD / "7_jackson_0.wav"
     assert sf.info(src).samplerate == 8000

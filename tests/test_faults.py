@@ -14,21 +14,15 @@ import soundfile as sf
 import torch
 
 from arg import Config
-from conftest import TINY
+from conftest import TINY, refused
 
 WINDOW_SAYS = "expected seconds, at least 0.01 (one STFT frame)"
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 # ----------------------------------------------------------------------------- windows
 def test_window_row_ids_are_unique_and_exact_for_any_hop():
     from audio import seconds_label
-    from dataset import Clips, windows
+    from cache import Clips, windows
 
     clips = Clips.from_arrays([np.ones(16000 * 12, np.int16), np.ones(16000 * 12 + 7, np.int16)])
     got = windows(clips, 5 * 16000, 8000, 16000)  # 5-s windows every 0.5 s
@@ -45,27 +39,20 @@ def test_window_row_ids_are_unique_and_exact_for_any_hop():
                                         (["--window", "-5"], "--window -5"),
                                         (["--hop", "nan"], "--hop nan")])
 def test_windows_and_hops_that_cannot_be_are_refused_by_inference_and_predict(
-        e2e, tmp_path, capsys, flags, said):
-    import inference
-    import predict
-
+        e2e, tmp_path, flags, said):
     out = tmp_path / "out"
-    code = inference.main(["--work", str(e2e["work"]), "-m", "resnet18", "-t", "32", "-f", "1",
-                           "-g", "cpu", "--out", str(out), *flags])
-    assert code == 2 and one_line(capsys) == f"inference: {said}: {WINDOW_SAYS}"
+    assert refused("inference.py", "--work", e2e["work"], "-m", "resnet18", "-t", "32", "-f",
+                   "1", "-g", "cpu", "--out", out, *flags) == f"inference: {said}: {WINDOW_SAYS}"
     assert not out.exists()
-    code = predict.main([str(tmp_path / "none.onnx"), str(tmp_path), *flags])
-    assert code == 2 and one_line(capsys) == f"predict: {said}: {WINDOW_SAYS}"
+    assert refused("predict.py", tmp_path / "none.onnx", tmp_path, *flags) == \
+        f"predict: {said}: {WINDOW_SAYS}"
 
 
 # ----------------------------------------------------------------------------- label shares
-def test_a_label_share_outside_0_1_is_refused(e2e, capsys):
-    import train
-
-    code = train.main(["--work", str(e2e["work"]), *TINY, "-f", "0", "-g", "cpu", "--run",
-                       "share", "--labels", "1.5"])
-    assert code == 2
-    assert one_line(capsys) == "train: --labels 1.5: a share of the training rows in (0, 1]"
+def test_a_label_share_outside_0_1_is_refused(e2e):
+    assert refused("train.py", "--work", e2e["work"], *TINY, "-f", "0", "-g", "cpu", "--run",
+                   "share", "--labels", "1.5") == \
+        "train: --labels 1.5: a share of the training rows in (0, 1]"
     assert not (e2e["work"] / "runs" / "share").exists()
 
 
@@ -91,17 +78,13 @@ def resnet_weights(tmp_path_factory):
     return path
 
 
-def test_weights_of_another_model_are_refused_with_the_counts(e2e, resnet_weights, capsys):
+def test_weights_of_another_model_are_refused_with_the_counts(e2e, resnet_weights):
     """A resnet18 state dict into mobilenetv3: the BatchNorm step counters match by name but
     carry no weights; before, 'loaded' counted one and training went on."""
-    import train
-
     weights = sum(not k.endswith("num_batches_tracked") for k in torch.load(resnet_weights))
-    code = train.main(["--work", str(e2e["work"]), "-m", "mobilenetv3_small_050", "-t", "32",
-                       "-f", "0", "-g", "cpu", "--run", "wrong", "--pretrained",
-                       str(resnet_weights)])
-    err = one_line(capsys)
-    assert code == 2 and err.startswith(f"train: --pretrained {resnet_weights}: none of its "
+    err = refused("train.py", "--work", e2e["work"], "-m", "mobilenetv3_small_050", "-t", "32",
+                  "-f", "0", "-g", "cpu", "--run", "wrong", "--pretrained", resnet_weights)
+    assert err.startswith(f"train: --pretrained {resnet_weights}: none of its "
                                         f"{weights} weight tensors fits the ")
     assert "backbone" in err and "pass weights of the -m model" in err
     assert not (e2e["work"] / "runs" / "wrong").exists()
@@ -119,10 +102,7 @@ def test_weights_that_fit_a_few_layers_say_so(resnet_weights, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
-def test_a_damaged_checkpoint_is_one_line_on_every_path(e2e, tmp_path, capsys, damage):
-    import inference
-    import train
-
+def test_a_damaged_checkpoint_is_one_line_on_every_path(e2e, tmp_path, damage):
     work = tmp_path / "work"
     shutil.copytree(e2e["work"], work)
     fold = work / "runs" / "resnet18_32" / "fold0"
@@ -131,23 +111,20 @@ def test_a_damaged_checkpoint_is_one_line_on_every_path(e2e, tmp_path, capsys, d
         (fold / name).write_bytes({"truncated": data[:len(data) // 2], "empty": b"",
                                    "text": b"not a checkpoint\n"}[damage])
     before = {p.name: p.stat().st_mtime_ns for p in fold.iterdir()}
-    code = train.main(["--config", str(fold / "config.yaml"), "--work", str(work), "-f", "0",
-                       "-g", "cpu", "--resume", "--no-progress"])
-    err = one_line(capsys)
-    assert code == 2 and err.startswith(f"train: --resume {fold / 'last.ckpt'}: not a complete "
-                                        f"torch file (truncated, empty or another format")
+    err = refused("train.py", "--config", fold / "config.yaml", "--work", work, "-f", "0", "-g",
+                  "cpu", "--resume", "--no-progress")
+    assert err.startswith(f"train: --resume {fold / 'last.ckpt'}: not a complete "
+                          f"torch file (truncated, empty or another format")
     assert err.endswith("delete it to train the fold from the start, or train under another "
                         "--run")
     assert {p.name: p.stat().st_mtime_ns for p in fold.iterdir()} == before
-    code = inference.main(["--work", str(work), "-m", "resnet18", "-t", "32", "-f", "1", "-g",
-                           "cpu"])
-    assert code == 2 and "best.ckpt: not a complete torch file" in one_line(capsys)
-    code = train.main(["--work", str(work), *TINY, "-f", "0", "-g", "cpu", "--run", "tuned",
-                       "--pretrained", str(fold / "best.ckpt")])
-    assert code == 2 and one_line(capsys).startswith("train: --pretrained ")
-    code = train.main(["--work", str(work), *TINY, "-f", "0", "-g", "cpu", "--run", "student",
-                       "--teacher", "resnet18_32"])
-    assert code == 2 and "not a complete torch file" in one_line(capsys)
+    assert "best.ckpt: not a complete torch file" in refused(
+        "inference.py", "--work", work, "-m", "resnet18", "-t", "32", "-f", "1", "-g", "cpu")
+    assert refused("train.py", "--work", work, *TINY, "-f", "0", "-g", "cpu", "--run", "tuned",
+                   "--pretrained", fold / "best.ckpt").startswith("train: --pretrained ")
+    assert "not a complete torch file" in refused(
+        "train.py", "--work", work, *TINY, "-f", "0", "-g", "cpu", "--run", "student",
+        "--teacher", "resnet18_32")
 
 
 # ----------------------------------------------------------------------------- BirdCLEF files
@@ -155,7 +132,7 @@ def test_a_damaged_checkpoint_is_one_line_on_every_path(e2e, tmp_path, capsys, d
 def ghost_work(tmp_path_factory):
     """A BirdCLEF layout whose sample submission names a class no recording has (ghostbird)
     and lacks one that has recordings (crow), with its columns in its own order."""
-    from preprocess import prepare
+    from layouts import prepare
 
     root = tmp_path_factory.mktemp("ghost")
     data = root / "data"
@@ -223,7 +200,7 @@ def Path_of(work):
 # ----------------------------------------------------------------------------- bench
 def test_bench_reads_clips_as_training_does(ghost_work):
     """2-s recordings in a WORK of 5-s clips: padded to 5 s; 1-s WORK of longer clips: cropped."""
-    from bench import training_clips
+    from cache import training_clips
 
     work, _ = ghost_work
     waves, said = training_clips(work, 4)

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-import demo
+import synth
 from arg import Config
 from conftest import cached, prepared, run_script
-from dataset import Clips
-from preprocess import prepare, speaker_of
+from cache import Clips
+from layouts import speaker_of
+from layouts import prepare
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def work(demo_data, tmp_path_factory):
 
 def test_classes_sorted_and_complete(work):
     classes = json.loads((work / "classes.json").read_text())
-    assert classes == sorted(demo.WORDS)
+    assert classes == sorted(synth.WORDS)
 
 
 def test_folds_stratified_and_speaker_disjoint(work):

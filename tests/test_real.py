@@ -18,6 +18,7 @@ import soundfile as sf
 from conftest import ROOT, run_script
 
 FSDD = ROOT.parent / "shared" / "data" / "fsdd" / "recordings"
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 needs_fsdd = pytest.mark.skipif(not FSDD.is_dir(), reason="../shared/data/fsdd is not here")
 
 
@@ -140,7 +141,7 @@ def test_manifest_folds_given_drawn_and_train_only(tmp_path):
     every fold, never validated); a blank group is that row's own (its speaker), the others
     are kept."""
     from arg import Config
-    from preprocess import prepare
+    from layouts import prepare
     from runs import Work
 
     rows = []
@@ -217,12 +218,11 @@ def benchmark(tmp_path_factory):
     """real.py's manifests over a tiny synthetic set (every digit word) and the real FSDD."""
     if not FSDD.is_dir():
         pytest.skip("../shared/data/fsdd is not here")
-    import demo
-    import real
+    import synth
 
     root = tmp_path_factory.mktemp("real")
-    demo.make_dataset(root / "synth", speakers=6, seed=2, workers=2, progress=False,
-                      words=real.DIGITS + ("yes",))
+    synth.make_dataset(root / "synth", speakers=6, seed=2, workers=2, progress=False,
+                       words=DIGITS + ("yes",))
     run_script("real.py", "data", "--fsdd", FSDD, "--synth", root / "synth", "--out",
                root / "bench", "--real-speaker", "theo")
     return root
@@ -233,7 +233,7 @@ def test_benchmark_manifests_hold_fsdd_as_the_test_set(benchmark):
     bench = benchmark / "bench"
     synth = pd.read_csv(bench / "synth.csv", keep_default_na=False)
     test = synth[synth.split == "test"]
-    assert len(test) == 3000 and set(test.label) == set(__import__("real").DIGITS)
+    assert len(test) == 3000 and set(test.label) == set(DIGITS)
     assert (synth[synth.split == "train"].path.str.contains("/synth/train/")).all()
     sol = pd.read_csv(bench / "synth_solution.csv")
     assert sorted(sol.speaker.unique()) == ["george", "jackson", "lucas", "nicolas", "theo",
@@ -252,7 +252,7 @@ def test_fsdd_8khz_clips_go_through_preprocess_at_16khz(benchmark, tmp_path):
     """The 8 kHz recordings are decoded once at 16 kHz (soxr, as every clip), and scored by
     the speaker column of the solution."""
     from audio import read_audio
-    from dataset import Clips
+    from cache import Clips
 
     work = tmp_path / "w"
     run_script("preprocess.py", "--manifest", benchmark / "bench" / "synth.csv", "--work", work)
@@ -328,8 +328,9 @@ def test_a_codec_round_trip_keeps_the_length_and_changes_the_sound(name):
 
 
 def test_the_loader_sends_chosen_clips_through_codecs(tmp_path):
-    from dataset import Clips, WaveDataset
-    from preprocess import save_offsets, write_clips
+    from cache import Clips
+    from dataset import WaveDataset
+    from cache import save_offsets, write_clips
 
     rng = np.random.default_rng(0)
     clips_in = [(0.2 * rng.standard_normal(16000) * 32767).astype(np.int16) for _ in range(16)]

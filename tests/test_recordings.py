@@ -9,13 +9,14 @@ import soundfile as sf
 import torch
 
 from conftest import TINY, cached, run_script
-from dataset import Clips, Rows, WaveDataset, balanced_sampler, targets, windows
+from cache import Clips, Rows, windows
+from dataset import WaveDataset, balanced_sampler, targets
 
 
 def test_cache_returns_each_clip_exactly(tmp_path):
     """Clips of 0.3 to 7 s go in whole (no padding, no cut) and come back sample for sample."""
     from arg import Config
-    from preprocess import prepare
+    from layouts import prepare
 
     rng = np.random.default_rng(0)
     lengths = [4800, 16000, 112000, 7000, 33333, 16001]
@@ -104,10 +105,10 @@ def test_balanced_sampler_evens_out_classes():
 def test_soundscape_end_to_end(tmp_path):
     """demo soundscapes -> preprocess (BirdCLEF layout) -> multilabel training with the SED
     head -> one row per 2-s window of every test soundscape, scored with padded cmAP."""
-    import demo
+    import soundscapes
 
     data, work = tmp_path / "data", tmp_path / "work"
-    demo.make_soundscapes(data, seed=1, workers=2, progress=False, recorders=10,
+    soundscapes.make_soundscapes(data, seed=1, workers=2, progress=False, recorders=10,
                           per_recorder=2, test_recorders=2, soundscapes=2)
     run_script("preprocess.py", "--data", data, "--work", work, "--n-folds", 2, "--seconds", 2,
                "--max-seconds", 20)
@@ -122,7 +123,7 @@ def test_soundscape_end_to_end(tmp_path):
     assert result["val_map"] == pytest.approx(hist.val_map.max()) and "val_acc" not in result
     assert "best val_map" in proc.stderr
     oof = pd.read_csv(fold / "oof.csv", keep_default_na=False)
-    assert "secondary" in oof and oof.filter(items=demo.SOUNDSCAPE_WORDS).max().max() < 1
+    assert "secondary" in oof and oof.filter(items=soundscapes.SOUNDSCAPE_WORDS).max().max() < 1
     proc = run_script("inference.py", "--work", work, "--run", "ss", "-f", 1, "-g", -1,
                       "--solution", data / "solution.csv")
     sub = pd.read_csv(work / "runs" / "ss" / "submission.csv")
@@ -134,7 +135,7 @@ def test_soundscape_end_to_end(tmp_path):
     score = json.loads((work / "runs" / "ss" / "test_score.json").read_text())
     assert 0 < score["cmap_pad5"] <= 1 and "padded cmAP" in proc.stderr
     # the exported SED ensemble says what inference.py said, window for window
-    from predict import Predictor
+    from predictor import Predictor
 
     run_script("export.py", "--work", work, "--run", "ss", "-f", 1, "--out", tmp_path / "ss.onnx")
     first = sorted((data / "test_soundscapes").iterdir())[0]

@@ -24,9 +24,9 @@ def train(work, *args, check=True):
 
 
 def test_hard_preset_degrades_and_holds_voices_out(tmp_path):
-    import demo
+    import synth
 
-    counts = demo.make_dataset(tmp_path / "hard", preset="hard", speakers=10, words=("yes", "no"),
+    counts = synth.make_dataset(tmp_path / "hard", preset="hard", speakers=10, words=("yes", "no"),
                                workers=2, progress=False)
     assert counts == {"train": 16, "test": 4, "speakers": 10}
     meta = pd.read_csv(tmp_path / "hard" / "meta.csv")
@@ -38,7 +38,7 @@ def test_hard_preset_degrades_and_holds_voices_out(tmp_path):
     assert noisy.snr.between(0, 30).all() and len(noisy) >= 0.6 * len(meta)
     assert (meta.seconds < 1).any() and (meta.rt60 > 0).any() and (meta.lowpass > 0).any()
     assert sorted(p.name for p in (tmp_path / "hard" / "_background_noise_").iterdir()) == \
-        sorted(f"{k}_noise.wav" for k in demo.PRESETS["hard"].noises)
+        sorted(f"{k}_noise.wav" for k in synth.PRESETS["hard"].noises)
 
 
 def test_ema_weights_are_validated_and_saved_in_best(work):

@@ -57,7 +57,7 @@ def test_the_speech_embedding_refuses_another_rate(demo_data, tmp_path):
 def test_the_audit_draws_what_the_network_hears(work):
     """The run report's worst-clip images come from the run's own front end: 32 bands for
     the speech embedding (before: a 224-band log-mel it never saw), -t bands for a CNN."""
-    from dataset import Clips
+    from cache import Clips
     from model import AudioNet
     from results import seen_images
 

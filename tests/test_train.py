@@ -10,7 +10,7 @@ import torch
 
 import job
 from arg import Config
-from conftest import ROOT, TINY, prepared, run_script
+from conftest import ROOT, TINY, prepared, refused, run_script
 
 
 @pytest.fixture(scope="module")
@@ -120,25 +120,18 @@ def test_missing_gpu_lists_the_visible_ones(monkeypatch):
     assert pick_device("0") == ("cpu", 1) and torch_device("cpu") == torch.device("cpu")
 
 
-def test_g_means_the_same_in_every_script(capsys):
-    """-g is one Config field: train, inference and bench parse it alike, and a GPU that is
-    not there is the same one-line refusal from inference as from train."""
+def test_g_means_the_same_in_every_script():
+    """-g is one Config field: train, inference and bench offer it alike; report and export
+    run on the CPU and offer none; bench's old --device is gone."""
     from arg import make_parser
-    import bench
-    import export
-    import inference
-    import report
 
-    for parser in (make_parser("x", "train"), inference.make_parser()):
+    for name in ("train", "inference", "bench", "pretrain"):
+        parser = make_parser("x", name)
         assert parser.parse_args(["-g", "cpu"]).gpus == "cpu"
         assert parser.parse_args(["--gpus", "0,1"]).gpus == "0,1"
-    for main in (report.main, export.main):  # they run on the CPU: no -g to offer
-        with pytest.raises(SystemExit):
-            main(["-g", "0"])
-        assert "unrecognized arguments: -g" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench.main(["--device", "cuda"])  # the old flag: -g now, as everywhere
-    assert "unrecognized arguments: --device" in capsys.readouterr().err
+    for script in ("report.py", "export.py"):
+        assert "unrecognized arguments: -g" in refused(script, "-g", "0")
+    assert "unrecognized arguments: --device" in refused("bench.py", "--device", "cuda")
 
 
 def test_config_flags_round_trip():
@@ -175,20 +168,18 @@ def test_same_seed_same_weights(work):
     assert not all(torch.equal(states[0][k], other[k]) for k in other)
 
 
-def test_sample_rate_and_clip_length_come_from_work(e2e, tmp_path, capsys):
+def test_sample_rate_and_clip_length_come_from_work(e2e, tmp_path):
     """train.py offers no --sr/--seconds/--data/--n-folds: WORK's prep.json fixed them. A config
     file that says otherwise is refused with one line; else they are taken from prep.json."""
     import shutil
 
-    import train
-    from arg import write_yaml
+    from arg import make_parser, write_yaml
 
     work = tmp_path / "work"
     shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
-    for flag in ("--seconds", "--sr", "--data", "--manifest", "--n-folds"):
-        with pytest.raises(SystemExit):
-            train.main(["--work", str(work), flag, "2"])
-        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    offered = {s for a in make_parser("x", "train")._actions for s in a.option_strings}
+    assert not {"--seconds", "--sr", "--data", "--manifest", "--n-folds"} & offered
+    assert "unrecognized arguments: --sr" in refused("train.py", "--work", work, "--sr", "2")
     prep = json.loads((work / "prep.json").read_text())
     assert job.work_settings(Config(work=str(work), seconds=2.0, n_folds=9)).seconds == 1.0
     prep.update(seconds=0.5, sr=8000)
@@ -197,29 +188,33 @@ def test_sample_rate_and_clip_length_come_from_work(e2e, tmp_path, capsys):
     assert (got.sr, got.seconds, got.clip_samples, got.n_folds) == (8000, 0.5, 4000,
                                                                      prep["n_folds"])
     write_yaml(Config(work=str(work), seconds=2.0), tmp_path / "two.yaml")
-    code = train.main(["--config", str(tmp_path / "two.yaml"), "-f", "0"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1
+    err = refused("train.py", "--config", tmp_path / "two.yaml", "-f", "0")
     assert "seconds 2.0 here, 0.5 there" in err and "prep.json" in err
     assert not (work / "runs").exists()
 
 
-def test_a_bug_keeps_its_traceback(work, monkeypatch):
-    """main turns only a bad request (UsageError) into one line; anything else is a bug."""
-    import fit
-    import train
+def test_a_bug_keeps_its_traceback(capsys):
+    """run_cli, every script's main, turns a bad request (UsageError) into one line and 2, a
+    loss gone NaN into 1, a signal into 143 / 130; anything else is a bug: its traceback."""
+    from util import Stopped, UsageError, run_cli
 
-    def broken(cfg, k):
-        raise ValueError("a bug")
+    def raising(e):
+        def main(argv):
+            raise e
+        return main
 
-    monkeypatch.setattr(fit, "plan_fold", broken)
     with pytest.raises(ValueError, match="a bug"):
-        train.main(["--work", str(work), *TINY, "-f", "0", "-g", "cpu"])
+        run_cli(raising(ValueError("a bug")), "train")
+    for e, code in ((UsageError("-f x: bad"), 2), (FloatingPointError("loss is nan"), 1),
+                    (Stopped("fold 0 stopped by SIGTERM", 143), 143), (KeyboardInterrupt(), 130)):
+        assert run_cli(raising(e), "train") == code
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("train: ")
 
 
 def test_bad_request_errors_are_one_type():
     from checkpoints import CheckpointError, PretrainedError
-    from preprocess import DataLayoutError
+    from layouts import DataLayoutError
     from util import UsageError
 
     assert all(issubclass(e, UsageError) for e in (CheckpointError, PretrainedError,

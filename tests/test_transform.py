@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from arg import Config
-from transform import (FilterAugment, Frontend, FreqMixStyle, LogMel, MelJitter, SpecAugment,
-                       SpecWarp, WaveAugment, add_at_snr, gain, mixup, rms, time_shift,
-                       tta_views)
+from augment import (FilterAugment, FreqMixStyle, MelJitter, SpecAugment, SpecWarp, WaveAugment,
+                     add_at_snr, gain, mixup, rms, time_shift)
+from transform import Frontend, LogMel, tta_views
 
 
 def speech_like(n=4, seed=0):
@@ -191,7 +191,7 @@ def test_pitch_shift_at_the_filterbank_equals_resampling_the_spectrogram(semiton
     """The shifted filterbank gives the image that resampling the power spectrogram gave (the
     earlier method): every harmonic of a 200 Hz voice-like tone peaks within a mel band of
     where it did, and the images agree to a fraction of a dB."""
-    from transform import resample_axis
+    from augment import resample_axis
 
     lm = LogMel(Config(size=64))
     t = np.arange(16000) / 16000
@@ -223,7 +223,7 @@ def test_time_stretch_scales_the_duration(factor):
     assert abs(after / before - factor) < 0.04
     assert stretched.shape == lm.mel(power).shape
     # on the mel rows it is exactly the stretch of the power spectrogram, filtered after
-    from transform import resample_axis
+    from augment import resample_axis
 
     nt = power.shape[-1]
     c, t = (nt - 1) / 2, torch.arange(nt, dtype=torch.float64)
