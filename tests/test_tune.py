@@ -1,6 +1,7 @@
-"""tune.py: the space file checked against Config; two workers sharing a SQLite study whose
-best.yaml retrains to the best trial's score; a pruned trial never read as finished; two
-workers on a PostgreSQL cluster started for the test, one of them killed mid-trial."""
+"""tune.py as a user runs it: refusals before anything is written; the default recipe kept
+and never pruned; two workers sharing a SQLite study whose best.yaml retrains to the best trial;
+a pruned trial never read as finished; signals, a study that only fails, a killed trial 0
+queued again; two workers on a PostgreSQL cluster started for the test, one killed."""
 from __future__ import annotations
 
 import json
@@ -14,10 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
+from optuna.trial import TrialState
 
-from conftest import ROOT, prepared, run_script
+from conftest import ROOT, prepared, refused, run_script
 
 TINY = ["-m", "resnet18", "-t", "32", "-e", "1", "-b", "32", "-g", "cpu"]
 SPACE = "lr: {float: [3.0e-4, 3.0e-3], log: true}\np_mixup: {choice: [0.0, 0.5]}\n"
@@ -35,124 +38,119 @@ def space(tmp_path_factory) -> Path:
     return path
 
 
-def study_trials(url: str, name: str) -> list:
-    import optuna
-
+def trials_of(url: str, name: str) -> list:
     return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def sqlite(work, name: str) -> str:
+    return f"sqlite:///{work / 'studies' / f'{name}.db'}"
+
+
+def nothing_made(work, study: str) -> None:
+    assert not (work / "studies" / f"{study}.db").exists()
+    assert not list(work.glob(f"**/{study}-*")) and not list(work.glob("**/esc-*"))
 
 
 @pytest.mark.parametrize("text, said", [
     ("lrr: {float: [0.001, 0.01]}", "lrr: unknown setting (did you mean lr?)"),
-    ("lr: {float: [0.01, 0.001]}", "lr: empty range [0.01, 0.001]: low must be below high"),
-    ("lr: {float: [0, 0.01], log: true}", "lr: log: true needs a range above 0"),
-    ("labels: {float: [0.5, 1.5]}", "labels: 1.5: --labels 1.5: a share of the training rows"),
-    ("head: {choice: [pool, sed]}", "head: 'sed': --head sed is a multilabel head"),
+    ("lr: {float: [0.01, 0.001]}", "lr: float: [0.01, 0.001]: expected [low, high], low < high"),
+    ("lr: {float: [0, 0.01], log: true}", "lr: float: [0, 0.01]: expected [low, high], low < high, "
+                                          "above 0 for log: true"),
+    ("labels: {float: [0.5, 1.5]}", "labels: says where or how a trial runs"),
     ("optimizer: {choice: [adamw, sgd]}", "optimizer: 'sgd': not one of adamw, adam"),
-    ("epochs: {float: [2, 4]}", "epochs: an int setting: search it with int: [low, high]"),
+    ("epochs: {float: [2, 4]}", "epochs: a int setting: search it with int: [low, high]"),
     ("gpus: {choice: ['0', '1']}", "gpus: says where or how a trial runs"),
-    ("aug: {float: [0, 1]}", "aug: a name setting: search it with choice"),
-    ("lr: [0.001, 0.01]", "lr: expected one of {float: [low, high]}"),
+    ("aug: {float: [0, 1]}", "aug: a str setting: search it with choice"),
+    ("head: {choice: [sed]}", "head: 'sed': --head sed"),
+    ("lr: [0.001, 0.01]", "lr: expected {float: [low, high]}"),
 ])
-def test_space_refused(work, tmp_path, capsys, text, said):
-    import tune
-
+def test_a_space_is_refused_before_a_study_is_made(work, tmp_path, text, said):
     path = tmp_path / "space.yaml"
     path.write_text(text + "\n")
-    assert tune.main(["--work", str(work), "--study", "bad", "--space", str(path), *TINY]) == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"tune: --space {path}: {said}"), line
-    assert not (work / "runs" / "bad-0").exists()  # nothing trained
-    assert not (work / "studies" / "bad.db").exists()  # no study made
+    err = refused("tune.py", "--work", work, "--study", "bad", "--space", path, *TINY)
+    assert err.startswith(f"tune: --space {path}: {said}"), err
+    nothing_made(work, "bad")
 
 
-def test_space_refused_as_a_user_sees_it(work, tmp_path):
-    path = tmp_path / "space.yaml"
-    path.write_text("lrr: {float: [0.001, 0.01]}\n")
-    proc = run_script("tune.py", "--work", work, "--study", "bad", "--space", path, *TINY,
-                      check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"tune: --space {path}: lrr: unknown setting (did you mean lr?)"
+@pytest.mark.parametrize("args, said", [
+    (["--study", "../esc"], "--study '../esc': a plain name"),
+    (["--study", "a/b"], "--study 'a/b': a plain name"),
+    (["--study", ""], "--study '': a plain name"),
+    (["--heartbeat", "0"], "--heartbeat 0: expected 1 or more"),
+    (["--startup", "-1"], "--startup -1: expected 0 or more"),
+    (["--trials", "0"], "--trials 0: expected 1 or more"),
+    (["-m", "resnet81"], "-m resnet81: timm has no such model; did you mean resnet18"),
+    (["-f", "9"], "-f 9: "),
+    (["--storage", "notaurl"], "--storage notaurl: not a study store this can open"),
+    (["--storage", "mysql://u:secret@127.0.0.1/x"], "--storage mysql://u:***@127.0.0.1/x: not"),
+    (["--storage", "postgresql://u@127.0.0.1:1/x"], "--storage postgresql://u@127.0.0.1:1/x: not"),
+    (["--resume"], "--space FILE.yaml makes (or joins) a study; --resume continues one"),
+])
+def test_bad_requests_are_one_line_and_write_nothing(work, space, args, said):
+    base = ["--work", work, "--study", "ok", "--space", space, *TINY]
+    err = refused("tune.py", *base, *args)
+    assert said in err, err
+    assert "secret" not in err
+    nothing_made(work, "ok")
+    assert not (work.parent / "esc-0").exists() and not (work / "studies" / "a").exists()
 
 
-def test_two_workers_share_a_study_whose_best_yaml_retrains(work, space):
-    """Two workers on one SQLite study of 4 tiny trials: each trial run once, by one of them,
-    as an ordinary run; best.yaml holds the best trial's settings and retrains to its OOF."""
-    (work / "studies").mkdir(exist_ok=True)
-    a = start_worker(work, space, "s4", "--trials", 4, "--heartbeat", 2)
-    time.sleep(3)
-    b = start_worker(work, space, "s4", "--trials", 4, "--heartbeat", 2)
-    outs = [p.communicate(timeout=600)[0] for p in (a, b)]
-    assert a.returncode == 0 and b.returncode == 0, outs
-    got = check_shared(work, f"sqlite:///{work / 'studies' / 's4.db'}", "s4", 4, [a, b])
-    assert len(got) == 4  # none failed, none run beyond the 4
-    trials = pd.read_csv(work / "studies" / "s4" / "trials.csv")
-    assert list(trials.trial) == [0, 1, 2, 3] and (trials.state == "complete").all()
-    assert trials.lr[0] == 1e-3 and trials.p_mixup[0] == 0.0  # trial 0: the default recipe
-    for row in trials.itertuples():  # every trial an ordinary finished run with its score
-        result = json.loads((work / "runs" / f"s4-{row.trial}" / "fold0" / "result.json")
-                            .read_text())
-        assert result["val_acc"] == pytest.approx(row.value)
-    import yaml
-
-    best = yaml.safe_load((work / "studies" / "s4" / "best.yaml").read_text())
-    top = trials[trials.value == trials.value.max()]
-    chosen = top[(top.lr == best["lr"]) & (top.p_mixup == best["p_mixup"])].trial
-    assert len(chosen) == 1, (best, trials)
-    assert best["run"] == "s4-best" and best["epochs"] == 1 and best["model"] == "resnet18"
-    assert any(f"best: trial {chosen.iloc[0]} " in out for out in outs)
-    for name in ("history.png", "slice.png", "report.html"):
-        assert (work / "studies" / "s4" / name).stat().st_size > 1000
-    run_script("train.py", "--work", work, "--config", work / "studies" / "s4" / "best.yaml",
-               "-f", 0, "--no-progress")
-    again = json.loads((work / "runs" / "s4-best" / "fold0" / "result.json").read_text())
-    assert again["val_acc"] == pytest.approx(top.value.max(), abs=1e-9)
-    oof = "fold0/oof.csv"
-    pd.testing.assert_frame_equal(pd.read_csv(work / "runs" / "s4-best" / oof),
-                                  pd.read_csv(work / "runs" / f"s4-{chosen.iloc[0]}" / oof))
-    # --resume reads the recipe and the space from the study: 4 trials are done, none runs
-    again = run_script("tune.py", "--work", work, "--study", "s4", "--resume", "--trials", 4)
-    assert "study s4: 4 complete, 0 pruned, 0 failed" in again.stdout
-    assert not (work / "runs" / "s4-4").exists()
-    # the same study name with another recipe is refused, naming the difference
-    other = run_script("tune.py", "--work", work, "--study", "s4", "--space", space,
-                       "--trials", 4, *TINY[:4], "-e", "2", *TINY[6:], check=False)
-    assert other.returncode == 2 and "epochs 1 -> 2" in other.stderr, other.stderr
+def test_a_damaged_study_file_and_a_missing_resume_are_one_line(work, space, tmp_path):
+    studies = work / "studies"
+    studies.mkdir(exist_ok=True)
+    (studies / "text.db").write_text("not a database\n")
+    err = refused("tune.py", "--work", work, "--study", "text", "--space", space, *TINY)
+    assert "not a study store this can open" in err and "DatabaseError" in err
+    err = refused("tune.py", "--work", work, "--study", "ghost", "--resume")
+    assert "--resume: no study 'ghost'" in err and not (studies / "ghost.db").exists()
+    gz = tmp_path / "space.yaml.gz"
+    gz.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe\x00\x80" * 8)
+    err = refused("tune.py", "--work", work, "--study", "gz", "--space", gz, *TINY)
+    assert f"--space {gz}: not a readable YAML file" in err
+    nothing_made(work, "gz")
 
 
-def test_pruned_trial_is_never_finished(work):
-    import optuna
-
-    import tune
+def test_the_default_recipe_is_kept_and_a_pruned_trial_never_finished(work, space):
+    """With the default pruner (halving, --startup 4) and 2 epochs, trial 0 is the default
+    recipe and runs to its end (before, the pruner stopped it after an epoch). Then two
+    perfect trials added to the study make the next sampled trial prune at epoch 2: it holds
+    pruned.json, no result.json, and nothing reads it as finished."""
     from results import leaderboard
     from runs import Run, fold_done
     from util import UsageError
 
-    study = optuna.create_study(study_name="p", direction="maximize",
-                                pruner=optuna.pruners.ThresholdPruner(lower=2.0))  # prunes all
-    given = dict(work=str(work), model="resnet18", size=32, epochs=3, batch_size=32, gpus="cpu")
-    space = [tune.Param("lr", "float", 1e-3, 2e-3)]
-    with pytest.raises(optuna.TrialPruned):
-        tune.objective(study.ask(), given, space, [0], dict(pruning=True, stopped=None))
-    fold = Run(work, "p-0").fold(0)
-    pruned = json.loads((fold / "pruned.json").read_text())
-    assert pruned["trial"] == 0 and pruned["epochs"] == 1 and 0 <= pruned["val_acc"] <= 1
+    tiny2 = [*TINY[:4], "-e", "2", *TINY[6:]]
+    out = run_script("tune.py", "--work", work, "--study", "keep", "--space", space,
+                     "--trials", 1, *tiny2).stdout
+    assert "study keep: 1 complete, 0 pruned, 0 failed" in out
+    url = sqlite(work, "keep")
+    (t0,) = trials_of(url, "keep")
+    assert t0.params == {"lr": 1e-3, "p_mixup": 0.0} and t0.user_attrs["baseline"]
+    assert len(t0.intermediate_values) == 2 and t0.user_attrs["epochs"] == 2
+    refused_resume = refused("tune.py", "--work", work, "--study", "keep", "--resume",
+                             "--trials", 2, "-e", 5)
+    assert "was made with other settings (epochs 2 -> 5)" in refused_resume
+    study = optuna.load_study(study_name="keep", storage=url)
+    for _ in range(2):  # perfect scores at every epoch: the median of the others is 1.0
+        study.add_trial(optuna.trial.create_trial(
+            params=t0.params, distributions=t0.distributions, value=1.0,
+            intermediate_values={0: 1.0, 1: 1.0}, user_attrs={"epochs": 2}))
+    run_script("tune.py", "--work", work, "--study", "keep", "--resume", "--trials", 4,
+               "--pruner", "median", "--startup", 0)
+    pruned = [t for t in trials_of(url, "keep") if t.state == TrialState.PRUNED]
+    assert [t.number for t in pruned] == [3] and not pruned[0].user_attrs["baseline"]
+    fold = Run(work, "keep-3").fold(0)
+    record = json.loads((fold / "pruned.json").read_text())
+    assert record["trial"] == 3 and record["epochs"] == 2 and 0 <= record["val_acc"] < 1
     assert not (fold / "result.json").exists() and not fold_done(fold)
     with pytest.raises(UsageError, match="unfinished"):
-        Run(work, "p-0").checkpoints([0])
-    row = leaderboard(work).set_index("run").loc["p-0"]
-    assert row.folds_done == "0/2 (pruned)" and row.cv != row.cv  # no CV from a pruned fold
-    # after the last epoch nothing is pruned: the trial trained every epoch, it is complete
-    last = study.ask()
-    score = tune.objective(last, {**given, "epochs": 1}, space, [0],
-                           dict(pruning=True, stopped=None))
-    fold = Run(work, "p-1").fold(0)
-    assert fold_done(fold) and not (fold / "pruned.json").exists()
-    assert score == json.loads((fold / "result.json").read_text())["val_acc"]
+        Run(work, "keep-3").checkpoints([0])
+    assert leaderboard(work).set_index("run").loc["keep-3"].folds_done == "0/2 (pruned)"
 
 
-def start_worker(work, space, study, *extra):
+def start_worker(work, space, study, *extra, pruner="none"):
     return subprocess.Popen([sys.executable, str(ROOT / "tune.py"), "--work", str(work),
-                             "--study", study, "--space", str(space), "--pruner", "none",
+                             "--study", study, "--space", str(space), "--pruner", pruner,
                              *map(str, extra), *TINY], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -160,9 +158,7 @@ def start_worker(work, space, study, *extra):
 def check_shared(work, url: str, study: str, trials: int, workers: list) -> list:
     """The study holds `trials` complete trials, numbered once each, each an ordinary
     finished run, and every worker in `workers` ran at least one."""
-    from optuna.trial import TrialState
-
-    got = study_trials(url, study)
+    got = trials_of(url, study)
     done = [t for t in got if t.state == TrialState.COMPLETE]
     assert len(done) == trials, [(t.number, t.state) for t in got]
     assert len({t.number for t in got}) == len(got)  # no trial number run twice
@@ -171,6 +167,95 @@ def check_shared(work, url: str, study: str, trials: int, workers: list) -> list
     ran = {t.user_attrs["worker"].split(":")[-1] for t in done}
     assert {str(p.pid) for p in workers} <= ran, ran
     return got
+
+
+def test_two_workers_share_a_study_whose_best_yaml_retrains(work, space):
+    """Two workers on one SQLite study of 4 tiny trials: each trial run once, by one of them,
+    as an ordinary run; trials.csv is Optuna's table; best.yaml holds the best trial's recipe
+    (no worker's -g) and retrains to its OOF."""
+    import yaml
+
+    a = start_worker(work, space, "s4", "--trials", 4, "--heartbeat", 2)
+    time.sleep(3)
+    b = start_worker(work, space, "s4", "--trials", 4, "--heartbeat", 2)
+    outs = [p.communicate(timeout=600)[0] for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, outs
+    assert len(check_shared(work, sqlite(work, "s4"), "s4", 4, [a, b])) == 4
+    trials = pd.read_csv(work / "studies" / "s4" / "trials.csv")
+    assert list(trials.trial) == [0, 1, 2, 3] and (trials.state == "complete").all()
+    assert trials.lr[0] == 1e-3 and trials.p_mixup[0] == 0.0 and trials.baseline[0]
+    for row in trials.itertuples():  # every trial an ordinary finished run with its score
+        result = json.loads((work / "runs" / f"s4-{row.trial}" / "fold0" / "result.json")
+                            .read_text())
+        assert result["val_acc"] == pytest.approx(row.value)
+    best = yaml.safe_load((work / "studies" / "s4" / "best.yaml").read_text())
+    top = trials[trials.value == trials.value.max()]
+    chosen = top[(top.lr == best["lr"]) & (top.p_mixup == best["p_mixup"])].trial
+    assert len(chosen) == 1, (best, trials)
+    assert best["run"] == "s4-best" and best["epochs"] == 1 and "gpus" not in best
+    assert any(f"best: trial {chosen.iloc[0]} " in out for out in outs)
+    for name in ("history.png", "slice.png"):
+        assert (work / "studies" / "s4" / name).stat().st_size > 1000
+    run_script("train.py", "--work", work, "--config", work / "studies" / "s4" / "best.yaml",
+               "-f", 0, "-g", "cpu", "--no-progress")
+    again = json.loads((work / "runs" / "s4-best" / "fold0" / "result.json").read_text())
+    assert again["val_acc"] == pytest.approx(top.value.max(), abs=1e-9)
+    oof = "fold0/oof.csv"
+    pd.testing.assert_frame_equal(pd.read_csv(work / "runs" / "s4-best" / oof),
+                                  pd.read_csv(work / "runs" / f"s4-{chosen.iloc[0]}" / oof))
+    again = run_script("tune.py", "--work", work, "--study", "s4", "--resume", "--trials", 4)
+    assert "study s4: 4 complete, 0 pruned, 0 failed" in again.stdout
+    assert not (work / "runs" / "s4-4").exists()
+    other = refused("tune.py", "--work", work, "--study", "s4", "--space", space, "--trials", 4,
+                    *TINY[:4], "-e", "2", *TINY[6:])
+    assert "epochs 1 -> 2" in other
+
+
+def wait_for(pred, proc, seconds: float = 300):
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None and time.time() - t0 < seconds, proc.communicate()[0]
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig, code, name", [("SIGTERM", 143, "SIGTERM"),
+                                             ("SIGINT", 130, "SIGINT (^C)")])
+def test_a_signal_fails_the_running_trial_at_once(work, space, sig, code, name):
+    study = f"sig{code}"
+    proc = start_worker(work, space, study, "--trials", 2, *TINY[:4], "-e", 50, *TINY[6:])
+    wait_for(lambda: (work / "runs" / f"{study}-0" / "fold0" / "last.ckpt").is_file(), proc)
+    proc.send_signal(getattr(signal, sig))
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == code and "Traceback" not in out, out
+    assert f"tune: study {study}: fold 0 stopped by {name}" in out
+    assert [t.state for t in trials_of(sqlite(work, study), study)] == [TrialState.FAIL]
+
+
+def test_a_study_whose_trials_all_fail_stops(work, tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("lr: {float: [1.0e+7, 1.0e+8]}\n")  # every trial's loss is NaN at once
+    proc = run_script("tune.py", "--work", work, "--study", "nan", "--space", path,
+                      "--trials", 10, *TINY, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "tune: study nan: 3 trials failed and none finished" in proc.stderr
+    assert [t.state for t in trials_of(sqlite(work, "nan"), "nan")] == [TrialState.FAIL] * 3
+
+
+def test_a_killed_default_trial_is_queued_again(work, space):
+    """SIGKILL during trial 0 (the default recipe): --resume waits out its heartbeat, marks it
+    failed and runs the default recipe again."""
+    proc = start_worker(work, space, "k0", "--trials", 2, "--heartbeat", 1, *TINY[:4], "-e",
+                        30, *TINY[6:])
+    url = sqlite(work, "k0")
+    wait_for(lambda: (work / "runs" / "k0-0" / "fold0" / "last.ckpt").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    out = run_script("tune.py", "--work", work, "--study", "k0", "--resume", "--trials", 1,
+                     "--heartbeat", 1, timeout=900).stdout
+    got = trials_of(url, "k0")
+    assert [t.state for t in got] == [TrialState.FAIL, TrialState.COMPLETE], out
+    assert got[1].params == got[0].params == {"lr": 1e-3, "p_mixup": 0.0}
+    assert got[1].user_attrs["baseline"]
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
@@ -218,27 +303,23 @@ def postgres():
 def test_postgresql_workers_survive_a_killed_one(work, space, postgres):
     """Two workers on one PostgreSQL study; one is killed (SIGKILL) mid-trial: its trial is
     marked failed by the other, which finishes the study's trials alone."""
-    from optuna.trial import TrialState
-
     a = start_worker(work, space, "pg", "--trials", 3, "--heartbeat", 2, "--storage", postgres)
     time.sleep(3)
     b = start_worker(work, space, "pg", "--trials", 3, "--heartbeat", 2, "--storage", postgres)
-    t0 = time.time()
-    while time.time() - t0 < 300:  # until a trial of a's is under way, then kill it
-        assert a.poll() is None, a.communicate()[0]
+
+    def a_running():
         try:
-            mine = [t for t in study_trials(postgres, "pg")
-                    if t.user_attrs.get("worker", "").endswith(f":{a.pid}")]
+            return any(t.state == TrialState.RUNNING and
+                       t.user_attrs.get("worker", "").endswith(f":{a.pid}")
+                       for t in trials_of(postgres, "pg"))
         except Exception:  # the study is not made yet
-            mine = []
-        if any(t.state == TrialState.RUNNING for t in mine):
-            break
-        time.sleep(0.5)
+            return False
+    wait_for(a_running, a)
     a.send_signal(signal.SIGKILL)
     a.wait(timeout=60)
     out = b.communicate(timeout=600)[0]
     assert b.returncode == 0, out
-    got = study_trials(postgres, "pg")
+    got = trials_of(postgres, "pg")
     failed = [t for t in got if t.state == TrialState.FAIL]
     assert [t.user_attrs["worker"].endswith(f":{a.pid}") for t in failed] == [True], \
         [(t.number, t.state, t.user_attrs) for t in got]
