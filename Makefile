@@ -115,6 +115,27 @@ soundscape: $(STAMP)
 	  --solution $(SOUND_DATA)/solution.csv
 	$(BIN)/python report.py --work $(SOUND_WORK)
 
+# the real-voice benchmark (real.py, docs/RESULTS.md): synthetic speech (espeak-ng + Kokoro-82M,
+# 30 words) -> the FSDD's 3,000 real recordings of the digits; + one real speaker; real -> real
+# by speaker. Skipped with one line where ../shared/data/fsdd is not beside the repository.
+FSDD        ?= ../shared/data/fsdd/recordings
+REAL_DATA   ?= data/real
+REAL_WORK   ?= work/real
+REAL_RECIPE ?= -m speech_embedding -e 8 -b 64 -g cpu
+real: $(STAMP) $(KOKORO_JS)
+	@if [ ! -d "$(FSDD)" ]; then echo "make real: skipped, $(FSDD) is not here"; exit 0; fi; \
+	set -e; py=$(BIN)/python; \
+	$$py demo.py --preset real --out $(REAL_DATA)/synth; \
+	$$py real.py data --fsdd $(FSDD) --synth $(REAL_DATA)/synth --out $(REAL_DATA); \
+	for b in synth few real; do \
+	  $$py preprocess.py --manifest $(REAL_DATA)/$$b.csv --work $(REAL_WORK)_$$b; done; \
+	for b in synth few; do \
+	  $$py train.py --work $(REAL_WORK)_$$b --run $$b -f 0 -a y $(REAL_RECIPE); \
+	  $$py inference.py --work $(REAL_WORK)_$$b --run $$b -f 1 -a y -g -1 \
+	    --solution $(REAL_DATA)/$${b}_solution.csv; done; \
+	$$py train.py --work $(REAL_WORK)_real --run real -f all -a y $(REAL_RECIPE); \
+	for b in synth few real; do $$py real.py table --work $(REAL_WORK)_$$b --runs $$b; done
+
 bench: $(STAMP)
 	$(BIN)/python bench.py --work $(DEMO_WORK) -t 224
 
@@ -124,4 +145,4 @@ scale: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data/demo work/demo data/hard work/hard data/shift work/shift work/scale \
-	  $(SOUND_DATA) $(SOUND_WORK)
+	  $(SOUND_DATA) $(SOUND_WORK) $(REAL_DATA) $(REAL_WORK)_synth $(REAL_WORK)_few $(REAL_WORK)_real

@@ -24,15 +24,15 @@ and the worst, the CV, epochs and minutes of training.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from runs import Run
-from util import UsageError, read_table, write_csv
+from runs import Run, Work
+from arg import Parser
+from util import UsageError, read_table, run_cli, write_csv
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NOISE_DIR = "_background_noise_"
@@ -118,9 +118,26 @@ def write_benchmark(fsdd: Path, synth: Path, out: Path, real_speaker: str,
     return counts
 
 
+def oof_by_group(work: Path, run: Run) -> dict:
+    """{group: accuracy} of the run's out-of-fold predictions (with TTA where it has them):
+    each held-out speaker of real.csv's leave-one-speaker-out folds."""
+    train = read_table(Work(work).train_csv).set_index("row")
+    right = {}
+    for d in run.folds().values():
+        oof = d / "oof_tta.csv" if (d / "oof_tta.csv").is_file() else d / "oof.csv"
+        if oof.is_file():
+            t = read_table(oof)
+            pred = t[Work(work).classes()].to_numpy().argmax(1)
+            for g, ok in zip(train.loc[t.row, "group"], pred == t.label.map(
+                    Work(work).classes().index).to_numpy()):
+                right.setdefault(str(g), []).append(ok)
+    return {g: float(sum(v) / len(v)) for g, v in right.items()}
+
+
 def table_rows(work: Path, runs: list[str]) -> list[str]:
-    """One markdown row per run: digit accuracy, top-1, worst speaker, each speaker, CV,
-    epochs, folds and training minutes."""
+    """One markdown row per run: digit accuracy, top-1, worst speaker, each speaker (of the
+    test set; of the out-of-fold predictions for a run without one), CV, epochs, folds and
+    training minutes."""
     rows = []
     for name in runs:
         run = Run(work, name)
@@ -129,7 +146,7 @@ def table_rows(work: Path, runs: list[str]) -> list[str]:
                    if (d / "result.json").is_file()]
         if not results:
             raise UsageError(f"run {name}: no finished fold in {run.dir}")
-        by = score.get("by_within", score.get("by", {})).get("speaker", {})
+        by = score.get("by_within", score.get("by", {})).get("speaker") or oof_by_group(work, run)
         cv = json.loads(run.cv.read_text()).get("accuracy") if run.cv.is_file() else None
         hist = read_table(run.fold(results[0]["fold"]) / "history.csv")
         cells = [name, fmt(score.get("accuracy_within", score.get("accuracy"))),
@@ -149,8 +166,8 @@ HEADER = ("| run | digits | top-1 | worst speaker | per speaker | CV | epochs | 
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+def steps(argv) -> int:
+    p = Parser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="job", required=True)
     d = sub.add_parser("data", help="write the benchmark's manifests", allow_abbrev=False)
     d.add_argument("--fsdd", default="../shared/data/fsdd/recordings",
@@ -165,14 +182,6 @@ def main(argv=None) -> int:
     t.add_argument("--work", required=True, help="the WORK the runs are in")
     t.add_argument("--runs", nargs="+", required=True, help="run names")
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"real: {e}", file=sys.stderr)
-        return 2
-
-
-def run(args) -> int:
     if args.job == "data":
         counts = write_benchmark(Path(args.fsdd), Path(args.synth), Path(args.out),
                                  args.real_speaker, args.voices)
@@ -182,6 +191,10 @@ def run(args) -> int:
     print(HEADER)
     print("\n".join(table_rows(Path(args.work), args.runs)))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(steps, "real", argv)
 
 
 if __name__ == "__main__":
