@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from arg import make_parser
-from results import leaderboard, write_html
+from leaderboard import leaderboard
+from results import write_html
 from runs import Run, Work
 from util import UsageError, run_cli, setup_logging
 

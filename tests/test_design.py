@@ -52,6 +52,19 @@ def test_no_script_imports_another_and_the_graph_has_no_cycles():
         visit(node, [])
 
 
+def test_tests_import_library_modules_only_and_modules_stay_small():
+    """A test runs a script as a user does (a subprocess), never imports it; model.py is the
+    network and its training module (~400 lines); no module but the one the synthetic speech
+    lives in is over ~450."""
+    tests = sorted((ROOT / "tests").glob("*.py"))
+    importing = sorted(f"{t.name} imports {m}" for t in tests
+                       for m in imports_of(t) & SCRIPTS)
+    assert importing == []
+    lines = {p.name: len(p.read_text().splitlines()) for p in ROOT.glob("*.py")}
+    assert lines["model.py"] <= 420, lines["model.py"]
+    assert {n: k for n, k in lines.items() if k > 460 and n != "synth.py"} == {}
+
+
 def test_functions_and_classes_fit_on_a_screen():
     """No function is over 80 lines; no class over 120 unless its docstring says why."""
     long = []

@@ -179,7 +179,7 @@ def test_leaderboard_lists_every_run_best_cv_first(work):
 
 
 def test_initialised_from_names_what_a_run_started_from():
-    from results import initialised_from
+    from leaderboard import initialised_from
 
     assert initialised_from("") == "scratch" and initialised_from("timm") == "timm"
     assert initialised_from("w/pretrain/byol/encoder.pth") == "pretrain:byol"

@@ -115,7 +115,7 @@ def test_the_default_recipe_is_kept_and_a_pruned_trial_never_finished(work, spac
     recipe and runs to its end (before, the pruner stopped it after an epoch). Then two
     perfect trials added to the study make the next sampled trial prune at epoch 2: it holds
     pruned.json, no result.json, and nothing reads it as finished."""
-    from results import leaderboard
+    from leaderboard import leaderboard
     from runs import Run, fold_done
     from util import UsageError
 
