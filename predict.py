@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from predictor import ModelError, Predictor, segments
 
 
 def main(argv=None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `predict.py ... | head` ends quietly
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("model", help="the .onnx file written by export.py")
     ap.add_argument("paths", nargs="+", help="audio files or folders")

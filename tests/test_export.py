@@ -303,3 +303,12 @@ def test_predict_hears_an_8khz_recording_at_the_model_s_16khz(exported, tmp_path
     (_, a), (_, b) = pred.predict_files([src, tmp_path / "at16k.wav"], top_k=3)
     assert [lab for lab, _ in a] == [lab for lab, _ in b]
     assert np.allclose([p for _, p in a], [p for _, p in b], atol=1e-6)
+
+
+def test_predict_into_a_closed_pipe_ends_quietly(e2e, exported):
+    """`predict.py MODEL folder/ | head -1`: the first line, and no BrokenPipeError traceback."""
+    cmd = f"{sys.executable} {ROOT / 'predict.py'} {exported / 'plain.onnx'} " \
+          f"{e2e['data'] / 'test'} | head -1"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True)
+    assert proc.stdout.count("\n") == 1 and ".wav: " in proc.stdout
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
