@@ -15,6 +15,8 @@ codec: training batches read with --p-codec 1 (each clip through a codec and bac
 where the batch is read) beside --p-codec 0, per codec and for the default set.
 speech: a training step and prediction of the speech embedding, frozen and fine-tuned, beside
 resnet18 at 64x64. ssl: a BYOL-A step beside a supervised one.
+pruners: a study made with --pruner none, its recorded curves replayed through each pruner
+(search.replay): the epochs each would have run, the trials pruned, the best kept or not.
 crops: training batches read from generated caches: 1-s clips, and random 1-s crops of 2-60 s
 recordings. scale: demo data of each --scale-sizes, then preprocess, an epoch and inference,
 each timed with its peak memory. onnx: RUN's folds exported with TTA: ONNX Runtime beside
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import soundfile as sf
 import torch
 import torch.nn.functional as F
@@ -44,6 +47,7 @@ from dataset import WaveDataset, load_noise
 from ensemble import Ensemble, load_members
 from model import AudioClassifier
 from runs import Run, Work
+from search import PRUNERS, replay
 from transform import N_VIEWS
 from util import read_table, run_cli, setup_logging, torch_device
 
@@ -333,6 +337,19 @@ def onnx_section(args, waves) -> None:
           f"inference.py --predict {b:.1f} s -> {b / a:.1f}x")
 
 
+def pruners_section(args) -> None:
+    """--study NAME's recorded curves (its complete trials, every epoch: a study made with
+    --pruner none) replayed through each pruner tune.py offers (search.replay)."""
+    db = Path(args.work).resolve() / "studies" / f"{args.study}.db"
+    study = optuna.load_study(study_name=args.study, storage=f"sqlite:///{db}")
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    for pruner in PRUNERS:
+        got = replay(done, pruner, args.startup)
+        print(f"pruners: {pruner:8s} (--startup {args.startup}): {got['epochs']} of {got['of']} "
+              f"epochs, {len(got['pruned'])} of {len(done)} trials pruned {got['pruned']}, the "
+              f"best trial {'kept' if got['best_kept'] else 'PRUNED'}")
+
+
 SECTIONS = {"step": step_section, "augment": augment_section, "codec": codec_section,
             "speech": speech_section, "ssl": ssl_section}
 
@@ -341,7 +358,9 @@ def steps(argv) -> int:
     p = make_parser(__doc__.split("\n")[0], "bench")
     p.add_argument("--clips", type=int, default=512, help="clips per measurement")
     p.add_argument("--sections", default="step,augment",
-                   help=f"comma-separated: {', '.join(SECTIONS)}, onnx, crops, scale")
+                   help=f"comma-separated: {', '.join(SECTIONS)}, onnx, crops, scale, pruners")
+    p.add_argument("--study", default="", help="pruners: a study made with --pruner none")
+    p.add_argument("--startup", type=int, default=4, help="pruners: tune.py's --startup")
     p.add_argument("--scale-sizes", default="6000,60000",
                    help="scale: training clips of each generated set")
     p.add_argument("--scale-dir", default="work/scale", help="scale: where the sets go")
@@ -350,14 +369,16 @@ def steps(argv) -> int:
     setup_logging()
     args.work, args.size, args.batch_size, args.run = cfg.work, cfg.size, cfg.batch_size, cfg.run
     sections = args.sections.split(",")
-    unknown = set(sections) - {*SECTIONS, "onnx", "crops", "scale"}
+    unknown = set(sections) - {*SECTIONS, "onnx", "crops", "scale", "pruners"}
     if unknown:
         p.error(f"--sections: no section {', '.join(sorted(unknown))}")
     if "scale" in sections:  # make their own data: need no --work
         scale_section(args)
     if "crops" in sections:
         crops_section(args)
-    if not set(sections) - {"scale", "crops"}:
+    if "pruners" in sections:  # reads a study, no clips
+        pruners_section(args)
+    if not set(sections) - {"scale", "crops", "pruners"}:
         return 0
     device = torch_device(cfg.gpus)
     torch.set_num_threads(os.cpu_count() or 1)

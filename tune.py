@@ -8,17 +8,15 @@
 
 Optuna's shape: `objective(trial)` suggests the space's values and trains the trial's folds
 with fit.train_fold (train.py's own) and Optuna's Lightning pruning callback; `study.optimize`
-runs it. Any train.py flag is fixed for every trial; space.yaml names the settings searched
-(`{float: [low, high]}`, `{int: ...}`, `log: true`, `{choice: [...]}`): a YAML file runs no
-code, the study keeps it for every worker, and each value passes train.py's checks before a
-study is made. Trial n is the run WORK/runs/<study>-<n>/ (a pruned fold holds pruned.json, no
+runs it; the space and the pruners are search.py's. Any train.py flag is fixed for every
+trial; space.yaml names the settings searched (`{float: [low, high]}`, `{int: ...}`, `log:
+true`, `{choice: [...]}`): a YAML file runs no code, the study keeps it for every worker, and
+each value passes train.py's checks before a study is made. Trial n is the run WORK/runs/<study>-<n>/ (a pruned fold holds pruned.json, no
 result.json). The default recipe is queued while no trial holds it and is never pruned.
 WORK/studies/<study>/ gets best.yaml, trials.csv and Optuna's history/importance/slice plots.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import logging
 import os
 import re
@@ -29,87 +27,21 @@ from pathlib import Path
 
 import optuna
 import optuna.visualization.matplotlib as plots
-import yaml
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from arg import FIELDS, PRESETS, SEARCHABLE, Config, make_parser, parse_config, write_yaml
+from arg import FIELDS, Config, make_parser, parse_config, write_yaml
 from fit import train_fold
-from job import check_model, check_options, work_settings
+from job import check_model, work_settings
 from metrics import monitored
 from results import save_figure
 from runs import Run, Work
+from search import PRUNERS, Spared, baseline, distribution, read_space
 from util import Stopped, UsageError, run_cli, setup_logging, write_csv, write_json
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-# ----------------------------------------------------------------------------- the space
-def read_space(path: str, base: Config) -> dict:
-    """A space file's {setting: spec}, every setting checked (distribution) on top of `base`."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UsageError(f"--space {path}: not a readable YAML file ({type(e).__name__}); see "
-                         f"space.yaml in the repository") from None
-    if not isinstance(spec, dict) or not spec:
-        raise UsageError(f"--space {path}: expected 'setting: {{float: [low, high]}}' lines")
-    for name, s in spec.items():
-        distribution(path, str(name), s, base)
-    return spec
-
-
-def distribution(where: str, name: str, spec, base: Config):
-    """One setting's Optuna distribution, checked: a searchable Config setting, a spec of its
-    kind, a range that is one, and both ends (every choice) of its flag's type and choices and
-    passing train.py's option checks; UsageError naming the file and the setting otherwise."""
-    def bad(why):
-        return UsageError(f"--space {where}: {name}: {why}")
-
-    if name not in SEARCHABLE:
-        close = difflib.get_close_matches(name, SEARCHABLE, n=1)
-        raise bad("says where or how a trial runs, not what it learns: give it as a flag"
-                  if name in FIELDS else "unknown setting" + f" (did you mean {close[0]}?)" * bool(close))
-    kinds = [k for k in ("float", "int", "choice") if isinstance(spec, dict) and k in spec]
-    if len(kinds) != 1 or set(spec) - {kinds[0], "log"}:
-        raise bad("expected {float: [low, high]}, {int: [low, high]} (log: true for a log "
-                  "scale) or {choice: [a, b, ...]}")
-    kind, default, values, logs = kinds[0], FIELDS[name].default, spec[kinds[0]], spec.get("log")
-    if kind == "choice":
-        if not isinstance(values, list) or not values:
-            raise bad("choice: expected a non-empty list")
-        dist = CategoricalDistribution(values)
-    elif type(default) is not (int if kind == "int" else float):
-        raise bad(f"a {type(default).__name__} setting: search it with "
-                  + ("int: [low, high] or " if type(default) is int else "") + "choice: [...]")
-    elif not (isinstance(values, list) and len(values) == 2 and all(
-            type(v) in (int, float) for v in values) and values[0] < values[1]) or \
-            (logs and values[0] <= 0):
-        raise bad(f"{kind}: {values!r}: expected [low, high], low < high"
-                  + (", above 0 for log: true" if logs else ""))
-    else:
-        dist = (IntDistribution if kind == "int" else FloatDistribution)(*values, log=bool(logs))
-    for value in getattr(dist, "choices", None) or (dist.low, dist.high):
-        if value not in FIELDS[name].metadata.get("choices", [value]):
-            raise bad(f"{value!r}: not one of {', '.join(FIELDS[name].metadata['choices'])}")
-        if type(value) is not type(default) and (type(default), type(value)) != (float, int):
-            raise bad(f"{value!r}: expected {type(default).__name__}")
-        try:
-            if name == "model":
-                check_model(value)
-            check_options(dataclasses.replace(base, **{name: value}))
-        except UsageError as e:
-            raise bad(f"{value!r}: {e}") from None
-    return dist
-
-
-def baseline(space: dict) -> dict:
-    """The default recipe's value of each searched setting, where the space holds it."""
-    out = {n: PRESETS["default"].get(n, FIELDS[n].default) for n in space}
-    return {n: v for n, v in out.items() for d in [space[n]]
-            if (v in d.choices if hasattr(d, "choices") else d.low <= v <= d.high)}
 
 
 # ----------------------------------------------------------------------------- a trial
@@ -142,28 +74,6 @@ def objective(trial, fixed: dict, space: dict, folds: list[int], pruning: bool) 
 def trial_config(fixed: dict, params: dict, run: str) -> Config:
     values = {**fixed, **params, "run": run}
     return work_settings(Config.preset(values.pop("aug", "default"), **values), set(values))
-
-
-class Spared(optuna.pruners.BasePruner):
-    """`pruner`, but never the default recipe, nor a trial at its last epoch (it trained them
-    all: it is complete), nor at an epoch fewer than `startup` other trials reached."""
-
-    def __init__(self, pruner, startup: int):
-        self.pruner, self.startup = pruner, startup
-
-    def prune(self, study, trial) -> bool:
-        step = trial.last_step
-        if trial.user_attrs.get("baseline") or step is None or \
-                step + 1 >= trial.user_attrs.get("epochs", step + 2):
-            return False
-        reached = sum(step in t.intermediate_values and t.number != trial.number
-                      for t in study.get_trials(deepcopy=False))
-        return reached >= self.startup and self.pruner.prune(study, trial)
-
-
-PRUNERS = {"halving": lambda: optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3),
-           "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=1),
-           "none": optuna.pruners.NopPruner}
 
 
 # ----------------------------------------------------------------------------- the study
