@@ -147,7 +147,8 @@ def table_rows(work: Path, runs: list[str]) -> list[str]:
         if not results:
             raise UsageError(f"run {name}: no finished fold in {run.dir}")
         by = score.get("by_within", score.get("by", {})).get("speaker") or oof_by_group(work, run)
-        cv = json.loads(run.cv.read_text()).get("accuracy") if run.cv.is_file() else None
+        cv = json.loads(run.cv.read_text()).get("accuracy") if run.cv.is_file() else \
+            sum(r["val_acc"] for r in results) / len(results)  # the folds trained so far
         hist = read_table(run.fold(results[0]["fold"]) / "history.csv")
         cells = [name, fmt(score.get("accuracy_within", score.get("accuracy"))),
                  fmt(score.get("accuracy")), fmt(min(by.values()) if by else None),
@@ -162,7 +163,8 @@ def fmt(v) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
-HEADER = ("| run | digits | top-1 | worst speaker | per speaker | CV | epochs | folds | train min |\n"
+HEADER = ("| run | digits | top-1 | worst speaker | per speaker | CV (val) | epochs | folds | "
+          "train min |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 

@@ -349,3 +349,25 @@ def test_the_loader_sends_chosen_clips_through_codecs(tmp_path):
     assert torch.equal(none.__getitems__(list(range(16)))[0], plain)
     proc = run_script("train.py", "--codecs", "gsm", "amr", check=False)
     assert proc.returncode == 2 and "invalid choice: 'amr'" in proc.stderr
+
+
+def test_the_table_reads_digits_speakers_and_the_cv(e2e, tmp_path):
+    """real.py table: digit accuracy and each speaker from test_score.json, the worst, the
+    CV (or the folds' validation), epochs, folds; a run without a test set shows each group's
+    out-of-fold accuracy instead."""
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(e2e["work"], work)
+    run = work / "runs" / "resnet18_32"
+    (run / "test_score.json").write_text(json.dumps(dict(
+        accuracy=0.5, accuracy_within=0.75, by_within=dict(speaker=dict(george=0.9, theo=0.6)))))
+    out = run_script("real.py", "table", "--work", work, "--runs", "resnet18_32").stdout
+    row = out.strip().splitlines()[-1].split(" | ")
+    cv = json.loads((run / "cv.json").read_text())["accuracy"]
+    assert row[1:5] == ["0.7500", "0.5000", "0.6000", "geo 0.90 the 0.60"]
+    assert row[5:8] == [f"{cv:.4f}", "1", "2"]
+    (run / "test_score.json").unlink()
+    row = run_script("real.py", "table", "--work", work, "--runs", "resnet18_32").stdout
+    groups = pd.read_csv(work / "train.csv").group.nunique()
+    assert len(row.strip().splitlines()[-1].split(" | ")[4].split()) == 2 * groups
