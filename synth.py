@@ -115,10 +115,13 @@ PRESETS = {
         snr=(5.0, 30.0), noises=("brown", "babble", "music"), p_reverb=0.3, rt60=(0.3, 0.9),
         p_channel=0.7, channels=("phone", "clip", "bits", "codec"))),
     # training speech for the real-voice benchmark (real.py, make real): every espeak-ng voice
-    # variant over the English accents with a wide prosody, and 108 Kokoro-82M speakers (its
-    # 54 voices and 54 two-voice mixes); a tenth of the speakers make the synthetic test set
+    # variant over the English accents and 8 European languages reading the English words
+    # (accented speech: the lever that helped most, docs/RESULTS.md), a wide prosody, and 108
+    # Kokoro-82M speakers (its 54 voices and 54 two-voice mixes); a tenth of the speakers make
+    # the synthetic test set
     "real": Preset(speakers=160, test_share=0.1, variants=(), pitch=(0, 100), prange=(0, 100),
-                   rate=(100, 300), kokoro=108, p_reverb=0.3, rt60=(0.1, 0.6), p_band=0.2),
+                   rate=(100, 300), kokoro=108, p_reverb=0.3, rt60=(0.1, 0.6), p_band=0.2,
+                   accents=ACCENTS + ("de", "fr", "nl", "es", "it", "pt", "pl", "sv")),
 }
 
 def unit_rms(x: np.ndarray) -> np.ndarray:
