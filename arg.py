@@ -351,11 +351,16 @@ def make_parser(description: str, job: str, config_file: bool = False, skip=()) 
     return p
 
 
-def add_folds(p: Parser) -> None:
-    """-f as inference.py and export.py read it (the seed's meaning): which folds' models."""
+def add_members(p) -> None:
+    """Which trained models inference.py and export.py combine: -f (the seed's meaning: the
+    first N folds, or a list), --runs and their --weights."""
     p.add_argument("-f", "--folds", default="5",
                    help="folds of the run: N = folds 0..N-1 (-f 5 all five, -f 1 fold 0 alone), "
                         "or a list 0,2 (default: 5)")
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="several runs blended into one ensemble, every fold of a run weighted "
+                        "equally")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per run")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

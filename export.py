@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arg import add_folds, config_from_args, make_parser
+from arg import add_members, config_from_args, make_parser
 from ensemble import Ensemble, WithEmbedding, load_members
 from runs import Run, requested_folds
 from transform import N_VIEWS
@@ -137,11 +137,7 @@ def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) 
 
 def steps(argv) -> int:
     p = make_parser(__doc__.split("\n")[0], "export")
-    add_folds(p)
-    p.add_argument("--runs", nargs="+", default=None,
-                   help="several runs blended into one ensemble, every fold of a run weighted "
-                        "equally")
-    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per run")
+    add_members(p)
     p.add_argument("--blend", action="store_true",
                    help="the weights and temperature inference.py --fit-weights fitted for these "
                         "runs and folds (their blend.json)")

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 import audio
-from arg import Config, add_folds, config_from_args, make_parser as config_parser
+from arg import Config, add_members, config_from_args, make_parser as config_parser
 from audio import HOP_HELP, WINDOW_HELP, window_problem
 from cache import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, oof_for_blend, predict_waves,
@@ -65,14 +65,10 @@ def predict_files(paths: list[Path], files: list[str], tta: bool, how: str, weig
 def make_parser():
     p = config_parser(__doc__.split("\n")[0], "inference")
     g = p.add_argument_group("members")
-    g.add_argument("--runs", nargs="+", default=None,
-                   help="several runs blended into one ensemble, every fold of a run weighted "
-                        "equally")
-    g.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per run")
+    add_members(g)
     g.add_argument("--fit-weights", action="store_true",
                    help="fit the run weights and a temperature on the OOF (min. log-loss); "
                         "writes blend.json and calibrated test_probs.csv")
-    add_folds(g)
     g.add_argument("--ensemble", default="soft", choices=("soft", "hard"))
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="", help="output folder (default: the run's folder)")
