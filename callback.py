@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from metrics import monitored, validation_scores
 from model import warmup_steps
 from results import plot_curves, save_figure
+from runs import CURVE, HISTORY, OOF
 from util import atomic_write, probs_frame, write_csv
 
 
@@ -90,11 +91,11 @@ class History(Callback):
         lr = max(g["lr"] for g in trainer.optimizers[0].param_groups)
         row.update(epoch=trainer.current_epoch, lr=lr,
                    seconds=round(time.time() - self._t0, 2))
-        path = self.folder / "history.csv"
+        path = self.folder / HISTORY
         old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=self.columns)
         hist = pd.concat([old[old.epoch < trainer.current_epoch], pd.DataFrame([row])])
         write_csv(hist, path)
-        save_figure(plot_curves({self.fold: hist}, self.title), self.folder / "curve.png")
+        save_figure(plot_curves({self.fold: hist}, self.title), self.folder / CURVE)
 
 
 class SWA(WeightAveraging):
@@ -156,7 +157,7 @@ class OOFWriter(Callback):
         if got.multilabel and "secondary" in t:
             meta["secondary"] = t.secondary.to_numpy()
         write_csv(probs_frame(t.path, got.probs.numpy(), self.classes, key="path", **meta),
-                  self.folder / "oof.csv")
+                  self.folder / OOF)
 
     def state_dict(self):
         return {"best": self.best}

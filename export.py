@@ -27,7 +27,7 @@ import torch
 
 from arg import add_members, config_from_args, make_parser
 from ensemble import Ensemble, WithEmbedding, load_members
-from runs import Run, requested_folds
+from runs import BLEND, Run, requested_folds
 from transform import N_VIEWS
 from util import UsageError, atomic_write, run_cli, setup_logging, write_text
 
@@ -116,7 +116,7 @@ def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) 
     if args.blend and args.weights:
         raise UsageError("--blend takes the fitted weights: drop --weights")
     if args.blend:
-        path = Run.blend(work, runs).dir / "blend.json"
+        path = Run.blend(work, runs).dir / BLEND
         if not path.is_file():
             raise UsageError(f"--blend: no {path}; fit it with inference.py --work {work} --runs "
                              f"{' '.join(runs)} -f {args.folds} --fit-weights")

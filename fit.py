@@ -20,7 +20,8 @@ from ensemble import load_checkpoint, predict_waves
 from job import Job, build_logger, check_model, check_resume, loader_workers, run_job
 from model import AudioClassifier
 from results import cv_summary, write_html
-from runs import FOLD_RECORDS, Run, Work, fold_done, train_command, validation_folds
+from runs import (BEST, FOLD_RECORDS, LAST, OOF, OOF_TTA, RESULT, Run, Work, fold_done,
+                  train_command, validation_folds)
 from util import UsageError, pick_device, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def plan_fold(cfg: Config, k: int) -> Fold:
     check_model(cfg.model)
     run = Run(cfg.work, cfg.run_name)
     accelerator, devices = pick_device(cfg.gpus, cfg.devices)
-    last = run.fold(k) / "last.ckpt"
+    last = run.fold(k) / LAST
     resume_from = str(last) if cfg.resume and last.is_file() else None
     if resume_from:
         check_resume(cfg, run.fold(k), "delete it to train the fold from the start, or train "
@@ -154,7 +155,7 @@ def finish_fold(fold: Fold, trainer, t0: float) -> dict:
         device = torch.device(f"cuda:{fold.devices[0]}" if gpu else "cpu")
         write_oof_tta(fold.dir, Path(cfg.work), fold.data.classes, device, cfg.batch_size * 2,
                       cfg.clip_samples)
-    write_json(dict(result, seconds=round(time.time() - t0, 1)), fold.dir / "result.json")
+    write_json(dict(result, seconds=round(time.time() - t0, 1)), fold.dir / RESULT)
     log.info("fold %d: best %s %.4f, %d epochs in %.0f s -> %s", fold.k, best.monitor,
              result[best.monitor], result["epochs"], result["seconds"], fold.dir)
     folds = validation_folds(fold.data.table)
@@ -190,8 +191,8 @@ def write_oof_tta(fold_dir: Path, work: Path, classes: list[str], device, batch:
                   length: int) -> None:
     """oof_tta.csv: oof.csv's rows predicted by best.ckpt with the TTA views averaged (once,
     after training, rather than at every validation)."""
-    oof = pd.read_csv(fold_dir / "oof.csv", keep_default_na=False)
+    oof = pd.read_csv(fold_dir / OOF, keep_default_na=False)
     waves = Rows(Clips.of(work, "train"), oof.row, length)
-    probs = predict_waves([fold_dir / "best.ckpt"], waves, True, device, batch)[0][0]
+    probs = predict_waves([fold_dir / BEST], waves, True, device, batch)[0][0]
     oof[classes] = probs
-    write_csv(oof, fold_dir / "oof_tta.csv")
+    write_csv(oof, fold_dir / OOF_TTA)

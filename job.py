@@ -23,7 +23,7 @@ import torch
 from arg import RESUME_SAFE, WORK_FIXED, Config, write_yaml
 from callback import AtomicCheckpointIO
 from checkpoints import CheckpointError, safe_load
-from runs import Work, read_config
+from runs import COMMAND, CONFIG, LAST, VERSIONS, Work, read_config
 import speech
 from util import FoldLock, Stopped, UsageError, launched_rank_zero, write_json, write_text
 
@@ -97,9 +97,9 @@ def check_resume(cfg: Config, folder: Path, fix: str) -> None:
     """--resume continues only the run it was: refuse, naming them, settings that differ from
     the folder's config.yaml in anything but RESUME_SAFE, and a last.ckpt that is not a
     complete torch file or could run code (model.safe_load; `fix` says what to do then)."""
-    if not (folder / "last.ckpt").is_file():
+    if not (folder / LAST).is_file():
         return
-    safe_load(folder / "last.ckpt", CheckpointError, "--resume ", fix)
+    safe_load(folder / LAST, CheckpointError, "--resume ", fix)
     saved = read_config(folder)
     if not saved:
         return
@@ -169,7 +169,7 @@ def start_records(job: Job) -> None:
     else:
         if job.cfg.resume:
             log.warning("%s: --resume but no %s yet: starting from scratch", job.name,
-                        job.folder / "last.ckpt")
+                        job.folder / LAST)
         removed = [p for p in job.stale if p.is_file()]
         for path in removed:
             path.unlink(missing_ok=True)
@@ -265,11 +265,11 @@ def write_records(folder: Path, cfg: Config, script: str, fold: int | None = Non
     """config.yaml (what makes the run, in labelled parts: --config reads it back), command.txt
     (the command that makes it again from config.yaml, whichever script started it: tune.py's
     trials too) and versions.json."""
-    write_yaml(cfg, folder / "config.yaml")
-    replay = ["python", script, "--config", str(folder / "config.yaml")]
+    write_yaml(cfg, folder / CONFIG)
+    replay = ["python", script, "--config", str(folder / CONFIG)]
     write_text(shlex.join(replay + (["-f", str(fold)] if fold is not None else [])) + "\n",
-               folder / "command.txt")
-    write_json(versions(), folder / "versions.json")
+               folder / COMMAND)
+    write_json(versions(), folder / VERSIONS)
 
 
 def owned(folder: Path):

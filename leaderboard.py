@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from results import _short, augmentation_label, label_index, load_oof, ranking_scores
-from runs import Run, Work, fold_done, fold_pruned, read_config
+from runs import ENCODER, LEADERBOARD, RESULT, Run, Work, fold_done, fold_pruned, read_config
 from util import write_csv
 
 
@@ -23,7 +23,7 @@ def run_row(run_dir: Path, n_folds: int, classes: list[str]) -> dict | None:
     if not folds:
         return None
     cfg = read_config(folds[done[0] if done else min(folds)])
-    minutes = sum(json.loads((folds[k] / "result.json").read_text()).get("seconds", 0)
+    minutes = sum(json.loads((folds[k] / RESULT).read_text()).get("seconds", 0)
                   for k in done) / 60
     row = dict(run=run_dir.name, model=cfg.get("model", "?"), size=cfg.get("size"),
                aug=augmentation_label(cfg), epochs=cfg.get("epochs"), ema=cfg.get("ema", 0.0),
@@ -63,7 +63,7 @@ def initialised_from(pretrained: str) -> str:
     if not pretrained or pretrained == "timm":
         return pretrained or "scratch"
     p = Path(pretrained)
-    if p.name == "encoder.pth" and p.parent.parent.name == "pretrain":
+    if p.name == ENCODER and p.parent.parent.name == "pretrain":
         return f"pretrain:{p.parent.name}"
     if p.suffix == ".ckpt" and p.parent.name.startswith("fold"):
         return f"run:{p.parent.parent.name}"
@@ -85,5 +85,5 @@ def leaderboard(work: str | Path) -> pd.DataFrame:
     rank = ["cv_map", "cv_tta_map"] if board.cv_map.notna().any() else ["cv", "cv_tta"]
     board = board.sort_values(rank, ascending=False, na_position="last")
     if len(board):
-        write_csv(board, Work(work).runs / "leaderboard.csv")
+        write_csv(board, Work(work).runs / LEADERBOARD)
     return board.reset_index(drop=True)

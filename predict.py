@@ -27,8 +27,7 @@ from audio import HOP_HELP, WINDOW_HELP, AudioError, audio_files, top_line, wind
 from predictor import ModelError, Predictor, segments
 
 
-def main(argv=None) -> int:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `predict.py ... | head` ends quietly
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("model", help="the .onnx file written by export.py")
     ap.add_argument("paths", nargs="+", help="audio files or folders")
@@ -47,7 +46,21 @@ def main(argv=None) -> int:
     ap.add_argument("--embed", default="", metavar="FILE.npy",
                     help="write the files' embeddings (N, features) here instead of labels, and "
                          "their paths in the same order to FILE.csv")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def write_embeddings(pred: Predictor, files, errors: list, embed: Path) -> None:
+    good, vectors = pred.embed_files(files, errors)
+    np.save(embed, vectors)
+    with open(embed.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["path"], *[[str(g)] for g in good]])
+    print(f"{len(good)} embeddings of {vectors.shape[1] if len(good) else 0} features -> "
+          f"{embed} (rows in the order of {embed.with_suffix('.csv')})")
+
+
+def main(argv=None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `predict.py ... | head` ends quietly
+    args = parser().parse_args(argv)
     problem = window_problem(args.window, args.hop)
     if problem:
         print(f"predict: {problem}", file=sys.stderr)
@@ -72,12 +85,7 @@ def main(argv=None) -> int:
         return 2
     files, errors, rows, header = audio_files(args.paths), [], [], ["path"]
     if embed is not None:
-        good, vectors = pred.embed_files(files, errors)
-        np.save(embed, vectors)
-        with open(embed.with_suffix(".csv"), "w", newline="") as f:
-            csv.writer(f).writerows([["path"], *[[str(g)] for g in good]])
-        print(f"{len(good)} embeddings of {vectors.shape[1] if len(good) else 0} features -> "
-              f"{embed} (rows in the order of {embed.with_suffix('.csv')})")
+        write_embeddings(pred, files, errors, embed)
     elif args.window is None and args.hop is None:
         for path, top in pred.predict_files(files, args.top_k, errors):
             print(top_line(path, top))

@@ -28,18 +28,18 @@ from byol import BYOL, Probe, unlabelled_data
 from callback import History
 from dataset import loader
 from job import Job, check_model, check_resume, loader_workers, run_job, work_settings
-from runs import Work
+from runs import CONFIG, CURVE, ENCODER, HISTORY, LAST, Work
 from util import UsageError, atomic_write, launched_rank_zero, pick_device, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
-RECORDS = ("encoder.pth", "last.ckpt", "history.csv", "curve.png", "config.yaml")  # of a run
+RECORDS = (ENCODER, LAST, HISTORY, CURVE, CONFIG)  # of a pretraining run
 
 
 def check_start(cfg: Config, out: Path, force: bool) -> str | None:
     """The checkpoint a run resumes from, or None for a fresh start. A fresh start where a run
     already is refuses (its encoder and checkpoint would sit beside the new config) unless
     --force replaces it; --resume refuses settings other than the saved run's."""
-    last = out / "last.ckpt"
+    last = out / LAST
     if cfg.resume and last.is_file():
         check_resume(cfg, out, "delete it to pretrain from the start, or pretrain under another "
                                "--run")
@@ -74,8 +74,8 @@ def pretrain(cfg: Config, progress: bool = True, force: bool = False) -> Path:
     def save_encoder(trainer) -> Path:
         if trainer.is_global_zero:
             state = module.encoder.backbone_state()
-            atomic_write(out / "encoder.pth", lambda tmp: torch.save(state, tmp))
-        return out / "encoder.pth"
+            atomic_write(out / ENCODER, lambda tmp: torch.save(state, tmp))
+        return out / ENCODER
     return run_job(job, callbacks, progress, save_encoder)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import Run, Work
+from runs import HISTORY, OOF, OOF_TTA, RESULT, Run, Work
 from arg import Parser
 from util import UsageError, read_table, run_cli, write_csv
 
@@ -124,7 +124,7 @@ def oof_by_group(work: Path, run: Run) -> dict:
     train = read_table(Work(work).train_csv).set_index("row")
     right = {}
     for d in run.folds().values():
-        oof = d / "oof_tta.csv" if (d / "oof_tta.csv").is_file() else d / "oof.csv"
+        oof = d / OOF_TTA if (d / OOF_TTA).is_file() else d / OOF
         if oof.is_file():
             t = read_table(oof)
             pred = t[Work(work).classes()].to_numpy().argmax(1)
@@ -142,14 +142,14 @@ def table_rows(work: Path, runs: list[str]) -> list[str]:
     for name in runs:
         run = Run(work, name)
         score = json.loads(run.test_score.read_text()) if run.test_score.is_file() else {}
-        results = [json.loads((d / "result.json").read_text()) for d in run.folds().values()
-                   if (d / "result.json").is_file()]
+        results = [json.loads((d / RESULT).read_text()) for d in run.folds().values()
+                   if (d / RESULT).is_file()]
         if not results:
             raise UsageError(f"run {name}: no finished fold in {run.dir}")
         by = score.get("by_within", score.get("by", {})).get("speaker") or oof_by_group(work, run)
         cv = json.loads(run.cv.read_text()).get("accuracy") if run.cv.is_file() else \
             sum(r["val_acc"] for r in results) / len(results)  # the folds trained so far
-        hist = read_table(run.fold(results[0]["fold"]) / "history.csv")
+        hist = read_table(run.fold(results[0]["fold"]) / HISTORY)
         cells = [name, fmt(score.get("accuracy_within", score.get("accuracy"))),
                  fmt(score.get("accuracy")), fmt(min(by.values()) if by else None),
                  " ".join(f"{k[:3]} {v:.2f}" for k, v in sorted(by.items())),

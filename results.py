@@ -23,7 +23,8 @@ from cache import Clips
 from dataset import targets
 from metrics import most_confused, multilabel_scores, scores
 from model import make_frontend
-from runs import Run, Work, fold_done, read_config
+from runs import (COMMAND, CONFUSION, CV, HISTORY, REPORT_HTML, REPORT_TXT, RESULT, Run, Work,
+                  fold_done, read_config)
 from util import atomic_write, read_table, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def cv_summary(run_dirs: list[Path], classes: list[str], folds: list[int], out: 
         result["map"] = result["plain"]["overall"]["map"]
     result.update(accuracy=result["plain"]["overall"]["acc"], folds=folds,
                   runs=[Path(d).name for d in run_dirs])
-    write_json(result, Path(out) / "cv.json")
+    write_json(result, Path(out) / CV)
     return result
 
 
@@ -162,11 +163,11 @@ def cv_report(run_dirs: list[Path], weights, folds: list[int], classes: list[str
                     or load_oof(run_dirs, folds, "oof", classes, weights))
     true, pred = label_index(table.label, classes), probs.argmax(1)
     write_text(classification_report(true, pred, labels=range(len(classes)), target_names=classes,
-                                     digits=4, zero_division=0), out / "report.txt")
+                                     digits=4, zero_division=0), out / REPORT_TXT)
     names = "+".join(d.name for d in run_dirs)
     save_figure(plot_confusion(true, pred, classes, f"{names}: OOF accuracy "
                                f"{(true == pred).mean():.4f} ({len(true)} clips)"),
-                out / "confusion.png", dpi=110)
+                out / CONFUSION, dpi=110)
     for key in ("plain", "tta"):
         if key in cv:
             o = cv[key]["overall"]
@@ -260,7 +261,7 @@ def html_scores(run: Run, folds: dict[int, Path]) -> tuple[list, pd.DataFrame]:
         kpis.append((f"test padded cmAP ({test.get('with', '')})", test["cmap_pad5"]))
     per_fold = []
     for k, d in sorted(folds.items()):
-        done = json.loads((d / "result.json").read_text())
+        done = json.loads((d / RESULT).read_text())
         row = {"fold": k}
         for key in ("plain", "tta"):
             fold_cv = cv.get(key, {}).get("folds", {}).get(str(k))
@@ -350,14 +351,14 @@ def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
     true, pred = label_index(table.label, classes), probs.argmax(1)
     which = "with TTA" if tta else "plain"
     kpis, per_fold = html_scores(run, folds)
-    hists = {k: pd.read_csv(d / "history.csv") for k, d in folds.items()
-             if (d / "history.csv").is_file()}
+    hists = {k: pd.read_csv(d / HISTORY) for k, d in folds.items()
+             if (d / HISTORY).is_file()}
     curves = _figure_uri(plot_curves(hists, f"{run.name}: every fold"))
     confusion = _figure_uri(plot_confusion(true, pred, classes, f"OOF {which}: accuracy "
                                            f"{(true == pred).mean():.4f}"), dpi=80)
     per_class, pairs = html_per_class(true, pred, classes)
     audit_rows = html_audit(work, cfg, table, probs, true, classes, audit)
-    command = folds[ks[0]] / "command.txt"
+    command = folds[ks[0]] / COMMAND
     command = command.read_text().strip() if command.is_file() else ""
     config = pd.DataFrame(sorted(saved.items()), columns=["setting", "value"])
     esc = html.escape
@@ -383,5 +384,5 @@ OOF clips &middot; written {time.strftime('%Y-%m-%d %H:%M')}</div>
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
             f"<title>{esc(run.name)}: run report</title><style>{CSS}</style></head>"
             f"<body>{body}</body></html>")
-    write_text(page, run.dir / "report.html")
-    return run.dir / "report.html"
+    write_text(page, run.dir / REPORT_HTML)
+    return run.dir / REPORT_HTML

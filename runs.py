@@ -30,15 +30,23 @@ def validation_folds(table) -> list[int]:
     return sorted(int(k) for k in table.fold.unique() if k != TRAIN_ONLY)
 
 
+# the names of a fold's, a run's and a pretraining run's files, here only
+RESULT, BEST, LAST, HISTORY = "result.json", "best.ckpt", "last.ckpt", "history.csv"
+CURVE, OOF, OOF_TTA, PRUNED = "curve.png", "oof.csv", "oof_tta.csv", "pruned.json"
+CONFIG, COMMAND, VERSIONS = "config.yaml", "command.txt", "versions.json"
+CV, TEST_SCORE, TEST_PROBS = "cv.json", "test_score.json", "test_probs.csv"
+SUBMISSION, REPORT_TXT, REPORT_HTML = "submission.csv", "report.txt", "report.html"
+CONFUSION, BLEND, EMBEDDINGS = "confusion.png", "blend.json", "embeddings.npy"
+EMBEDDINGS_CSV, LEADERBOARD, ENCODER = "embeddings.csv", "leaderboard.csv", "encoder.pth"
+
 # what inference.py, export.py and a run's last fold write from the folds: a fresh fold makes
 # them stale, so it removes them (RUN.onnx too)
-RUN_RESULTS = ("cv.json", "test_score.json", "test_probs.csv", "submission.csv", "report.txt",
-               "report.html", "confusion.png", "blend.json", "embeddings.npy", "embeddings.csv")
+RUN_RESULTS = (CV, TEST_SCORE, TEST_PROBS, SUBMISSION, REPORT_TXT, REPORT_HTML, CONFUSION, BLEND,
+               EMBEDDINGS, EMBEDDINGS_CSV)
 
 # what a fold writes (pruned.json: tune.py's pruner stopped it); a fresh (not resumed) fold
 # starts without any of them
-FOLD_RECORDS = ("result.json", "best.ckpt", "last.ckpt", "history.csv", "curve.png", "oof.csv",
-                "oof_tta.csv", "pruned.json")
+FOLD_RECORDS = (RESULT, BEST, LAST, HISTORY, CURVE, OOF, OOF_TTA, PRUNED)
 
 
 class Work:
@@ -126,7 +134,7 @@ class Run:
                 if p.is_dir() and p.name[4:].isdigit()}
 
     def checkpoint(self, k: int) -> Path:
-        return self.fold(k) / "best.ckpt"
+        return self.fold(k) / BEST
 
     def results(self) -> list[Path]:
         """Where the run's outputs made from its folds go (RUN_RESULTS and RUN.onnx)."""
@@ -138,15 +146,15 @@ class Run:
 
     @property
     def test_probs(self) -> Path:
-        return self.dir / "test_probs.csv"
+        return self.dir / TEST_PROBS
 
     @property
     def cv(self) -> Path:
-        return self.dir / "cv.json"
+        return self.dir / CV
 
     @property
     def test_score(self) -> Path:
-        return self.dir / "test_score.json"
+        return self.dir / TEST_SCORE
 
     def checkpoints(self, folds: list[int]) -> list[Path]:
         """best.ckpt of each fold; UsageError naming each missing or unfinished one with the
@@ -168,18 +176,18 @@ class Run:
 def fold_done(fold_dir: Path) -> bool:
     """A fold is finished when train.py has written its result.json (last, after oof.csv); a
     fold tune.py's pruner stopped has pruned.json instead and never is."""
-    return (Path(fold_dir) / "result.json").is_file()
+    return (Path(fold_dir) / RESULT).is_file()
 
 
 def fold_pruned(fold_dir: Path) -> bool:
-    return (Path(fold_dir) / "pruned.json").is_file()
+    return (Path(fold_dir) / PRUNED).is_file()
 
 
 def read_config(fold_dir: Path) -> dict:
     """The settings a fold was trained with (its config.yaml), {} when it has none."""
     import yaml
 
-    path = Path(fold_dir) / "config.yaml"
+    path = Path(fold_dir) / CONFIG
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ensemble import embed_waves
 from metrics import multilabel_scores, padded_cmap
-from runs import Work
+from runs import BLEND, EMBEDDINGS, EMBEDDINGS_CSV, SUBMISSION, TEST_PROBS, TEST_SCORE, Work
 from util import UsageError, atomic_write, probs_frame, read_table, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def score_test(test: pd.DataFrame, score: np.ndarray, classes: list[str], soluti
     within = sorted(classes.index(c) for c in set(truth) if c in classes)
     if len(within) < len(classes):
         result.update(scored(within, "_within"), within=[classes[i] for i in within])
-    write_json(result, out / "test_score.json")
+    write_json(result, out / TEST_SCORE)
     return result
 
 
@@ -66,13 +66,13 @@ def write_embeddings(path: Path, waves, wins: pd.DataFrame, mode: str, work: Pat
         names = pd.DataFrame({"file_name": test.file_name})
     else:
         names = pd.DataFrame({"row_id": window_ids(test, wins)})
-    atomic_write(out / "embeddings.npy", lambda tmp: np.save(tmp, vectors.astype(np.float32)))
-    write_csv(names, out / "embeddings.csv")
-    log.info("embeddings: %d x %d from %s -> %s", *vectors.shape, path, out / "embeddings.npy")
+    atomic_write(out / EMBEDDINGS, lambda tmp: np.save(tmp, vectors.astype(np.float32)))
+    write_csv(names, out / EMBEDDINGS_CSV)
+    log.info("embeddings: %d x %d from %s -> %s", *vectors.shape, path, out / EMBEDDINGS)
 
 
 def write_blend(blend: dict, runs: list[str], folds: list[int], tta: bool, out: Path) -> None:
-    write_json(dict(runs=runs, folds=folds, tta=tta, **blend), out / "blend.json")
+    write_json(dict(runs=runs, folds=folds, tta=tta, **blend), out / BLEND)
     log.info("fitted on the OOF: weights %s, temperature %.3f; OOF log-loss %.4f (equal "
              "weights) -> %.4f (fitted) -> %.4f (calibrated); ECE %.4f -> %.4f",
              ", ".join(f"{r} {w:.3f}" for r, w in zip(runs, blend["weights"])),
@@ -114,10 +114,10 @@ def write_windows(work: Path, out: Path, wins: pd.DataFrame, score: np.ndarray,
             print(f"inference: {len(missing)} rows of {sample} match no test window (their files "
                   f"are not in the test folder): written with probability 0", file=sys.stderr)
             sub = pd.concat([sub, pd.DataFrame({"row_id": missing, **{c: 0.0 for c in classes}})])
-    write_csv(sub[["row_id", *columns]], out / "submission.csv")
-    write_csv(sub, out / "test_probs.csv")
+    write_csv(sub[["row_id", *columns]], out / SUBMISSION)
+    write_csv(sub, out / TEST_PROBS)
     log.info("submission: %d windows of %d files -> %s", len(wins), len(test),
-             out / "submission.csv")
+             out / SUBMISSION)
     if not solution:
         return
     if not Path(solution).is_file():
@@ -133,7 +133,7 @@ def write_windows(work: Path, out: Path, wins: pd.DataFrame, score: np.ndarray,
     found = multilabel_scores(torch.from_numpy(p), torch.from_numpy(truth))
     score = {"cmap_pad5": padded_cmap(truth, p), **found, "windows": len(sol),
              "solution": solution, "with": how}
-    write_json(score, out / "test_score.json")
+    write_json(score, out / TEST_SCORE)
     log.info("test padded cmAP %.4f, mAP %.4f, AUC %.4f (%d windows, %s)", score["cmap_pad5"],
              score.get("map", float("nan")), score.get("auc", float("nan")), len(sol), how)
 
@@ -143,9 +143,9 @@ def write_submission(work: Path, out: Path, labels: list[str], score: np.ndarray
     """submission.csv (every row of the sample, in order), test_probs.csv, and the test
     accuracy where true labels exist; unreadable test files are named."""
     test = read_test(work)
-    write_csv(pd.DataFrame({"file_name": test.file_name, "label": labels}), out / "submission.csv")
-    write_csv(probs_frame(test.file_name, score, classes), out / "test_probs.csv")
-    log.info("submission: %d rows -> %s", len(test), out / "submission.csv")
+    write_csv(pd.DataFrame({"file_name": test.file_name, "label": labels}), out / SUBMISSION)
+    write_csv(probs_frame(test.file_name, score, classes), out / TEST_PROBS)
+    log.info("submission: %d rows -> %s", len(test), out / SUBMISSION)
     result = score_test(test, score, classes, solution, out, how)
     if result is None:
         return

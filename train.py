@@ -28,7 +28,7 @@ from arg import Config, make_parser, parse_config
 from fit import train_fold
 from job import check_model, work_settings
 from metrics import monitored
-from runs import Run, Work
+from runs import HISTORY, Run, Work
 from util import UsageError, parse_gpus, pick_device, run_cli, setup_logging, strip_options
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def fold_status(fold_dir: Path, epochs: int, column: str) -> tuple[int, float, float]:
     """(epochs done, latest and best monitored score) of a fold, from its history.csv."""
     try:
-        hist = pd.read_csv(fold_dir / "history.csv")
+        hist = pd.read_csv(fold_dir / HISTORY)
     except (OSError, pd.errors.EmptyDataError):
         return 0, float("nan"), float("nan")
     if not len(hist):

@@ -36,7 +36,7 @@ from fit import train_fold
 from job import check_model, work_settings
 from metrics import monitored
 from results import save_figure
-from runs import Run, Work
+from runs import PRUNED, Run, Work
 from search import PRUNERS, Spared, baseline, distribution, read_space
 from util import Stopped, UsageError, run_cli, setup_logging, write_csv, write_json
 
@@ -66,7 +66,7 @@ def objective(trial, fixed: dict, space: dict, folds: list[int], pruning: bool) 
                         if t.number == trial.number).intermediate_values
             trial.set_user_attr("epochs", max(seen) + 1)
             write_json(dict(trial=trial.number, epochs=max(seen) + 1, **{monitor: seen[max(seen)]}),
-                       Run(cfg.work, cfg.run).fold(k) / "pruned.json")
+                       Run(cfg.work, cfg.run).fold(k) / PRUNED)
             raise
     return sum(scores) / len(scores)
 
