@@ -61,6 +61,11 @@ class Config:
     noise: str = opt("", "folder of background-noise recordings for --p-bg and pretraining "
                      "(default: _background_noise_/ in DATA or DATA/train, or beside --manifest)",
                      "data")
+    unknown: str = opt("", "words to reject: comma-separated labels of the data learnt as one "
+                       "class, _unknown_ (their word kept in train.csv), or a folder of other "
+                       "speech whose clips join as _unknown_", "data")
+    silence: int = opt(0, "noise-only clips cut from the background noise, learnt as _silence_",
+                       "data")
     n_folds: int = opt(5, "number of cross-validation folds preprocess.py makes", "data")
     sr: int = opt(16000, "sample rate every clip is converted to", "data")
     seconds: float = opt(1.0, "clip length the model hears: a training crop of each clip (shorter "
@@ -197,6 +202,9 @@ class Config:
                            "optim")
     secondary_weight: float = opt(0.5, "target of a secondary label (multilabel)", "optim")
     focal: float = opt(0.0, "focal loss gamma for multilabel BCE; 0 = plain BCE", "optim")
+    unknown_share: float = opt(0.0, "share of the training draws from the _unknown_ and _silence_ "
+                               "rows (preprocess.py --unknown, --silence); 0 = as often as they "
+                               "come", "optim")
     balance: float = opt(0.0, "class-balanced sampling: rows drawn with weight count(class)^-P "
                          "(1: every class equally often); 0 = off", "optim")
 

@@ -49,7 +49,7 @@ from model import AudioClassifier
 from runs import Run, Work
 from search import PRUNERS, replay
 from transform import N_VIEWS
-from util import read_table, run_cli, setup_logging, torch_device
+from util import UsageError, read_table, run_cli, setup_logging, torch_device
 
 HERE = Path(__file__).resolve().parent
 
@@ -338,15 +338,26 @@ def onnx_section(args, waves) -> None:
 
 
 def pruners_section(args) -> None:
-    """--study NAME's recorded curves (its complete trials, every epoch: a study made with
-    --pruner none) replayed through each pruner tune.py offers (search.replay)."""
-    db = Path(args.work).resolve() / "studies" / f"{args.study}.db"
-    study = optuna.load_study(study_name=args.study, storage=f"sqlite:///{db}")
+    """--replay-study NAME's recorded curves (its complete trials, every epoch: a study made
+    with --pruner none) replayed through each pruner tune.py offers (search.replay)."""
+    name = args.replay_study
+    db = Path(args.work).resolve() / "studies" / f"{name}.db"
+    if not name or not db.is_file():
+        raise UsageError(f"--sections pruners: {'no study ' + str(db) if name else 'which study?'}"
+                         f" (give --replay-study NAME, a tune.py study in WORK/studies/ made "
+                         f"with --pruner none)")
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    except KeyError:
+        raise UsageError(f"--replay-study {name}: {db} holds no study of that name") from None
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not done:
+        raise UsageError(f"--replay-study {name}: no complete trial to replay")
+    startup = args.replay_startup
     for pruner in PRUNERS:
-        got = replay(done, pruner, args.startup)
-        print(f"pruners: {pruner:8s} (--startup {args.startup}): {got['epochs']} of {got['of']} "
-              f"epochs, {len(got['pruned'])} of {len(done)} trials pruned {got['pruned']}, the "
+        got = replay(done, pruner, startup)
+        print(f"pruners: {pruner:8s} (--startup {startup}): {got['epochs']} of {got['of']} epochs,"
+              f" {len(got['pruned'])} of {len(done)} trials pruned {got['pruned']}, the "
               f"best trial {'kept' if got['best_kept'] else 'PRUNED'}")
 
 
@@ -359,8 +370,10 @@ def steps(argv) -> int:
     p.add_argument("--clips", type=int, default=512, help="clips per measurement")
     p.add_argument("--sections", default="step,augment",
                    help=f"comma-separated: {', '.join(SECTIONS)}, onnx, crops, scale, pruners")
-    p.add_argument("--study", default="", help="pruners: a study made with --pruner none")
-    p.add_argument("--startup", type=int, default=4, help="pruners: tune.py's --startup")
+    p.add_argument("--replay-study", default="",
+                   help="pruners: the tune.py study to replay (made with --pruner none)")
+    p.add_argument("--replay-startup", type=int, default=4,
+                   help="pruners: the --startup of tune.py to replay with")
     p.add_argument("--scale-sizes", default="6000,60000",
                    help="scale: training clips of each generated set")
     p.add_argument("--scale-dir", default="work/scale", help="scale: where the sets go")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from audio import codec
 from cache import Clips
+from layouts import SILENCE, UNKNOWN
 from runs import Work, validation_folds
 from util import UsageError, read_table
 
@@ -119,13 +120,24 @@ def targets(table: pd.DataFrame, classes: list[str], multilabel: bool,
     return out
 
 
-def balanced_sampler(y: np.ndarray, power: float, seed: int):
-    """--balance P: each row drawn with weight count(its class)^-P (0: as the data is, 1: every
-    class equally often), with replacement, as many draws an epoch as rows."""
+def weighted_sampler(y: np.ndarray, classes: list[str], power: float, open_share: float,
+                     seed: int):
+    """Each row's draw weight (with replacement, as many draws an epoch as rows), None when
+    nothing asks for one: --balance P, count(its class)^-P (0: as the data is, 1: every class
+    equally often); then --unknown-share S, the _unknown_ and _silence_ rows together S of the
+    draws."""
     from torch.utils.data import WeightedRandomSampler
 
-    counts = np.bincount(y)
-    w = counts[y].astype(np.float64) ** -power
+    if power <= 0 and open_share <= 0:
+        return None
+    w = np.bincount(y)[y].astype(np.float64) ** -power
+    if open_share > 0:
+        other = np.isin(y, [classes.index(c) for c in (UNKNOWN, SILENCE) if c in classes])
+        if other.all() or not other.any():
+            raise UsageError(f"--unknown-share {open_share}: the training rows need both "
+                             f"words and {UNKNOWN} or {SILENCE} clips (preprocess.py --unknown, "
+                             f"--silence)")
+        w[other] *= open_share / (1 - open_share) * w[~other].sum() / w[other].sum()
     return WeightedRandomSampler(torch.from_numpy(w), len(y), replacement=True,
                                  generator=torch.Generator().manual_seed(seed))
 
@@ -188,7 +200,7 @@ class FoldData(L.LightningDataModule):
                  pseudo: pd.DataFrame | None = None, label_share: float = 1.0, seed: int = 0,
                  length: int | None = None, crop: str = "random", multilabel: bool = False,
                  secondary_weight: float = 0.5, balance: float = 0.0, codecs: tuple = (),
-                 p_codec: float = 0.0, sr: int = 16000):
+                 p_codec: float = 0.0, sr: int = 16000, open_share: float = 0.0):
         super().__init__()
         self.work, self.fold, self.batch_size, self.workers = Path(work), fold, batch_size, workers
         self.classes = Work(work).classes()
@@ -206,8 +218,7 @@ class FoldData(L.LightningDataModule):
             return targets(t, self.classes, multilabel, secondary_weight)
 
         self.train_ds = WaveDataset(clips, train.row, y(train), length, crop, codecs, p_codec, sr)
-        self.sampler = (balanced_sampler(train.y.to_numpy(), balance, seed) if balance > 0
-                        else None)
+        self.sampler = weighted_sampler(train.y.to_numpy(), self.classes, balance, open_share, seed)
         if pseudo is not None and len(pseudo):
             extra = WaveDataset(Clips.of(self.work, "test"), pseudo.row, y(pseudo.assign(
                 secondary="")), length, crop)

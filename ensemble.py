@@ -74,6 +74,27 @@ class WithEmbedding(nn.Module):
         return self.ensemble(wave), self.ensemble.embed(wave)
 
 
+class WithDecision(nn.Module):
+    """A WithEmbedding whose graph has a third output, the reject rule (predictor.decide) per
+    row: `said`, the index of the most probable class, or -1 ("none of these") for a word whose
+    probability is under `threshold` (_unknown_ and _silence_, the `open` classes, are never
+    rejected)."""
+
+    def __init__(self, net: WithEmbedding, threshold: float, open_classes: list[int],
+                 n_classes: int):
+        super().__init__()
+        self.net, self.threshold = net, float(threshold)
+        is_open = torch.zeros(n_classes, dtype=torch.bool)
+        is_open[open_classes] = True
+        self.register_buffer("is_open", is_open)
+
+    def forward(self, wave: torch.Tensor):
+        probs, embedding = self.net(wave)
+        top, index = probs.max(1)
+        low = (top < self.threshold) & ~self.is_open[index]
+        return probs, embedding, torch.where(low, torch.full_like(index, -1), index)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> AudioClassifier:
     """Rebuild a trained model from its checkpoint alone (no pretrained download), in eval mode.
     Nothing in the file is run (`safe_load`)."""

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from arg import add_members, config_from_args, make_parser
-from ensemble import Ensemble, WithEmbedding, load_members
-from runs import BLEND, Run, requested_folds
+from ensemble import Ensemble, WithDecision, WithEmbedding, load_members
+from predictor import OPEN
+from runs import BLEND, REJECT, Run, requested_folds
 from transform import N_VIEWS
 from util import UsageError, atomic_write, run_cli, setup_logging, write_text
 
@@ -41,17 +42,25 @@ def export_onnx(models: list, tta: bool, out: Path, meta: dict, weights=None,
                 temperature: float = 1.0) -> Path:
     """Export the ensemble (members weighted by `weights`, calibrated by `temperature`) with a
     dynamic batch axis; metadata: classes (JSON), sample_rate, clip_samples, clip_seconds and
-    `meta`."""
+    `meta`. With a `reject_threshold` in `meta`, a third output `said` applies the reject rule
+    per row (WithDecision: the class index, -1 for "none of these")."""
     import onnx
 
     cfg = models[0].cfg
     length = cfg.clip_samples
-    net = WithEmbedding(Ensemble([m.net for m in models], tta, weights, temperature)).eval()
+    net = WithEmbedding(Ensemble([m.net for m in models], tta, weights, temperature))
+    names = ["probs", "embedding"]
+    if "reject_threshold" in meta:
+        classes = models[0].classes
+        net = WithDecision(net, meta["reject_threshold"],
+                           [i for i, c in enumerate(classes) if c in OPEN], len(classes))
+        names.append("said")
+    net.eval()
     example = torch.zeros(2, length)
     with torch.no_grad():
         program = torch.onnx.export(net, (example,), dynamo=True, verbose=False,
                                     input_names=["wave"],
-                                    output_names=["probs", "embedding"], opset_version=18,
+                                    output_names=names, opset_version=18,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
     props = dict(classes=json.dumps(models[0].classes), sample_rate=str(cfg.sr),
                  clip_samples=str(length), clip_seconds=str(cfg.seconds),
@@ -107,7 +116,18 @@ files, vectors = p.embed_files(["a.wav", "b.wav"])  # the first fold's pooled ve
 ```
 
 Classes: {', '.join(classes)}
-""", folder / "README.md")
+{reject_note(meta)}""", folder / "README.md")
+
+
+def reject_note(meta: dict) -> str:
+    """The bundle README's paragraph on the reject rule, where the model has one."""
+    if "reject_threshold" not in meta:
+        return ""
+    return (f"\nSaying \"none of these\": a word whose probability is under "
+            f"{float(meta['reject_threshold']):.4f} is `_unknown_` (the rule fitted on the "
+            f"validation clips for a share of other speech let in). predict.py prints it after "
+            f"`->`; the graph's third output `said` gives it per clip (a class index, -1 for "
+            f"none of these).\n")
 
 
 def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) -> tuple:
@@ -133,6 +153,32 @@ def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) 
         raise UsageError(f"--weights {' '.join(map(str, args.weights))}: expected weights of 0 "
                          f"or more, not all 0")
     return weights, 1.0
+
+
+def reject_meta(work: Path, runs: list[str], folds: list[int], tta: bool, weights: np.ndarray,
+                temperature: float) -> dict:
+    """The reject rule inference.py fitted for these runs, folds, views, weights and temperature
+    (reject.json), as the model's `reject_threshold` (the graph's `said` output; predict.py
+    applies it); {} without one. Refused: a rule fitted for another ensemble."""
+    path = Run.blend(work, runs).dir / REJECT
+    if not path.is_file():
+        return {}
+    try:
+        rule = json.loads(path.read_text())
+        fitted = (rule["runs"], rule["folds"], rule["tta"])
+        w = np.asarray(rule["weights"], float)
+        same = (w.shape == np.shape(weights) and np.allclose(w, weights)
+                and np.isclose(float(rule["temperature"]), temperature))
+        threshold = float(rule["threshold"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is damaged ({type(e).__name__}): run inference.py on these "
+                         f"runs again to fit it") from None
+    if fitted != (runs, folds, tta) or not same:
+        raise UsageError(f"{path} was fitted for runs {rule['runs']}, folds {rule['folds']}, TTA "
+                         f"{rule['tta']}, weights {rule['weights']}, temperature "
+                         f"{rule['temperature']}: export that ensemble, or fit the rule for this "
+                         f"one (inference.py with the same -f, -a and weights)")
+    return dict(reject_threshold=threshold)
 
 
 def steps(argv) -> int:
@@ -162,7 +208,8 @@ def steps(argv) -> int:
     name = Run.blend(work, runs).name
     out = Path(args.out) if args.out else Run.blend(work, runs).dir / f"{name}.onnx"
     meta = dict(run=name, folds=len(folds), tta=tta, weights=json.dumps(weights.tolist()),
-                temperature=temperature)
+                temperature=temperature,
+                **reject_meta(work, runs, folds, tta, weights, temperature))
     export_onnx(models, tta, out, meta, np.repeat(weights, len(folds)), temperature)
     first = models[0].cfg
     log.info("export: %s (%.1f MB): %d fold(s)%s, input wave (batch, %d) at %d Hz",

@@ -95,7 +95,7 @@ def plan_fold(cfg: Config, k: int) -> Fold:
     workers = loader_workers(cfg, accelerator)
     data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo, cfg.labels, cfg.seed,
                     cfg.clip_samples, cfg.crop, cfg.multilabel, cfg.secondary_weight, cfg.balance,
-                    cfg.codecs, cfg.p_codec, cfg.sr)
+                    cfg.codecs, cfg.p_codec, cfg.sr, cfg.unknown_share)
     teacher, teacher_path = load_teacher(cfg, k, data.classes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = AudioClassifier(cfg.part(*LEARNT), data.classes)  # what the checkpoint holds

@@ -27,14 +27,15 @@ from audio import HOP_HELP, WINDOW_HELP, window_problem
 from cache import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, oof_for_blend, predict_waves,
                       with_temperature)
-from results import cv_report, write_html
-from runs import RUN_RESULTS, Run, Work, requested_folds
+from predictor import OPEN, decide
+from reject import fit_threshold
+from results import cv_report, load_oof, write_html
+from runs import REJECT, RUN_RESULTS, Run, Work, requested_folds
 from submission import write_blend, write_embeddings, write_submission, write_windows
 from transform import tta_views
-from util import UsageError, run_cli, setup_logging, torch_device
+from util import UsageError, run_cli, setup_logging, torch_device, write_json
 
 log = logging.getLogger(__name__)
-
 
 
 # ----------------------------------------------------------------------------- predict
@@ -70,6 +71,10 @@ def make_parser():
                    help="fit the run weights and a temperature on the OOF (min. log-loss); "
                         "writes blend.json and calibrated test_probs.csv")
     g.add_argument("--ensemble", default="soft", choices=("soft", "hard"))
+    g.add_argument("--false-accepts", type=float, default=0.05, metavar="RATE",
+                   help="the reject rule's target where the classes hold _unknown_ or _silence_ "
+                        "(preprocess.py --unknown, --silence): the share of those OOF clips a "
+                        "word may let in; its threshold goes to reject.json (default: 0.05)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="", help="output folder (default: the run's folder)")
     g.add_argument("--solution", default="", help="CSV file_name,label to score the test set")
@@ -112,6 +117,9 @@ def check_request(cfg, args) -> list[str]:
     if args.fit_weights and (args.weights or args.ensemble == "hard"):
         raise UsageError("--fit-weights chooses the weights of a soft blend: drop --weights "
                          "and --ensemble hard")
+    if not 0 <= args.false_accepts < 1:
+        raise UsageError(f"--false-accepts {args.false_accepts}: a share of the other clips in "
+                         f"[0, 1)")
     return runs
 
 
@@ -124,6 +132,35 @@ def test_windows(work: Path, prep: dict, args) -> tuple[object, pd.DataFrame, st
     wins = windows(clips, win, hop, sr)
     mode = prep.get("rows", "file") if args.rows == "auto" else args.rows
     return Rows(clips, wins.row, length, wins.start, win), wins, mode
+
+
+def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classes: list[str],
+                args, weights: np.ndarray, blend: dict | None, out: Path) -> float | None:
+    """The reject rule's threshold where the classes hold _unknown_ or _silence_: fitted on the
+    runs' OOF, blended as the test scores are (weights, temperature), for --false-accepts
+    (reject.fit_threshold), written to reject.json; None otherwise."""
+    if not set(OPEN) & set(classes):
+        return None
+    if args.ensemble != "soft":
+        raise UsageError(f"the classes hold {' and '.join(set(OPEN) & set(classes))}: the reject "
+                         f"rule thresholds soft probabilities (use --ensemble soft)")
+    target = args.false_accepts
+    got = load_oof([Run(work, r).dir for r in runs], folds, "oof_tta" if tta else "oof", classes,
+                   weights)
+    if got is None:
+        raise UsageError(f"the reject rule is fitted on the OOF: a fold of {', '.join(runs)} has "
+                         f"none (train it to the end)")
+    table, probs = got
+    if blend:
+        probs = with_temperature(probs, blend["temperature"])
+    rule = fit_threshold(probs, table.label.to_numpy(), classes, target)
+    write_json(dict(rule, runs=runs, folds=folds, tta=tta, weights=[float(w) for w in weights],
+                    temperature=blend["temperature"] if blend else 1.0), out / REJECT)
+    log.info("reject rule: a word needs probability >= %.4f (OOF: %.1f %% of %d %s/%s clips "
+             "taken for a word, %.1f %% of %d words recognised)", rule["threshold"],
+             100 * rule["oof_false_accepts"], rule["open_clips"], *OPEN,
+             100 * rule["oof_detection"], rule["word_clips"])
+    return rule["threshold"]
 
 
 def run(cfg, args) -> int:
@@ -146,6 +183,7 @@ def run(cfg, args) -> int:
         return predict_files(paths, args.predict, tta, args.ensemble, member_weights, device,
                              batch)
     out = Path(args.out) if args.out else Run.blend(work, runs).dir
+    threshold = reject_rule(work, runs, folds, tta, classes, args, weights, blend, out)
     prep = Work(work).prep()
     waves, wins, mode = test_windows(work, prep, args)
     probs, got = predict_waves(paths, waves, tta, device, batch,
@@ -166,8 +204,8 @@ def run(cfg, args) -> int:
         sample = Path(prep["data"]) / "sample_submission.csv" if prep.get("data") else None
         write_windows(work, out, wins, score, classes, args.solution, how, sample)
     else:
-        write_submission(work, out, [classes[i] for i in pred], score, classes, args.solution,
-                         how)
+        write_submission(work, out, decide(score, classes, threshold) if threshold is not None
+                         else [classes[i] for i in pred], score, classes, args.solution, how)
     if args.embed:
         write_embeddings(paths[0], waves, wins, mode, work, out, device, batch)
     cv_report([Run(work, r).dir for r in runs], weights, folds, classes, out)

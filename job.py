@@ -71,6 +71,10 @@ def check_options(cfg: Config) -> None:
              (cfg.pseudo and cfg.multilabel, "--pseudo takes one label per test clip: not with "
                                              "multilabel data"),
              (not 0 <= cfg.swa < 1, f"--swa {cfg.swa}: a share of the epochs in [0, 1)"),
+             (not 0 <= cfg.unknown_share < 1, f"--unknown-share {cfg.unknown_share}: a share "
+                                              f"of the draws in [0, 1)"),
+             (cfg.unknown_share > 0 and (cfg.multilabel or cfg.pseudo),
+              "--unknown-share weighs single-label rows: not with multilabel data or --pseudo"),
              (not 0 < cfg.labels <= 1, f"--labels {cfg.labels}: a share of the training rows "
                                        f"in (0, 1]")]
     for bad, why in clash:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import soundfile as sf
 
 from arg import Config
-from audio import AudioError, audio_files
+from audio import AudioError, audio_files, read_audio
 from cache import CACHE_FORMAT, decode, decode_all, drop_rows
 from runs import TRAIN_ONLY, Work, validation_folds
 from util import UsageError, atomic_write, secondary_names, write_csv, write_json
@@ -190,7 +191,8 @@ def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
 
 def groups_of(train: pd.DataFrame) -> list[str]:
     """Each row's group: its own where the table has one, else the file's speaker (speaker_of)."""
-    given = train["group"].astype(str) if "group" in train else pd.Series("", index=train.index)
+    given = train["group"].fillna("").astype(str) if "group" in train else \
+        pd.Series("", index=train.index)
     return [g if g != "" else speaker_of(p) for g, p in zip(given, train.path)]
 
 
@@ -251,9 +253,68 @@ def label_rows(train: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- WORK
+UNKNOWN, SILENCE = "_unknown_", "_silence_"  # the classes of what is not a word to say
+
+
+def open_set(cfg: Config, train: pd.DataFrame, test: pd.DataFrame):
+    """--unknown: the labels it names become _unknown_ in train and test (each row's word kept
+    in `word`), or the audio of the folder it names joins training as _unknown_ rows (each
+    file its own group). Refused: a label the data does not have, a folder without audio, and
+    an --unknown that would leave no other class."""
+    if not cfg.unknown:
+        return train, test
+    if Path(cfg.unknown).is_dir():
+        files = audio_files([cfg.unknown])
+        if not files:
+            raise DataLayoutError(f"--unknown {cfg.unknown}: a folder without audio files")
+        extra = pd.DataFrame({"path": [str(f) for f in files], "label": UNKNOWN,
+                              "group": [f"unknown/{f.stem}" for f in files]})
+        return pd.concat([train, extra], ignore_index=True), test
+    words = [w.strip() for w in cfg.unknown.split(",") if w.strip()]
+    missing = sorted(set(words) - set(train.label))
+    if missing:
+        raise DataLayoutError(f"--unknown: no training clips labelled {', '.join(missing)} (and "
+                              f"no folder {cfg.unknown}): name labels of the data, or a folder")
+    if set(train.label) <= set(words):
+        raise DataLayoutError(f"--unknown {cfg.unknown}: every label would be unknown")
+    relabel = {w: UNKNOWN for w in words}
+    return (train.assign(word=train.label, label=train.label.replace(relabel)),
+            test.assign(label=test.label.replace(relabel)))
+
+
+def check_silence(cfg: Config, noise: list[str]) -> None:
+    """--silence refused before WORK is touched: a negative count, or no noise to cut."""
+    if cfg.silence < 0:
+        raise DataLayoutError(f"--silence {cfg.silence}: expected a number of clips, 0 or more")
+    if cfg.silence and not noise:
+        raise DataLayoutError(f"--silence {cfg.silence}: no background noise to cut it from "
+                              f"(give --noise DIR, or a _background_noise_ folder)")
+
+
+def silence_rows(cfg: Config, noise: list[str], work: Path) -> pd.DataFrame:
+    """--silence N: N clips of --seconds cut at random from the background noise, each at a
+    random gain (seeded), written to WORK/silence/ and learnt as _silence_ (each its own
+    group)."""
+    rng, n = np.random.default_rng(cfg.seed), cfg.clip_samples
+    bank = np.concatenate([read_audio(p, cfg.sr) for p in noise])
+    bank = np.tile(bank, n // max(1, len(bank)) + 2)
+    folder = work / "silence"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(cfg.silence):
+        start = int(rng.integers(0, len(bank) - n))
+        clip = bank[start:start + n] * 10 ** (rng.uniform(-30, 0) / 20)
+        path = folder / f"silence_{i:05d}.wav"
+        atomic_write(path, lambda tmp: sf.write(tmp, np.clip(clip, -1, 1), cfg.sr,
+                                                format="WAV", subtype="PCM_16"))
+        paths.append(str(path))
+    return pd.DataFrame({"path": paths, "label": SILENCE, "group": [Path(p).stem for p in paths]})
+
+
 def fingerprint(cfg: Config, paths: list[str], layout: str, data: str) -> str:
     h = hashlib.sha1(json.dumps([CACHE_FORMAT, layout, cfg.sr, cfg.seconds, cfg.max_seconds,
-                                 cfg.n_folds, cfg.seed, cfg.manifest, data]).encode())
+                                 cfg.n_folds, cfg.seed, cfg.manifest, data, cfg.unknown,
+                                 cfg.silence]).encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -284,6 +345,8 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     """Build (or reuse) WORK from the data; returns a summary dict."""
     work, files = Path(cfg.work), Work(cfg.work)
     train, test, (noise, noise_dir), layout = find_clips(cfg)
+    train, test = open_set(cfg, train, test)
+    check_silence(cfg, noise)
     data = "" if cfg.manifest else cfg.data  # a manifest's rows name their own files
     all_paths = list(train.path) + list(test.path) + noise
     fp = fingerprint(cfg, all_paths, layout, data)
@@ -299,7 +362,8 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     prep_file.unlink(missing_ok=True)
     workers = workers or os.cpu_count() or 1
     most = int(round(cfg.max_seconds * cfg.sr)) if cfg.max_seconds > 0 else None
-
+    if cfg.silence:
+        train = pd.concat([train, silence_rows(cfg, noise, work)], ignore_index=True)
     info = decode_all(list(train.path), work, "train", cfg.sr, most, workers)
     train = pd.concat([train.reset_index(drop=True), info], axis=1)
     rejected = [train.loc[train.status != "ok", ["path", "status"]]]

@@ -37,8 +37,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--hop", type=float, default=None, metavar="SECONDS",
                     help=f"{HOP_HELP} (default: 0.25 with --window; --hop alone also labels by "
                          f"window)")
-    ap.add_argument("--min-prob", type=float, default=0.5,
-                    help="windows below this probability end a segment")
+    ap.add_argument("--min-prob", type=float, default=None,
+                    help="windows below this probability end a segment (default: the model's "
+                         "reject threshold where it has one, else 0.5)")
     ap.add_argument("--silence-db", type=float, default=40.0,
                     help="windows this many dB below the loudest one are silence (label '')")
     ap.add_argument("--csv", default="", help="also write the rows to this CSV file")
@@ -87,10 +88,12 @@ def main(argv=None) -> int:
     if embed is not None:
         write_embeddings(pred, files, errors, embed)
     elif args.window is None and args.hop is None:
-        for path, top in pred.predict_files(files, args.top_k, errors):
-            print(top_line(path, top))
-            rows.append([str(path), *[x for t in top for x in (t[0], f"{t[1]:.4f}")]])
-        header = ["path", *[f"{k}{i + 1}" for i in range(args.top_k) for k in ("label", "p")]]
+        for path, said, top in pred.label_files(files, args.top_k, errors):
+            rule = "" if pred.threshold is None else f"  -> {said}"  # the model's reject rule
+            print(top_line(path, top) + rule)
+            rows.append([str(path), said, *[x for t in top for x in (t[0], f"{t[1]:.4f}")]])
+        header = ["path", "said", *[f"{k}{i + 1}" for i in range(args.top_k)
+                                    for k in ("label", "p")]]
     else:
         header = ["path", "start", "end", "label", "p"]
         for path in files:
@@ -105,7 +108,9 @@ def main(argv=None) -> int:
             for s, e, label, p in win:
                 print(f"{path}\t{s:.2f}\t{e:.2f}\t{label}\t{p:.3f}")
                 rows.append([str(path), f"{s:.3f}", f"{e:.3f}", label, f"{p:.4f}"])
-            for s, e, label, p, n in segments(win, args.min_prob):
+            least = args.min_prob if args.min_prob is not None else \
+                pred.threshold if pred.threshold is not None else 0.5
+            for s, e, label, p, n in segments(win, least):
                 print(f"{path}: segment {s:.2f}-{e:.2f} s {label} ({p:.3f}, {n} windows)")
     for path, reason in errors:
         print(f"{path}: skipped - {reason}", file=sys.stderr)

@@ -36,6 +36,8 @@ class Predictor:
             meta = self.session.get_modelmeta().custom_metadata_map
             self.classes = json.loads(meta["classes"])
             self.sr, self.length = int(meta["sample_rate"]), int(meta["clip_samples"])
+            self.threshold = float(meta["reject_threshold"]) if "reject_threshold" in meta \
+                else None  # the reject rule inference.py fitted (decide)
         except KeyError as e:
             raise ModelError(f"{model}: an ONNX graph without export.py's {e} metadata; "
                              f"export the run with export.py") from None
@@ -78,6 +80,16 @@ class Predictor:
         (path, reason) of the others go to the `errors` list when given."""
         return predict_files(paths, self.sr, self.length, self.probs, self.classes, top_k, errors)
 
+    def label_files(self, paths, top_k: int = 3, errors=None) -> list[tuple]:
+        """[(path, what the model says, [(label, probability), ...] top k)]: what it says is
+        the most probable class under the model's reject rule (decide: `_unknown_` for a word
+        below its threshold) where it has one."""
+        good, waves, owner = file_windows(paths, self.sr, self.length, errors)
+        probs = per_file(self.probs(waves), owner, len(good)) if len(good) else \
+            np.zeros((0, len(self.classes)))
+        return [(p, said, [(self.classes[i], float(r[i])) for i in np.argsort(r)[::-1][:top_k]])
+                for p, said, r in zip(good, decide(probs, self.classes, self.threshold), probs)]
+
     def windows(self, path, window: float | None = None, hop: float = 0.25, notes=None,
                 silence_db: float = 40.0):
         """[(start s, end s, label, probability)] for windows of `window` seconds (default:
@@ -114,3 +126,16 @@ def segments(rows, min_prob: float = 0.5):
         else:
             out.append((start, end, label, p, 1))
     return [(s, e, label, total / n, n) for s, e, label, total, n in out]
+
+
+OPEN = ("_unknown_", "_silence_")  # the classes of what is not a word (preprocess.py --unknown)
+
+
+def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> list[str]:
+    """The reject rule (inference.py fits its threshold on the OOF; export.py puts it in the
+    model): each row's most probable class (_unknown_ and _silence_ included), and `_unknown_`
+    for a word whose probability is below `threshold`. One definition for inference.py,
+    predict.py and the exported bundle."""
+    top = probs.argmax(1)
+    low = probs[np.arange(len(probs)), top] < threshold if threshold is not None else top < 0
+    return [OPEN[0] if lo and classes[t] not in OPEN else classes[t] for lo, t in zip(low, top)]

@@ -14,6 +14,11 @@ recordings of the Free Spoken Digit Dataset (FSDD), and the table of what the ru
              set of every fold (fold -1: never validated); the other five speakers are tested
   real.csv   FSDD alone, one fold per speaker (leave one speaker out): the supervised
              ceiling on real voices, read from the CV
+  openset.csv       words outside the vocabulary: the synthetic clips of five digits
+             (--known) keep their label, every other word and digit is _unknown_; the test is
+             all 3,000 FSDD clips, the other five digits _unknown_ in openset_solution.csv (the
+             model must reject them)
+  openset_real.csv  the same labels on FSDD alone, one fold per speaker
 
 FSDD names its files {digit}_{speaker}_{index}.wav (8 kHz); the label is the digit's word
 (0 zero ... 9 nine), the vocabulary of demo.py's words. preprocess.py resamples the clips to
@@ -30,8 +35,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from runs import HISTORY, OOF, OOF_TTA, RESULT, Run, Work
 from arg import Parser
+from layouts import UNKNOWN
+from runs import HISTORY, OOF, OOF_TTA, REJECT, RESULT, Run, Work
 from util import UsageError, read_table, run_cli, write_csv
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -80,9 +86,14 @@ def synth_rows(synth: Path, engine: str = "all") -> pd.DataFrame:
 
 
 def write_benchmark(fsdd: Path, synth: Path, out: Path, real_speaker: str,
-                    engine: str = "all") -> dict:
-    """OUT/{synth,few,real}.csv and their *_solution.csv; returns the row counts."""
+                    engine: str = "all", known: tuple = DIGITS[:5]) -> dict:
+    """OUT/{synth,few,real,openset,openset_real}.csv and their *_solution.csv; returns the row
+    counts."""
     real, syn = fsdd_rows(fsdd), synth_rows(synth, engine)
+    odd = sorted(set(known) - set(DIGITS))
+    if odd or not 0 < len(known) < len(DIGITS):
+        raise UsageError(f"--known {','.join(known)}: some of the ten digit words, not all "
+                         f"(not {', '.join(odd) or 'all ten'})")
     speakers = sorted(real.speaker.unique())
     if real_speaker not in speakers:
         raise UsageError(f"--real-speaker {real_speaker}: not an FSDD speaker "
@@ -104,6 +115,11 @@ def write_benchmark(fsdd: Path, synth: Path, out: Path, real_speaker: str,
         "real": (real.assign(group=real.speaker, fold=real.speaker.map(speakers.index),
                              split="train")[cols], None),
     }
+
+    def open_labels(t):  # what is not a known digit is _unknown_
+        return t.assign(label=t.label.where(t.label.isin(known), UNKNOWN))
+    tables["openset"] = (open_labels(pd.concat([syn, test]))[cols], open_labels(real))
+    tables["openset_real"] = (open_labels(tables["real"][0]), None)
     counts = {}
     for name, (manifest, solution) in tables.items():
         write_csv(manifest, out / f"{name}.csv")
@@ -159,6 +175,48 @@ def table_rows(work: Path, runs: list[str]) -> list[str]:
     return rows
 
 
+def open_rows(work: Path, runs: list[str], target: float = 0.05) -> list[str]:
+    """One markdown row per open-set run (openset*.csv): the test's words recognised and other
+    words accepted (overall, worst speaker), the reject rule's target and what it gave on the
+    OOF (reject.json, else fitted here on the OOF at `target`), epochs, folds, minutes."""
+    from reject import fit_threshold
+    from results import load_oof
+
+    rows, classes = [], Work(work).classes()
+    for name in runs:
+        run = Run(work, name)
+        results = [json.loads((d / RESULT).read_text()) for d in run.folds().values()
+                   if (d / RESULT).is_file()]
+        if not results:
+            raise UsageError(f"run {name}: no finished fold in {run.dir}")
+        folds = sorted(r["fold"] for r in results)
+        rule_file = run.dir / REJECT
+        if rule_file.is_file():
+            rule = json.loads(rule_file.read_text())
+        else:
+            got = load_oof([run.dir], folds, "oof", classes)
+            if got is None:
+                raise UsageError(f"run {name}: a fold without its OOF")
+            rule = fit_threshold(got[1], got[0].label.to_numpy(), classes, target)
+        score = json.loads(run.test_score.read_text()) if run.test_score.is_file() else {}
+        by = score.get("open_by", {}).get("speaker", {})
+        worst = [min((v[k] for v in by.values() if v[k] is not None), default=None, key=key)
+                 for k, key in (("recognised", None), ("accepted_unknown", lambda x: -x))]
+        hist = read_table(run.fold(folds[0]) / HISTORY)
+        cells = [name, fmt(score.get("recognised")), fmt(worst[0]),
+                 fmt(score.get("accepted_unknown")), fmt(worst[1]), fmt(rule["target"]),
+                 fmt(rule["oof_false_accepts"]), fmt(rule["oof_detection"]),
+                 fmt(rule["threshold"]), str(len(hist)), str(len(folds)),
+                 f"{sum(r.get('seconds', 0) for r in results) / 60:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+OPEN_HEADER = ("| run | words recognised | worst speaker | others accepted | worst speaker | "
+               "target | OOF accepted | OOF recognised | threshold | epochs | folds | "
+               "train min |\n" + "| --- " * 12 + "|")
+
+
 def fmt(v) -> str:
     return "" if v is None else f"{v:.4f}"
 
@@ -180,18 +238,26 @@ def steps(argv) -> int:
                    help="the real speaker whose clips join training in few.csv")
     d.add_argument("--voices", default="all", choices=ENGINES,
                    help="the synthetic speakers to train on: all, or one engine's (meta.csv)")
+    d.add_argument("--known", default=",".join(DIGITS[:5]),
+                   help="openset*.csv: the digit words learnt; the others are _unknown_ "
+                        "(default: zero..four)")
     t = sub.add_parser("table", help="markdown rows of the runs' scores", allow_abbrev=False)
     t.add_argument("--work", required=True, help="the WORK the runs are in")
     t.add_argument("--runs", nargs="+", required=True, help="run names")
     args = p.parse_args(argv)
     if args.job == "data":
         counts = write_benchmark(Path(args.fsdd), Path(args.synth), Path(args.out),
-                                 args.real_speaker, args.voices)
+                                 args.real_speaker, args.voices,
+                                 tuple(w.strip() for w in args.known.split(",") if w.strip()))
         for name, c in counts.items():
             print(f"{Path(args.out) / name}.csv: {c['train']} training clips, {c['test']} test")
         return 0
-    print(HEADER)
-    print("\n".join(table_rows(Path(args.work), args.runs)))
+    if UNKNOWN in Work(args.work).classes():
+        print(OPEN_HEADER)
+        print("\n".join(open_rows(Path(args.work), args.runs)))
+    else:
+        print(HEADER)
+        print("\n".join(table_rows(Path(args.work), args.runs)))
     return 0
 
 

@@ -23,8 +23,10 @@ from cache import Clips
 from dataset import targets
 from metrics import most_confused, multilabel_scores, scores
 from model import make_frontend
-from runs import (COMMAND, CONFUSION, CV, HISTORY, REPORT_HTML, REPORT_TXT, RESULT, Run, Work,
-                  fold_done, read_config)
+from predictor import OPEN
+from reject import det_curve, detection_at
+from runs import (COMMAND, CONFUSION, CV, HISTORY, REJECT, REPORT_HTML, REPORT_TXT, RESULT, Run,
+                  Work, fold_done, read_config)
 from util import atomic_write, read_table, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,27 @@ def plot_curves(histories: dict, title: str = ""):
     if handles:
         axes[-1].legend(handles, labels, fontsize=7, ncol=max(1, len(histories) // 3))
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_det(curve: pd.DataFrame, point: dict | None, title: str = ""):
+    """The DET curve (reject.det_curve): words missed against strangers let in, both on a log
+    scale, the operating point of reject.json marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    seen = curve[(curve.false_accepts > 0) & (curve.miss > 0)]
+    ax.plot(seen.false_accepts, seen.miss, "-", color="C0")
+    if point:
+        ax.plot([point["oof_false_accepts"]], [1 - point["oof_detection"]], "o", color="C3",
+                label=f"threshold {point['threshold']:.3f}")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("false accepts (share of _unknown_ / _silence_ clips taken for a word)")
+    ax.set_ylabel("miss rate (words not recognised)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
 
@@ -330,6 +353,25 @@ def html_speakers(work: Path, table: pd.DataFrame, wrong: np.ndarray) -> pd.Data
             .reset_index())
 
 
+def html_reject(run: Run, table: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> str:
+    """Where the classes hold _unknown_ or _silence_: the DET curve of the OOF, the operating
+    point inference.py chose (reject.json) and each word's detection at fixed false accepts;
+    "" otherwise."""
+    truth = table.label.to_numpy()
+    if not np.isin(truth, OPEN).any():
+        return ""
+    point = json.loads((run.dir / REJECT).read_text()) if (run.dir / REJECT).is_file() else None
+    det = _figure_uri(plot_det(det_curve(probs, truth, classes), point, f"{run.name}: OOF"))
+    said = "" if point is None else (
+        f"<p>Operating point (reject.json, inference.py --false-accepts {point['target']}): a "
+        f"word needs probability &ge; {point['threshold']:.4f}; on the OOF it lets in "
+        f"{100 * point['oof_false_accepts']:.1f} % of {point['open_clips']} other clips and "
+        f"recognises {100 * point['oof_detection']:.1f} % of {point['word_clips']} words.</p>")
+    return (f"<h2>Saying none of these: detection against false accepts</h2>{said}"
+            f'<img class="fig" src="{det}" alt="DET curve">'
+            f"{_table(detection_at(probs, truth, classes))}")
+
+
 def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:
     """run_dir/report.html: config and command, CV per fold, test accuracy, learning curves,
     per-class table, confusion matrix, most confused pairs, the `audit` OOF clips with the
@@ -376,6 +418,7 @@ OOF clips &middot; written {time.strftime('%Y-%m-%d %H:%M')}</div>
 <h2>Per class (OOF {which}, worst F1 first)</h2>{_table(per_class)}
 <h2>Confusion matrix</h2><img class="fig" src="{confusion}" alt="confusion matrix">
 <h2>Most confused pairs</h2>{_table(pairs)}
+{html_reject(run, table, probs, classes)}
 <h2>Error audit: the {len(audit_rows)} OOF clips with the highest loss</h2>
 <p>Listen for wrong labels, clipped words and noise: these are the clips to check first.</p>
 {_table(audit_rows, "audit")}

@@ -38,11 +38,12 @@ CV, TEST_SCORE, TEST_PROBS = "cv.json", "test_score.json", "test_probs.csv"
 SUBMISSION, REPORT_TXT, REPORT_HTML = "submission.csv", "report.txt", "report.html"
 CONFUSION, BLEND, EMBEDDINGS = "confusion.png", "blend.json", "embeddings.npy"
 EMBEDDINGS_CSV, LEADERBOARD, ENCODER = "embeddings.csv", "leaderboard.csv", "encoder.pth"
+REJECT = "reject.json"
 
 # what inference.py, export.py and a run's last fold write from the folds: a fresh fold makes
 # them stale, so it removes them (RUN.onnx too)
 RUN_RESULTS = (CV, TEST_SCORE, TEST_PROBS, SUBMISSION, REPORT_TXT, REPORT_HTML, CONFUSION, BLEND,
-               EMBEDDINGS, EMBEDDINGS_CSV)
+               EMBEDDINGS, EMBEDDINGS_CSV, REJECT)
 
 # what a fold writes (pruned.json: tune.py's pruner stopped it); a fresh (not resumed) fold
 # starts without any of them

@@ -14,6 +14,7 @@ import torch
 
 from ensemble import embed_waves
 from metrics import multilabel_scores, padded_cmap
+from predictor import OPEN
 from runs import BLEND, EMBEDDINGS, EMBEDDINGS_CSV, SUBMISSION, TEST_PROBS, TEST_SCORE, Work
 from util import UsageError, atomic_write, probs_frame, read_table, write_csv, write_json
 
@@ -21,12 +22,15 @@ log = logging.getLogger(__name__)
 
 
 def score_test(test: pd.DataFrame, score: np.ndarray, classes: list[str], solution: str | None,
-               out: Path, how: str) -> dict | None:
+               out: Path, how: str, labels=None) -> dict | None:
     """Test accuracy of the scores (N, classes) against --solution (or test.csv's labels), and
     per value of any other column of the solution (demo.py --preset shift writes `domain`,
     real.py `speaker`) -> test_score.json; None without true labels. Where the true labels are
     fewer than the classes (the ten digits of real.py's benchmark among 30 words), the same
-    again with the most probable of the true labels' classes (`accuracy_within`, `by_within`)."""
+    again with the most probable of the true labels' classes (`accuracy_within`, `by_within`).
+    `labels`, what the submission says (a reject rule's, predictor.decide): with true
+    _unknown_ / _silence_ rows, `recognised` (the words said right) and `accepted_unknown` (the
+    others taken for a word), and per solution column."""
     truth, groups = None, {}
     if solution:
         if not Path(solution).is_file():
@@ -39,6 +43,8 @@ def score_test(test: pd.DataFrame, score: np.ndarray, classes: list[str], soluti
     if truth is None or truth.isna().any():
         return None
     truth = truth.to_numpy()
+    if set(OPEN) & set(classes):  # a word the model was not taught is one it should reject
+        truth = np.where(np.isin(truth, classes), truth, OPEN[0])
 
     def scored(cols: list[int], suffix: str) -> dict:
         right = truth == np.asarray(classes)[np.asarray(cols)[score[:, cols].argmax(1)]]
@@ -51,8 +57,25 @@ def score_test(test: pd.DataFrame, score: np.ndarray, classes: list[str], soluti
     within = sorted(classes.index(c) for c in set(truth) if c in classes)
     if len(within) < len(classes):
         result.update(scored(within, "_within"), within=[classes[i] for i in within])
+    if np.isin(truth, OPEN).any():
+        said = np.asarray(labels if labels is not None else
+                          [classes[i] for i in score.argmax(1)])
+        result.update(open_set_scores(truth, said, groups))
     write_json(result, out / TEST_SCORE)
     return result
+
+
+def open_set_scores(truth: np.ndarray, said: np.ndarray, groups: dict) -> dict:
+    """recognised: the share of the word rows said right; accepted_unknown: the share of the
+    _unknown_ / _silence_ rows said as a word; each also per value of a solution column."""
+    def both(rows):
+        words, others = rows & ~np.isin(truth, OPEN), rows & np.isin(truth, OPEN)
+        return dict(recognised=float(np.mean(said[words] == truth[words])) if words.any()
+                    else None, accepted_unknown=float(np.mean(~np.isin(said[others], OPEN)))
+                    if others.any() else None)
+    every = np.ones(len(truth), bool)
+    return dict(**both(every), open_by={c: {str(v): both((g == v).to_numpy()) for v in
+                                            sorted(g.unique())} for c, g in groups.items()})
 
 
 def write_embeddings(path: Path, waves, wins: pd.DataFrame, mode: str, work: Path, out: Path,
@@ -146,7 +169,7 @@ def write_submission(work: Path, out: Path, labels: list[str], score: np.ndarray
     write_csv(pd.DataFrame({"file_name": test.file_name, "label": labels}), out / SUBMISSION)
     write_csv(probs_frame(test.file_name, score, classes), out / TEST_PROBS)
     log.info("submission: %d rows -> %s", len(test), out / SUBMISSION)
-    result = score_test(test, score, classes, solution, out, how)
+    result = score_test(test, score, classes, solution, out, how, labels)
     if result is None:
         return
     log.info("test accuracy %.4f (%s%s)", result["accuracy"], how,
@@ -158,3 +181,7 @@ def write_submission(work: Path, out: Path, labels: list[str], score: np.ndarray
                  result["accuracy_within"], "".join(
                      f"; by {col}: " + ", ".join(f"{v} {a:.4f}" for v, a in accs.items())
                      for col, accs in result.get("by_within", {}).items()))
+    if "recognised" in result:
+        log.info("open set: %s of the words recognised, %s of the other clips taken for a word",
+                 *(f"{v:.4f}" if v is not None else "-" for v in (
+                     result["recognised"], result["accepted_unknown"])))

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, run_script
+from conftest import ROOT, refused, run_script
 
 FSDD = ROOT.parent / "shared" / "data" / "fsdd" / "recordings"
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -245,6 +245,25 @@ def test_benchmark_manifests_hold_fsdd_as_the_test_set(benchmark):
     assert len(pd.read_csv(bench / "few_solution.csv").query("speaker == 'theo'")) == 0
     real_ = pd.read_csv(bench / "real.csv")
     assert real_.groupby("group").fold.nunique().eq(1).all() and real_.fold.nunique() == 6
+    # open set: five digits learnt, every other word and digit _unknown_, in training and test
+    known = {"zero", "one", "two", "three", "four"}
+    opened = pd.read_csv(bench / "openset.csv", keep_default_na=False)
+    assert set(opened.label) == known | {"_unknown_"}
+    was = synth.set_index("path").label
+    assert (opened.label == opened.path.map(was).where(opened.path.map(was).isin(known),
+                                                       "_unknown_")).all()
+    sol = pd.read_csv(bench / "openset_solution.csv")
+    assert (sol.label == "_unknown_").sum() == 1500 and set(sol.label) == set(opened.label)
+    real_open = pd.read_csv(bench / "openset_real.csv")
+    assert (real_open.fold == real_.fold).all() and (real_open.label == "_unknown_").sum() == 1500
+
+
+@needs_fsdd
+@pytest.mark.parametrize("known, said", [("zero,ten", "ten"), (",".join(DIGITS), "all ten")])
+def test_real_refuses_known_words_that_are_not_some_digits(benchmark, tmp_path, known, said):
+    line = refused("real.py", "data", "--fsdd", FSDD, "--synth", benchmark / "synth", "--out",
+                   tmp_path, "--known", known)
+    assert said in line and not list(tmp_path.iterdir())
 
 
 @needs_fsdd

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, cached, run_script
 from cache import Clips, Rows, windows
-from dataset import WaveDataset, balanced_sampler, targets
+from dataset import WaveDataset, targets, weighted_sampler
 
 
 def test_cache_returns_each_clip_exactly(tmp_path):
@@ -96,10 +96,27 @@ def test_padded_cmap_equals_sklearn():
 
 def test_balanced_sampler_evens_out_classes():
     y = np.array([0] * 900 + [1] * 100)
-    drawn = y[list(balanced_sampler(y, 1.0, 0))]
+    drawn = y[list(weighted_sampler(y, ["a", "b"], 1.0, 0.0, 0))]
     assert 0.4 < (drawn == 1).mean() < 0.6  # 10 % of the rows, half of the draws
-    half = y[list(balanced_sampler(y, 0.5, 0))]
+    half = y[list(weighted_sampler(y, ["a", "b"], 0.5, 0.0, 0))]
     assert 0.2 < (half == 1).mean() < 0.35  # sqrt: 1 / (1 + 3)
+    assert weighted_sampler(y, ["a", "b"], 0.0, 0.0, 0) is None  # nothing asked: no sampler
+
+
+def test_unknown_share_sets_the_share_of_the_draws():
+    """--unknown-share 0.2: the _unknown_ and _silence_ rows together a fifth of the draws,
+    however few they are; with --balance, the words evened out among themselves too."""
+    from util import UsageError
+
+    classes = ["_silence_", "_unknown_", "no", "yes"]
+    y = np.array([0] * 10 + [1] * 30 + [2] * 600 + [3] * 360)
+    drawn = y[list(weighted_sampler(y, classes, 0.0, 0.2, 0))]
+    assert 0.17 < (drawn <= 1).mean() < 0.23
+    assert 0.55 < (drawn[drawn > 1] == 2).mean() < 0.65  # the words as they come
+    both = y[list(weighted_sampler(y, classes, 1.0, 0.2, 0))]
+    assert 0.17 < (both <= 1).mean() < 0.23 and 0.45 < (both[both > 1] == 2).mean() < 0.55
+    with pytest.raises(UsageError, match="need both words and _unknown_"):
+        weighted_sampler(np.array([2, 3, 3]), classes, 0.0, 0.2, 0)
 
 
 def test_soundscape_end_to_end(tmp_path):

@@ -327,3 +327,40 @@ def test_postgresql_workers_survive_a_killed_one(work, space, postgres):
     done = [t for t in got if t.state == TrialState.COMPLETE]
     assert len(done) == 3 and len({t.number for t in got}) == len(got)
     assert any(t.user_attrs["worker"].endswith(f":{b.pid}") for t in done)
+
+
+def recorded(number: int, curve: list[float], baseline: bool = False):
+    """A complete trial of a --pruner none study: its validation accuracy at every epoch."""
+    return optuna.trial.FrozenTrial(
+        number=number, state=TrialState.COMPLETE, value=curve[-1], datetime_start=None,
+        datetime_complete=None, params={"lr": 1e-3},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)},
+        user_attrs={"baseline": baseline, "epochs": len(curve)}, system_attrs={},
+        intermediate_values=dict(enumerate(curve)), trial_id=number)
+
+
+def test_a_replay_prunes_the_hopeless_spares_the_default_and_keeps_the_best():
+    """Recorded curves through each pruner as tune.py builds it: none runs every epoch; median
+    and halving stop the trials far under the others after the startup trials, never the
+    default (trial 0, the worst here), never at the last epoch, and keep the best."""
+    from search import replay
+
+    good = [[0.3, 0.5, 0.6, 0.65], [0.32, 0.52, 0.62, 0.66], [0.33, 0.53, 0.63, 0.67],
+            [0.34, 0.54, 0.64, 0.68], [0.35, 0.55, 0.7, 0.8]]  # each better than the last
+    trials = [recorded(0, [0.05, 0.06, 0.07, 0.08], baseline=True)]
+    trials += [recorded(i + 1, c) for i, c in enumerate(good)]
+    trials += [recorded(6, [0.02, 0.03, 0.04, 0.05]), recorded(7, [0.01, 0.02, 0.03, 0.04])]
+    none = replay(trials, "none", 4)
+    assert none == dict(epochs=32, of=32, pruned=[], best_kept=True)
+    for pruner in ("median", "halving"):
+        got = replay(trials, pruner, 4)
+        assert got["pruned"] == [6, 7] and got["best_kept"], (pruner, got)
+        assert got["epochs"] < 32
+    late = replay(trials, "median", 7)  # only trial 7 has 7 others before it
+    assert late["pruned"] == [7]
+
+
+def test_bench_refuses_a_replay_without_a_study(work, tmp_path):
+    assert "which study?" in refused("bench.py", "--work", work, "--sections", "pruners")
+    assert "no study" in refused("bench.py", "--work", work, "--sections", "pruners",
+                                 "--replay-study", "nosuch")

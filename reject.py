@@ -1,0 +1,70 @@
+"""Saying "none of these": the reject rule's threshold fitted on the out-of-fold predictions,
+and what a keyword user reads about it (a DET curve, detection at fixed false accepts).
+
+A run whose classes hold _unknown_ (and _silence_: preprocess.py --unknown, --silence) learns
+what is not a word; on top, a word is accepted only when its probability reaches a threshold
+(predictor.decide). The threshold is the lowest that keeps the OOF false accepts (unknown and
+silence clips taken for a word) at or under a target: the most words recognised for that many
+strangers let in. inference.py fits it (--false-accepts), writes reject.json and applies it;
+export.py puts it in the model, where predict.py applies it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from predictor import OPEN, decide
+
+
+def outcomes(probs: np.ndarray, truth: np.ndarray, classes: list[str], threshold: float):
+    """(false accepts: the share of the open rows (truth _unknown_ or _silence_) taken for a
+    word, detection: the share of the word rows recognised as their word) at `threshold`."""
+    said = np.asarray(decide(probs, classes, threshold))
+    open_rows = np.isin(truth, OPEN)
+    fa = float(np.mean(~np.isin(said[open_rows], OPEN))) if open_rows.any() else float("nan")
+    det = float(np.mean(said[~open_rows] == truth[~open_rows])) if (~open_rows).any() else \
+        float("nan")
+    return fa, det
+
+
+def det_curve(probs: np.ndarray, truth: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """threshold, false_accepts, detection (and miss = 1 - detection) at every threshold the
+    rows make (each row's top probability), lowest first: `outcomes` at each, counted at once
+    (a row is accepted from its top probability down)."""
+    top, p = np.asarray(classes)[probs.argmax(1)], probs.max(1)
+    open_rows, word_top = np.isin(truth, OPEN), ~np.isin(top, OPEN)
+    let_in = np.sort(p[open_rows & word_top])
+    right = np.sort(p[~open_rows & (top == truth)])
+    t = np.unique(np.concatenate([[0.0], p, [1.0 + 1e-9]]))
+    fa = (len(let_in) - np.searchsorted(let_in, t)) / max(1, int(open_rows.sum()))
+    det = (len(right) - np.searchsorted(right, t)) / max(1, int((~open_rows).sum()))
+    return pd.DataFrame({"threshold": t, "false_accepts": fa, "detection": det, "miss": 1 - det})
+
+
+def fit_threshold(probs: np.ndarray, truth: np.ndarray, classes: list[str],
+                  target: float) -> dict:
+    """The lowest threshold whose OOF false accepts are at most `target`, with its false
+    accepts and detection on the OOF."""
+    curve = det_curve(probs, truth, classes)
+    ok = curve[curve.false_accepts <= target]
+    best = ok.iloc[0] if len(ok) else curve.iloc[-1]
+    return dict(score="max probability", threshold=float(best.threshold), target=target,
+                oof_false_accepts=float(best.false_accepts), oof_detection=float(best.detection),
+                open_clips=int(np.isin(truth, OPEN).sum()),
+                word_clips=int((~np.isin(truth, OPEN)).sum()))
+
+
+def detection_at(probs: np.ndarray, truth: np.ndarray, classes: list[str],
+                 rates=(0.01, 0.05, 0.10)) -> pd.DataFrame:
+    """Each word's detection rate (and all words') at the threshold that lets in at most each
+    false-accept rate of the open rows: the table a keyword user reads."""
+    out = []
+    for rate in rates:
+        t = fit_threshold(probs, truth, classes, rate)["threshold"]
+        said = np.asarray(decide(probs, classes, t))
+        row = {"false accepts <=": rate, "threshold": t}
+        for word in [c for c in classes if c not in OPEN] + ["all words"]:
+            rows = ~np.isin(truth, OPEN) if word == "all words" else truth == word
+            row[word] = float(np.mean(said[rows] == truth[rows])) if rows.any() else np.nan
+        out.append(row)
+    return pd.DataFrame(out)

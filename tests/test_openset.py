@@ -1,0 +1,235 @@
+"""Saying "none of these": _unknown_ and _silence_ in the folds and the submission, the reject
+rule fitted on the OOF, and the same rejected rows from inference.py, the ONNX graph and
+predict.py."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY, refused, run_script
+from predictor import OPEN, decide
+from reject import det_curve, detection_at, fit_threshold, outcomes
+
+CLASSES = ["_silence_", "_unknown_", "down", "go", "up"]
+
+
+def random_probs(n: int, seed: int):
+    """Scores of a fair-to-middling model: the true class favoured, unknowns spread thin."""
+    rng = np.random.default_rng(seed)
+    truth = rng.choice(CLASSES, n, p=[0.1, 0.3, 0.2, 0.2, 0.2])
+    logits = rng.normal(0, 1, (n, len(CLASSES)))
+    logits[np.arange(n), [CLASSES.index(t) for t in truth]] += rng.uniform(0, 3, n)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs, truth
+
+
+@pytest.mark.parametrize("target", [0.01, 0.05, 0.2])
+def test_the_fitted_threshold_meets_its_false_accepts_and_is_the_lowest(target):
+    probs, truth = random_probs(600, 1)
+    rule = fit_threshold(probs, truth, CLASSES, target)
+    fa, det = outcomes(probs, truth, CLASSES, rule["threshold"])
+    assert fa <= target and (fa, det) == (rule["oof_false_accepts"], rule["oof_detection"])
+    below = det_curve(probs, truth, CLASSES).threshold  # the next lower score lets in more
+    lower = below[below < rule["threshold"]].max()
+    assert outcomes(probs, truth, CLASSES, lower)[0] > target
+    assert rule["open_clips"] == np.isin(truth, OPEN).sum()
+
+
+def test_the_det_curve_is_the_rule_at_every_threshold_and_the_table_s_points_are_on_it():
+    probs, truth = random_probs(300, 2)
+    curve = det_curve(probs, truth, CLASSES)
+    for t, fa, det in curve[["threshold", "false_accepts", "detection"]].to_numpy()[::7]:
+        assert (fa, det) == pytest.approx(outcomes(probs, truth, CLASSES, t))
+    assert curve.false_accepts.is_monotonic_decreasing and curve.detection.iloc[-1] == 0
+    table = detection_at(probs, truth, CLASSES)
+    for _, row in table.iterrows():
+        point = curve[curve.threshold == row.threshold].iloc[0]
+        assert point.false_accepts <= row["false accepts <="]
+        assert row["all words"] == pytest.approx(point.detection)
+        words = truth[~np.isin(truth, OPEN)]  # the words' rates average to all words'
+        assert row["all words"] == pytest.approx(sum(
+            row[w] * np.mean(words == w) for w in ("down", "go", "up")))
+
+
+def test_decide_rejects_only_low_words():
+    probs = np.array([[0.1, 0.1, 0.6, 0.1, 0.1],   # down, sure
+                      [0.1, 0.1, 0.3, 0.25, 0.25],  # down, unsure -> _unknown_
+                      [0.4, 0.1, 0.3, 0.1, 0.1],   # _silence_ at 0.4: never rejected
+                      [0.1, 0.3, 0.2, 0.2, 0.2]])  # _unknown_ itself
+    assert decide(probs, CLASSES, 0.5) == ["down", "_unknown_", "_silence_", "_unknown_"]
+    assert decide(probs, CLASSES, None) == ["down", "down", "_silence_", "_unknown_"]
+
+
+# ----------------------------------------------------------------------------- preprocess
+def labels_of(data) -> list[str]:
+    return sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def open_work(demo_data, tmp_path_factory) -> dict:
+    """The demo data with 4 of its words as _unknown_ and 24 _silence_ clips, 2 folds."""
+    words = labels_of(demo_data)
+    work = tmp_path_factory.mktemp("open")
+    run_script("preprocess.py", "--data", demo_data, "--work", work, "--n-folds", 2,
+               "--unknown", ",".join(words[-4:]), "--silence", 24)
+    return dict(work=work, data=demo_data, words=words[:-4], unknown=words[-4:])
+
+
+def test_unknown_and_silence_rows_are_in_every_fold(open_work):
+    from util import read_table
+
+    work = open_work["work"]
+    train = read_table(work / "train.csv")
+    assert json.loads((work / "classes.json").read_text()) == sorted(
+        open_work["words"] + list(OPEN))
+    unknown = train[train.label == "_unknown_"]
+    assert set(unknown.word) == set(open_work["unknown"])  # each row's word kept
+    said = train.label.isin(open_work["words"])
+    assert (train.word[said] == train.label[said]).all()
+    silence = train[train.label == "_silence_"]
+    assert len(silence) == 24 and silence.group.nunique() == 24
+    assert not silence.group.isin(train[train.label != "_silence_"].group).any()
+    for k in (0, 1):
+        fold = train[train.fold == k]
+        assert {"_unknown_", "_silence_"} <= set(fold.label)
+    # the words' rows keep their speakers as groups (not one "nan" group)
+    assert train[train.label.isin(open_work["words"])].group.nunique() > 2
+    import soundfile as sf
+    quiet = [np.abs(sf.read(p)[0]).max() for p in silence.path]
+    assert max(quiet) < 1 and len(set(np.round(quiet, 4))) > 12  # cut at random gains
+
+
+def test_preprocess_refuses_bad_unknown_and_silence(demo_data, tmp_path):
+    words = labels_of(demo_data)
+    work = tmp_path / "w"
+    assert "no training clips labelled nosuchword" in refused(
+        "preprocess.py", "--data", demo_data, "--work", work, "--unknown", "up,nosuchword")
+    assert "every label would be unknown" in refused(
+        "preprocess.py", "--data", demo_data, "--work", work, "--unknown", ",".join(words))
+    (tmp_path / "empty").mkdir()
+    assert "a folder without audio files" in refused(
+        "preprocess.py", "--data", demo_data, "--work", work, "--unknown", tmp_path / "empty")
+    assert "expected a number of clips" in refused(
+        "preprocess.py", "--data", demo_data, "--work", work, "--silence", -3)
+    quiet = tmp_path / "no_noise"
+    shutil.copytree(demo_data / "train", quiet / "train",
+                    ignore=lambda d, names: names[4:] if d != str(demo_data / "train") else [])
+    assert "no background noise to cut it from" in refused(
+        "preprocess.py", "--data", quiet, "--work", work, "--silence", 5)
+    assert not work.exists() or not (work / "prep.json").exists()
+
+
+def test_a_folder_of_other_speech_joins_as_unknown(demo_data, tmp_path):
+    from util import read_table
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, p in enumerate(sorted((demo_data / "train" / labels_of(demo_data)[0]).glob("*"))[:6]):
+        shutil.copy(p, other / f"x{i}.wav")
+    work = tmp_path / "w"
+    run_script("preprocess.py", "--data", demo_data, "--work", work, "--n-folds", 2,
+               "--unknown", other)
+    train = read_table(work / "train.csv")
+    assert (train.label == "_unknown_").sum() == 6
+    assert train[train.label == "_unknown_"].group.nunique() == 6
+
+
+# ----------------------------------------------------------------------------- train -> export
+@pytest.fixture(scope="module")
+def open_run(open_work) -> dict:
+    work, data = open_work["work"], open_work["data"]
+    run_script("train.py", "--work", work, *TINY, "-e", 2, "-f", "all", "-g", "cpu,cpu",
+               "--unknown-share", 0.1)
+    run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32, "-f", 2, "-a", "n",
+               "--false-accepts", 0.2, "--solution", data / "solution.csv")
+    return dict(open_work, run=work / "runs" / "resnet18_32")
+
+
+def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
+    run, classes = open_run["run"], json.loads((open_run["work"] / "classes.json").read_text())
+    rule = json.loads((run / "reject.json").read_text())
+    oof = pd.concat([pd.read_csv(p, keep_default_na=False) for p in sorted(run.glob("*/oof.csv"))])
+    fa, det = outcomes(oof[classes].to_numpy(), oof.label.to_numpy(), classes, rule["threshold"])
+    assert fa <= 0.2 and fa == pytest.approx(rule["oof_false_accepts"])
+    assert det == pytest.approx(rule["oof_detection"])
+    probs = pd.read_csv(run / "test_probs.csv")
+    sub = pd.read_csv(run / "submission.csv")
+    said = decide(probs[classes].to_numpy(), classes, rule["threshold"])
+    assert list(sub.label) == said
+    top = np.asarray(classes)[probs[classes].to_numpy().argmax(1)]
+    assert (sub.label != top).any()  # some words were rejected
+    score = json.loads((run / "test_score.json").read_text())
+    sol = pd.read_csv(open_run["data"] / "solution.csv").set_index("file_name").label
+    truth = np.where(sub.file_name.map(sol).isin(classes), sub.file_name.map(sol), "_unknown_")
+    others = np.isin(truth, OPEN)
+    assert score["accepted_unknown"] == pytest.approx(np.mean(~np.isin(sub.label[others], OPEN)))
+    assert score["recognised"] == pytest.approx(np.mean(sub.label[~others] == truth[~others]))
+    html = (run / "report.html").read_text()
+    assert "Saying none of these" in html and f"{rule['threshold']:.4f}" in html
+
+
+def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_path):
+    import onnxruntime as ort
+
+    work, run = open_run["work"], open_run["run"]
+    out = tmp_path / "m.onnx"
+    run_script("export.py", "--work", work, "--run", "resnet18_32", "-f", 2, "-a", "n",
+               "--out", out)
+    sub = pd.read_csv(run / "submission.csv")
+    test = pd.read_csv(work / "test.csv")
+    files = [str(open_run["data"] / "test" / f) for f in sub.file_name]
+    assert list(test.file_name) == list(sub.file_name)
+    from predictor import Predictor, file_windows
+
+    pred = Predictor(out)
+    classes = pred.classes
+    assert pred.threshold == pytest.approx(json.loads((run / "reject.json").read_text())[
+        "threshold"])
+    _, waves, _ = file_windows(files, pred.sr, pred.length)
+    said = ort.InferenceSession(str(out)).run(["said"], {"wave": waves.astype(np.float32)})[0]
+    graph = [classes[i] if i >= 0 else "_unknown_" for i in said]
+    agree = np.mean(np.asarray(graph) == sub.label.to_numpy())
+    assert agree >= 0.98, agree  # float32 graph vs inference's probabilities at the edge
+    csv = tmp_path / "p.csv"
+    run_script("predict.py", out, *files, "--csv", csv)
+    got = pd.read_csv(csv)
+    assert list(got.said) == graph
+
+
+def test_the_rule_is_refused_where_it_does_not_fit(open_run, tmp_path):
+    work, run = open_run["work"], open_run["run"]
+    base = ["--work", work, "--run", "resnet18_32", "-a", "n"]
+    assert "--false-accepts 1.5" in refused("inference.py", *base, "-f", 2,
+                                            "--false-accepts", 1.5)
+    assert "use --ensemble soft" in refused("inference.py", *base, "-g", -1, "-f", 2,
+                                            "--ensemble", "hard")
+    assert "was fitted for runs" in refused("export.py", *base, "-f", 1, "--out",
+                                            tmp_path / "a.onnx")
+    assert "was fitted for runs" in refused("export.py", *base, "-f", 2, "--weights", 2,
+                                            "--out", tmp_path / "a.onnx")
+    keep = (run / "reject.json").read_text()
+    try:
+        (run / "reject.json").write_text(keep[:40])
+        assert "reject.json is damaged" in refused("export.py", *base, "-f", 2, "--out",
+                                                   tmp_path / "b.onnx")
+    finally:
+        (run / "reject.json").write_text(keep)
+    assert "--unknown-share 1.0" in refused("train.py", "--work", work, *TINY, "-f", 0,
+                                            "--unknown-share", 1.0)
+
+
+def test_the_open_set_table_reads_the_test_and_the_rule(open_run):
+    proc = run_script("real.py", "table", "--work", open_run["work"], "--runs", "resnet18_32")
+    head, _, row = proc.stdout.strip().splitlines()
+    cells = dict(zip([c.strip() for c in head.split("|")[1:-1]],
+                     [c.strip() for c in row.split("|")[1:-1]]))
+    score = json.loads((open_run["run"] / "test_score.json").read_text())
+    rule = json.loads((open_run["run"] / "reject.json").read_text())
+    assert float(cells["words recognised"]) == pytest.approx(score["recognised"], abs=1e-4)
+    assert float(cells["others accepted"]) == pytest.approx(score["accepted_unknown"], abs=1e-4)
+    assert float(cells["target"]) == 0.2 and float(cells["threshold"]) == pytest.approx(
+        rule["threshold"], abs=1e-4)
