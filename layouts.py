@@ -199,7 +199,7 @@ def groups_of(train: pd.DataFrame) -> list[str]:
 def folds_of(train: pd.DataFrame, n_folds: int, seed: int, source: str) -> np.ndarray:
     """Each row's fold: its own where the table has one (TRAIN_ONLY: trained in every fold,
     never validated), drawn by assign_folds for the others."""
-    given = train["fold"].astype(str).str.strip() if "fold" in train else \
+    given = train["fold"].fillna("").astype(str).str.strip() if "fold" in train else \
         pd.Series("", index=train.index)
     bad = given[(given != "") & ~given.str.fullmatch(r"(\d+|-1)(\.0*)?")]  # 2 or 2.0
     if len(bad):

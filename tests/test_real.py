@@ -136,6 +136,20 @@ def write_clip(path: Path, sr: int = 16000, seconds: float = 0.5, seed: int = 0)
     return str(path)
 
 
+def test_rows_added_to_a_manifest_without_a_fold_are_drawn():
+    """--silence's rows join a manifest's rows with no fold column of their own (NaN after the
+    concat): they are drawn like a blank, never refused as fold 'nan'."""
+    from layouts import folds_of
+
+    given = pd.DataFrame(dict(path=[f"s{i % 4}_nohash_{i}.wav" for i in range(8)],
+                              label=["yes", "no"] * 4, group=[f"g{i % 4}" for i in range(8)],
+                              fold=["", "", "", "", "", "", "-1", ""]))
+    added = pd.DataFrame(dict(path=[f"sil{i}.wav" for i in range(4)], label="_silence_",
+                              group=[f"sil{i}" for i in range(4)]))
+    fold = folds_of(pd.concat([given, added], ignore_index=True), 2, 0, "m.csv")
+    assert fold[6] == -1 and set(np.delete(fold, 6)) == {0, 1}
+
+
 def test_manifest_folds_given_drawn_and_train_only(tmp_path):
     """A fold column with numbers, blanks (drawn by StratifiedGroupKFold) and -1 (trained in
     every fold, never validated); a blank group is that row's own (its speaker), the others
@@ -311,9 +325,13 @@ def test_digit_accuracy_is_the_most_probable_of_the_solution_labels(tmp_path):
 
 @pytest.mark.parametrize("args,said", [
     (["data", "--fsdd", "nowhere", "--synth", "x", "--out", "y"], "--fsdd nowhere: no such folder"),
-    (["table", "--work", "nowhere", "--runs", "r"], "run r: no finished fold"),
+    (["table", "--work", "nowhere", "--runs", "r"], "nowhere/classes.json not found"),
+    (["table", "--work", "prepared", "--runs", "r"], "run r: no finished fold"),
 ])
 def test_real_refuses_missing_folders(tmp_path, args, said):
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "classes.json").write_text('["one", "two"]')
+    args = [str(tmp_path / a) if a == "prepared" else a for a in args]
     proc = run_script("real.py", *args, check=False)
     assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr
 
