@@ -111,30 +111,31 @@ def test_a_damaged_study_file_and_a_missing_resume_are_one_line(work, space, tmp
 
 
 def test_the_default_recipe_is_kept_and_a_pruned_trial_never_finished(work, space):
-    """With the default pruner (halving, --startup 4) and 2 epochs, trial 0 is the default
+    """With the default pruner (halving, --startup 4) and 3 epochs, trial 0 is the default
     recipe and runs to its end (before, the pruner stopped it after an epoch). Then two
-    perfect trials added to the study make the next sampled trial prune at epoch 2: it holds
+    perfect trials added to the study make the next sampled trial prune at epoch 2 (median:
+    never at epoch 1, its warm-up, nor at the last): it holds
     pruned.json, no result.json, and nothing reads it as finished."""
     from leaderboard import leaderboard
     from runs import Run, fold_done
     from util import UsageError
 
-    tiny2 = [*TINY[:4], "-e", "2", *TINY[6:]]
+    tiny3 = [*TINY[:4], "-e", "3", *TINY[6:]]
     out = run_script("tune.py", "--work", work, "--study", "keep", "--space", space,
-                     "--trials", 1, *tiny2).stdout
+                     "--trials", 1, *tiny3).stdout
     assert "study keep: 1 complete, 0 pruned, 0 failed" in out
     url = sqlite(work, "keep")
     (t0,) = trials_of(url, "keep")
     assert t0.params == {"lr": 1e-3, "p_mixup": 0.0} and t0.user_attrs["baseline"]
-    assert len(t0.intermediate_values) == 2 and t0.user_attrs["epochs"] == 2
+    assert len(t0.intermediate_values) == 3 and t0.user_attrs["epochs"] == 3
     refused_resume = refused("tune.py", "--work", work, "--study", "keep", "--resume",
                              "--trials", 2, "-e", 5)
-    assert "was made with other settings (epochs 2 -> 5)" in refused_resume
+    assert "was made with other settings (epochs 3 -> 5)" in refused_resume
     study = optuna.load_study(study_name="keep", storage=url)
     for _ in range(2):  # perfect scores at every epoch: the median of the others is 1.0
         study.add_trial(optuna.trial.create_trial(
             params=t0.params, distributions=t0.distributions, value=1.0,
-            intermediate_values={0: 1.0, 1: 1.0}, user_attrs={"epochs": 2}))
+            intermediate_values={0: 1.0, 1: 1.0, 2: 1.0}, user_attrs={"epochs": 3}))
     run_script("tune.py", "--work", work, "--study", "keep", "--resume", "--trials", 4,
                "--pruner", "median", "--startup", 0)
     pruned = [t for t in trials_of(url, "keep") if t.state == TrialState.PRUNED]
@@ -151,7 +152,7 @@ def test_the_default_recipe_is_kept_and_a_pruned_trial_never_finished(work, spac
 def start_worker(work, space, study, *extra, pruner="none"):
     return subprocess.Popen([sys.executable, str(ROOT / "tune.py"), "--work", str(work),
                              "--study", study, "--space", str(space), "--pruner", pruner,
-                             *map(str, extra), *TINY], cwd=ROOT, stdout=subprocess.PIPE,
+                             *TINY, *map(str, extra)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -245,7 +246,7 @@ def test_a_killed_default_trial_is_queued_again(work, space):
     """SIGKILL during trial 0 (the default recipe): --resume waits out its heartbeat, marks it
     failed and runs the default recipe again."""
     proc = start_worker(work, space, "k0", "--trials", 2, "--heartbeat", 1, *TINY[:4], "-e",
-                        30, *TINY[6:])
+                        4, *TINY[6:])  # killed in its second epoch; run again, 4 in all
     url = sqlite(work, "k0")
     wait_for(lambda: (work / "runs" / "k0-0" / "fold0" / "last.ckpt").is_file(), proc)
     proc.send_signal(signal.SIGKILL)
