@@ -76,9 +76,9 @@ class WithEmbedding(nn.Module):
 
 class WithDecision(nn.Module):
     """A WithEmbedding whose graph has a third output, the reject rule (predictor.decide) per
-    row: `said`, the index of the most probable class, or -1 ("none of these") for a word whose
-    probability is under `threshold` (_unknown_ and _silence_, the `open` classes, are never
-    rejected)."""
+    row: `said`, the index of the most probable word where its probability reaches `threshold`,
+    else of the more probable `open` class (_unknown_, _silence_), or -1 ("none of these")
+    where the model has none."""
 
     def __init__(self, net: WithEmbedding, threshold: float, open_classes: list[int],
                  n_classes: int):
@@ -90,9 +90,10 @@ class WithDecision(nn.Module):
 
     def forward(self, wave: torch.Tensor):
         probs, embedding = self.net(wave)
-        top, index = probs.max(1)
-        low = (top < self.threshold) & ~self.is_open[index]
-        return probs, embedding, torch.where(low, torch.full_like(index, -1), index)
+        best, word = probs.masked_fill(self.is_open, -1.0).max(1)
+        other_p, other = probs.masked_fill(~self.is_open, -1.0).max(1)
+        fallback = torch.where(other_p >= 0, other, torch.full_like(other, -1))
+        return probs, embedding, torch.where(best >= self.threshold, word, fallback)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> AudioClassifier:

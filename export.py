@@ -123,11 +123,11 @@ def reject_note(meta: dict) -> str:
     """The bundle README's paragraph on the reject rule, where the model has one."""
     if "reject_threshold" not in meta:
         return ""
-    return (f"\nSaying \"none of these\": a word whose probability is under "
-            f"{float(meta['reject_threshold']):.4f} is `_unknown_` (the rule fitted on the "
-            f"validation clips for a share of other speech let in). predict.py prints it after "
-            f"`->`; the graph's third output `said` gives it per clip (a class index, -1 for "
-            f"none of these).\n")
+    return (f"\nSaying \"none of these\": the most probable word is taken when its probability "
+            f"reaches {float(meta['reject_threshold']):.4f}, else `_unknown_` or `_silence_` "
+            f"(the rule fitted on the validation clips for a share of other speech let in). "
+            f"predict.py prints it after `->`; the graph's third output `said` gives it per clip "
+            f"(a class index).\n")
 
 
 def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) -> tuple:

@@ -82,8 +82,8 @@ class Predictor:
 
     def label_files(self, paths, top_k: int = 3, errors=None) -> list[tuple]:
         """[(path, what the model says, [(label, probability), ...] top k)]: what it says is
-        the most probable class under the model's reject rule (decide: `_unknown_` for a word
-        below its threshold) where it has one."""
+        the most probable class, or the model's reject rule where it has one (decide: the best
+        word at or above its threshold, else `_unknown_` or `_silence_`)."""
         good, waves, owner = file_windows(paths, self.sr, self.length, errors)
         probs = per_file(self.probs(waves), owner, len(good)) if len(good) else \
             np.zeros((0, len(self.classes)))
@@ -133,9 +133,14 @@ OPEN = ("_unknown_", "_silence_")  # the classes of what is not a word (preproce
 
 def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> list[str]:
     """The reject rule (inference.py fits its threshold on the OOF; export.py puts it in the
-    model): each row's most probable class (_unknown_ and _silence_ included), and `_unknown_`
-    for a word whose probability is below `threshold`. One definition for inference.py,
-    predict.py and the exported bundle."""
-    top = probs.argmax(1)
-    low = probs[np.arange(len(probs)), top] < threshold if threshold is not None else top < 0
-    return [OPEN[0] if lo and classes[t] not in OPEN else classes[t] for lo, t in zip(low, top)]
+    model). Without a threshold: each row's most probable class. With one: the most probable
+    word where its probability reaches `threshold` (even where _unknown_ or _silence_ is more
+    probable), else the more probable of _unknown_ and _silence_ (`_unknown_` where the run
+    learnt neither). One definition for inference.py, predict.py and the exported bundle."""
+    if threshold is None:
+        return [classes[t] for t in probs.argmax(1)]
+    is_open = np.isin(classes, OPEN)
+    word, other = (np.where(mask, probs, -1.0) for mask in (~is_open, is_open))
+    fallback = [classes[t] if is_open.any() else OPEN[0] for t in other.argmax(1)]
+    return [classes[w] if p >= threshold else f for w, p, f in
+            zip(word.argmax(1), word.max(1), fallback)]

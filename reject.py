@@ -2,9 +2,11 @@
 and what a keyword user reads about it (a DET curve, detection at fixed false accepts).
 
 A run whose classes hold _unknown_ (and _silence_: preprocess.py --unknown, --silence) learns
-what is not a word; on top, a word is accepted only when its probability reaches a threshold
-(predictor.decide). The threshold is the lowest that keeps the OOF false accepts (unknown and
-silence clips taken for a word) at or under a target: the most words recognised for that many
+what is not a word; the rule (predictor.decide) takes the most probable word when its
+probability reaches a threshold, whatever _unknown_ scores, and none otherwise: a threshold
+above what argmax would give rejects more, one below it accepts words the model half-heard as
+unknown. The threshold is the lowest that keeps the OOF false accepts (unknown and silence
+clips taken for a word) at or under a target: the most words recognised for that many
 strangers let in. inference.py fits it (--false-accepts), writes reject.json and applies it;
 export.py puts it in the model, where predict.py applies it.
 """
@@ -29,11 +31,13 @@ def outcomes(probs: np.ndarray, truth: np.ndarray, classes: list[str], threshold
 
 def det_curve(probs: np.ndarray, truth: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """threshold, false_accepts, detection (and miss = 1 - detection) at every threshold the
-    rows make (each row's top probability), lowest first: `outcomes` at each, counted at once
-    (a row is accepted from its top probability down)."""
-    top, p = np.asarray(classes)[probs.argmax(1)], probs.max(1)
-    open_rows, word_top = np.isin(truth, OPEN), ~np.isin(top, OPEN)
-    let_in = np.sort(p[open_rows & word_top])
+    rows make (each row's best word's probability), lowest first: `outcomes` at each, counted
+    at once (a row's best word is accepted from its probability down)."""
+    words = ~np.isin(classes, OPEN)
+    scores = np.where(words, probs, -1.0)
+    top, p = np.asarray(classes)[scores.argmax(1)], scores.max(1)
+    open_rows = np.isin(truth, OPEN)
+    let_in = np.sort(p[open_rows])
     right = np.sort(p[~open_rows & (top == truth)])
     t = np.unique(np.concatenate([[0.0], p, [1.0 + 1e-9]]))
     fa = (len(let_in) - np.searchsorted(let_in, t)) / max(1, int(open_rows.sum()))
@@ -48,7 +52,7 @@ def fit_threshold(probs: np.ndarray, truth: np.ndarray, classes: list[str],
     curve = det_curve(probs, truth, classes)
     ok = curve[curve.false_accepts <= target]
     best = ok.iloc[0] if len(ok) else curve.iloc[-1]
-    return dict(score="max probability", threshold=float(best.threshold), target=target,
+    return dict(score="best word's probability", threshold=float(best.threshold), target=target,
                 oof_false_accepts=float(best.false_accepts), oof_detection=float(best.detection),
                 open_clips=int(np.isin(truth, OPEN).sum()),
                 word_clips=int((~np.isin(truth, OPEN)).sum()))

@@ -55,13 +55,20 @@ def test_the_det_curve_is_the_rule_at_every_threshold_and_the_table_s_points_are
             row[w] * np.mean(words == w) for w in ("down", "go", "up")))
 
 
-def test_decide_rejects_only_low_words():
+def test_decide_takes_the_best_word_at_its_threshold_else_the_more_probable_other():
     probs = np.array([[0.1, 0.1, 0.6, 0.1, 0.1],   # down, sure
-                      [0.1, 0.1, 0.3, 0.25, 0.25],  # down, unsure -> _unknown_
-                      [0.4, 0.1, 0.3, 0.1, 0.1],   # _silence_ at 0.4: never rejected
-                      [0.1, 0.3, 0.2, 0.2, 0.2]])  # _unknown_ itself
-    assert decide(probs, CLASSES, 0.5) == ["down", "_unknown_", "_silence_", "_unknown_"]
-    assert decide(probs, CLASSES, None) == ["down", "down", "_silence_", "_unknown_"]
+                      [0.05, 0.15, 0.3, 0.25, 0.25],  # down, unsure -> _unknown_
+                      [0.4, 0.1, 0.3, 0.1, 0.1],   # _silence_ above _unknown_
+                      [0.1, 0.3, 0.2, 0.2, 0.2],   # _unknown_ itself
+                      [0.05, 0.5, 0.35, 0.05, 0.05]])  # _unknown_ first, down close behind
+    assert decide(probs, CLASSES, 0.5) == ["down", "_unknown_", "_silence_", "_unknown_",
+                                           "_unknown_"]
+    assert decide(probs, CLASSES, 0.3) == ["down", "down", "down", "_unknown_", "down"]
+    assert decide(probs, CLASSES, None) == ["down", "down", "_silence_", "_unknown_",
+                                            "_unknown_"]
+    words = ["down", "go", "up"]  # a run without the other classes: rejected is _unknown_
+    assert decide(probs[:, 2:] / probs[:, 2:].sum(1, keepdims=True), words, 0.5) == [
+        "down", "_unknown_", "down", "_unknown_", "down"]
 
 
 # ----------------------------------------------------------------------------- preprocess
