@@ -156,8 +156,8 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
     rule = fit_threshold(probs, table.label.to_numpy(), classes, target)
     write_json(dict(rule, runs=runs, folds=folds, tta=tta, weights=[float(w) for w in weights],
                     temperature=blend["temperature"] if blend else 1.0), out / REJECT)
-    log.info("reject rule: a word needs probability >= %.4f (OOF: %.1f %% of %d %s/%s clips "
-             "taken for a word, %.1f %% of %d words recognised)", rule["threshold"],
+    log.info("reject rule: the best word is taken from probability %.4f (OOF: %.1f %% of %d "
+             "%s/%s clips taken for a word, %.1f %% of %d words recognised)", rule["threshold"],
              100 * rule["oof_false_accepts"], rule["open_clips"], *OPEN,
              100 * rule["oof_detection"], rule["word_clips"])
     return rule["threshold"]
