@@ -93,7 +93,9 @@ class Predictor:
     def windows(self, path, window: float | None = None, hop: float = 0.25, notes=None,
                 silence_db: float = 40.0):
         """[(start s, end s, label, probability)] for windows of `window` seconds (default:
-        the clip length) every `hop` seconds; each window is padded or cut to the clip length.
+        the clip length) every `hop` seconds; each window is padded or cut to the clip length;
+        its label is the most probable class, or the model's reject rule (decide) where it has
+        one.
         Windows more than `silence_db` below the loudest window are labelled "" (silence):
         the classes know no silence. A recording shorter than one window is one padded window
         (said in `notes`)."""
@@ -107,10 +109,11 @@ class Predictor:
         frames = np.stack([fit(y[s:s + win], self.length) for s in starts])
         level = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-20)
         probs = self.probs(frames)
-        top = probs.argmax(1)
+        said = [self.classes.index(c) for c in decide(probs, self.classes, self.threshold)]
         silent = level < level.max() - silence_db
         return [(s / self.sr, min(len(y), s + win) / self.sr, "" if quiet else self.classes[k],
-                 1.0 if quiet else float(p[k])) for s, k, p, quiet in zip(starts, top, probs, silent)]
+                 1.0 if quiet else float(p[k]))
+                for s, k, p, quiet in zip(starts, said, probs, silent)]
 
 
 def segments(rows, min_prob: float = 0.5):

@@ -205,6 +205,14 @@ def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_
     run_script("predict.py", out, *files, "--csv", csv)
     got = pd.read_csv(csv)
     assert list(got.said) == graph
+    # windows apply the rule too: where it overrules the most probable class, a file read as
+    # one window says what the graph says
+    top = [classes[i] for i in pred.probs(waves).argmax(1)]
+    overruled = [i for i in range(len(files)) if graph[i] != top[i]][:6]
+    assert overruled
+    for i in overruled:
+        (_, _, label, p), = pred.windows(files[i], None, 10.0, silence_db=1000)
+        assert label == graph[i] and 0 < p <= 1
 
 
 def test_the_rule_is_refused_where_it_does_not_fit(open_run, tmp_path):
