@@ -3,6 +3,7 @@ made by the real scripts (the end-to-end test checks it; other tests reuse its c
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 TINY = ["-m", "resnet18", "-t", "32", "-e", "1", "-b", "32"]
+
+
+def hears_interrupts() -> None:
+    """Popen's preexec_fn for a script a test sends ^C: a shell that started the tests in the
+    background left SIGINT ignored, and a Python started so keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_script(script: str, *args: str, check: bool = True, timeout: int = 600):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from arg import Config
-from conftest import ROOT, TINY, prepared, run_script
+from conftest import ROOT, TINY, hears_interrupts, prepared, run_script
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_a_signal_ends_training_with_the_shell_s_code_and_one_line(work, sig, co
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--work", str(work), *TINY,
                              "-e", "50", "-f", "0", "-g", "cpu", "--run", f"sig{code}",
                              "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=hears_interrupts)
     deadline = time.time() + 300
     while not (fold / "last.ckpt").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

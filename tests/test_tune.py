@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, prepared, refused, run_script
+from conftest import ROOT, hears_interrupts, prepared, refused, run_script
 
 TINY = ["-m", "resnet18", "-t", "32", "-e", "1", "-b", "32", "-g", "cpu"]
 SPACE = "lr: {float: [3.0e-4, 3.0e-3], log: true}\np_mixup: {choice: [0.0, 0.5]}\n"
@@ -153,7 +153,7 @@ def start_worker(work, space, study, *extra, pruner="none"):
     return subprocess.Popen([sys.executable, str(ROOT / "tune.py"), "--work", str(work),
                              "--study", study, "--space", str(space), "--pruner", pruner,
                              *TINY, *map(str, extra)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=hears_interrupts)
 
 
 def check_shared(work, url: str, study: str, trials: int, workers: list) -> list:
