@@ -79,7 +79,7 @@ hard: $(STAMP)
 	$(BIN)/python report.py --work $(HARD_WORK)
 
 # a recipe search on the hard benchmark (docs/RESULTS.md): 20 trials of the CPU recipe at 4
-# epochs and half the labels, pruned by successive halving, two workers on one SQLite study
+# epochs and half the labels, median pruning, two workers on one SQLite study
 TUNE_RECIPE ?= -m resnet18 -t 64 -e 4 -b 64 -g cpu --labels 0.5
 tune: $(STAMP)
 	test -f $(HARD_WORK)/prep.json || { $(BIN)/python demo.py --preset hard --out $(HARD_DATA) && \

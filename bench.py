@@ -46,7 +46,7 @@ from cache import Clips, training_clips
 from dataset import WaveDataset, load_noise
 from ensemble import Ensemble, load_members
 from model import AudioClassifier
-from runs import Run, Work
+from runs import HISTORY, Run, Work
 from search import PRUNERS, replay
 from transform import N_VIEWS
 from util import UsageError, read_table, run_cli, setup_logging, torch_device
@@ -337,6 +337,21 @@ def onnx_section(args, waves) -> None:
           f"inference.py --predict {b:.1f} s -> {b / a:.1f}x")
 
 
+def recorded_curve(work: str, study: str, trial):
+    """The trial with its learning curve: the values it reported, else (a --pruner none study
+    made before tune.py reported them) its first fold's history.csv."""
+    if not trial.intermediate_values:
+        run = Run(work, f"{study}-{trial.number}")
+        folds = run.folds()
+        hist = read_table(run.fold(min(folds)) / HISTORY) if folds else None
+        column = next((c for c in ("val_acc", "val_map") if hist is not None and c in hist), None)
+        if column is None:
+            raise UsageError(f"--replay-study {study}: trial {trial.number} has no learning "
+                             f"curve (no reported values, no {run.dir}/fold*/{HISTORY})")
+        trial.intermediate_values = dict(enumerate(hist[column].astype(float)))
+    return trial
+
+
 def pruners_section(args) -> None:
     """--replay-study NAME's recorded curves (its complete trials, every epoch: a study made
     with --pruner none) replayed through each pruner tune.py offers (search.replay)."""
@@ -350,7 +365,8 @@ def pruners_section(args) -> None:
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     except KeyError:
         raise UsageError(f"--replay-study {name}: {db} holds no study of that name") from None
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    done = [recorded_curve(args.work, name, t) for t in study.get_trials()
+            if t.state.name == "COMPLETE"]
     if not done:
         raise UsageError(f"--replay-study {name}: no complete trial to replay")
     startup = args.replay_startup

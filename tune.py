@@ -45,7 +45,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 # ----------------------------------------------------------------------------- a trial
-def objective(trial, fixed: dict, space: dict, folds: list[int], pruning: bool) -> float:
+def objective(trial, fixed: dict, space: dict, folds: list[int]) -> float:
     """Train the trial's folds as train.py would: their best validation scores' mean. The
     pruner watches the first fold."""
     params = {n: trial.suggest_categorical(n, d.choices) if hasattr(d, "choices") else
@@ -58,7 +58,9 @@ def objective(trial, fixed: dict, space: dict, folds: list[int], pruning: bool) 
         trial.set_user_attr(key, value)  # what Spared and trials.csv read
     monitor, scores = "val_" + monitored(cfg.multilabel), []
     for i, k in enumerate(folds):
-        prune = [PyTorchLightningPruningCallback(trial, monitor)] if i == 0 and pruning else []
+        # the first fold reports every epoch (--pruner none too: its curves are what bench.py
+        # --replay-study runs through the other pruners)
+        prune = [PyTorchLightningPruningCallback(trial, monitor)] if i == 0 else []
         try:
             scores.append(train_fold(cfg, k, False, prune)[monitor])
         except optuna.TrialPruned:
@@ -148,7 +150,7 @@ def run_study(study, fixed: dict, space: dict, folds: list[int], args) -> None:
         if count(*FINISHED, TrialState.RUNNING) >= args.trials:
             time.sleep(min(args.heartbeat, 5))
             continue
-        study.optimize(lambda t: objective(t, fixed, space, folds, args.pruner != "none"),
+        study.optimize(lambda t: objective(t, fixed, space, folds),
                        callbacks=[each], catch=(FloatingPointError,), gc_after_trial=True)
 
 
@@ -188,8 +190,8 @@ def steps(argv) -> int:
                    "(postgresql://USER:PASS@HOST/DB); default WORK/studies/STUDY.db")
     g.add_argument("--resume", action="store_true", help="continue the study with its own "
                    "recipe and space")
-    g.add_argument("--pruner", default="halving", choices=tuple(PRUNERS), help="stop hopeless "
-                   "trials early (default: halving, docs/RESULTS.md)")
+    g.add_argument("--pruner", default="median", choices=tuple(PRUNERS), help="stop hopeless "
+                   "trials early (default: median, docs/RESULTS.md)")
     g.add_argument("--startup", type=int, default=4, help="no trial is pruned at an epoch fewer "
                    "than this many other trials reached (default: 4)")
     g.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats; a "

@@ -111,7 +111,7 @@ def test_a_damaged_study_file_and_a_missing_resume_are_one_line(work, space, tmp
 
 
 def test_the_default_recipe_is_kept_and_a_pruned_trial_never_finished(work, space):
-    """With the default pruner (halving, --startup 4) and 3 epochs, trial 0 is the default
+    """With the default pruner (median, --startup 4) and 3 epochs, trial 0 is the default
     recipe and runs to its end (before, the pruner stopped it after an epoch). Then two
     perfect trials added to the study make the next sampled trial prune at epoch 2 (median:
     never at epoch 1, its warm-up, nor at the last): it holds
@@ -184,6 +184,11 @@ def test_two_workers_share_a_study_whose_best_yaml_retrains(work, space):
     assert len(check_shared(work, sqlite(work, "s4"), "s4", 4, [a, b])) == 4
     trials = pd.read_csv(work / "studies" / "s4" / "trials.csv")
     assert list(trials.trial) == [0, 1, 2, 3] and (trials.state == "complete").all()
+    curves = [t.intermediate_values for t in trials_of(sqlite(work, "s4"), "s4")]
+    assert [len(c) for c in curves] == [1] * 4  # --pruner none records them for a replay
+    replayed = run_script("bench.py", "--work", work, "--sections", "pruners",
+                          "--replay-study", "s4", "--replay-startup", 0).stdout
+    assert "none     (--startup 0): 4 of 4 epochs, 0 of 4 trials pruned" in replayed
     assert trials.lr[0] == 1e-3 and trials.p_mixup[0] == 0.0 and trials.baseline[0]
     for row in trials.itertuples():  # every trial an ordinary finished run with its score
         result = json.loads((work / "runs" / f"s4-{row.trial}" / "fold0" / "result.json")
