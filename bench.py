@@ -45,6 +45,7 @@ from byol import BYOL
 from cache import Clips, training_clips
 from dataset import WaveDataset, load_noise
 from ensemble import Ensemble, load_members
+from metrics import monitored
 from model import AudioClassifier
 from runs import HISTORY, Run, Work
 from search import PRUNERS, replay
@@ -337,18 +338,18 @@ def onnx_section(args, waves) -> None:
           f"inference.py --predict {b:.1f} s -> {b / a:.1f}x")
 
 
-def recorded_curve(work: str, study: str, trial):
+def recorded_curve(work: str, study: str, trial, monitor: str):
     """The trial with its learning curve: the values it reported, else (a --pruner none study
-    made before tune.py reported them) its first fold's history.csv."""
+    made before tune.py reported them) its first fold's `monitor` column in history.csv."""
     if not trial.intermediate_values:
         run = Run(work, f"{study}-{trial.number}")
         folds = run.folds()
         hist = read_table(run.fold(min(folds)) / HISTORY) if folds else None
-        column = next((c for c in ("val_acc", "val_map") if hist is not None and c in hist), None)
-        if column is None:
+        if hist is None or monitor not in hist:
             raise UsageError(f"--replay-study {study}: trial {trial.number} has no learning "
-                             f"curve (no reported values, no {run.dir}/fold*/{HISTORY})")
-        trial.intermediate_values = dict(enumerate(hist[column].astype(float)))
+                             f"curve (no reported values, no {monitor} in {run.dir}/fold*/"
+                             f"{HISTORY})")
+        trial.intermediate_values = dict(enumerate(hist[monitor].astype(float)))
     return trial
 
 
@@ -365,7 +366,8 @@ def pruners_section(args) -> None:
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     except KeyError:
         raise UsageError(f"--replay-study {name}: {db} holds no study of that name") from None
-    done = [recorded_curve(args.work, name, t) for t in study.get_trials()
+    monitor = "val_" + monitored(bool(Work(args.work).prep().get("multilabel")))  # as tune.py
+    done = [recorded_curve(args.work, name, t, monitor) for t in study.get_trials()
             if t.state.name == "COMPLETE"]
     if not done:
         raise UsageError(f"--replay-study {name}: no complete trial to replay")
