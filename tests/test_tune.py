@@ -370,3 +370,8 @@ def test_bench_refuses_a_replay_without_a_study(work, tmp_path):
     assert "which study?" in refused("bench.py", "--work", work, "--sections", "pruners")
     assert "no study" in refused("bench.py", "--work", work, "--sections", "pruners",
                                  "--replay-study", "nosuch")
+    (work / "studies").mkdir(exist_ok=True)  # a complete trial with no curve and no run
+    study = optuna.create_study(study_name="nocurve", storage=sqlite(work, "nocurve"))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    assert "trial 0 has no learning curve" in refused(
+        "bench.py", "--work", work, "--sections", "pruners", "--replay-study", "nocurve")
