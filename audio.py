@@ -61,6 +61,19 @@ def window_starts(n: int, win: int, hop: int) -> list[int]:
     return starts
 
 
+def recording_windows(y: np.ndarray, sr: int, length: int, window: float | None = None,
+                      hop: float = 0.25, silence_db: float = 40.0):
+    """A recording read window by window, as predict.py and `inference.py --other-speech` read
+    it: (start samples, windows (N, length) float32 each of `window` seconds (default: the clip
+    length) cut or padded to the clip length, every `hop` seconds (window_starts), silent (N,):
+    the windows more than `silence_db` below the loudest one), and the window in samples."""
+    win = int(round((window or length / sr) * sr))
+    starts = window_starts(len(y), win, max(1, int(round(hop * sr))))
+    frames = np.stack([fit(y[s:s + win], length) for s in starts])
+    level = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-20)
+    return starts, frames, level < level.max() - silence_db, win
+
+
 def resample(y: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
     """soxr's high-quality resampler, cut or padded to ceil(len * sr / orig_sr) samples: what
     `librosa.load(sr=...)` does, and so what training heard (preprocess.py reads through here)."""

@@ -28,7 +28,7 @@ from cache import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, oof_for_blend, predict_waves,
                       with_temperature)
 from predictor import OPEN, decide
-from reject import fit_threshold
+from reject import PER_HOUR, fit_threshold, per_hour, word_segments
 from results import cv_report, load_oof, write_html
 from runs import REJECT, RUN_RESULTS, Run, Work, requested_folds
 from submission import write_blend, write_embeddings, write_submission, write_windows
@@ -75,6 +75,12 @@ def make_parser():
                    help="the reject rule's target where the classes hold _unknown_ or _silence_ "
                         "(preprocess.py --unknown, --silence): the share of those OOF clips a "
                         "word may let in; its threshold goes to reject.json (default: 0.05)")
+    g.add_argument("--other-speech", nargs="+", default=None, metavar="PATH",
+                   help="recordings (files or folders) that hold none of the words: read as "
+                        "predict.py reads them (clip-length windows every 0.25 s), the word "
+                        "segments the reject rule lets in per hour go to reject.json and "
+                        "report.html, with detection at %s per hour (memory: 64 KB a window "
+                        "at 16 kHz, 230 MB for 15 minutes)" % ", ".join(f"{r:g}" for r in PER_HOUR))
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="", help="output folder (default: the run's folder)")
     g.add_argument("--solution", default="", help="CSV file_name,label to score the test set")
@@ -134,11 +140,57 @@ def test_windows(work: Path, prep: dict, args) -> tuple[object, pd.DataFrame, st
     return Rows(clips, wins.row, length, wins.start, win), wins, mode
 
 
+OTHER_HOP = 0.25  # seconds between two windows of --other-speech (predict.py's default hop)
+
+
+def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.ndarray,
+                  blend: dict | None, device: torch.device, batch: int) -> dict:
+    """The --other-speech recordings window by window as predict.py reads them (clip-length
+    windows every OTHER_HOP s, the quiet ones silent) with the ensemble's probabilities: probs,
+    silent, first (each recording's first window), start, end (s), hours, files, skipped
+    (path: reason).
+    Unreadable files are listed and skipped; UsageError when none is readable."""
+    cfg = load_checkpoint(paths[0]).cfg
+    frames, silent, first, start, end, seconds, good, skipped = [], [], [], [], [], 0.0, [], {}
+    for path in audio.audio_files(files):
+        try:
+            y = audio.read_audio(path, cfg.sr)
+        except audio.AudioError as e:
+            skipped[str(path)] = str(e)
+            continue
+        at, f, quiet, win = audio.recording_windows(y, cfg.sr, cfg.clip_samples, None,
+                                                    OTHER_HOP)
+        frames.append(f)
+        silent.append(quiet)
+        first.append(np.arange(len(f)) == 0)
+        start.append(np.asarray(at) / cfg.sr)
+        end.append(np.minimum(len(y), np.asarray(at) + win) / cfg.sr)
+        seconds += len(y) / cfg.sr
+        good.append(str(path))
+    if not good:
+        raise UsageError(f"--other-speech {' '.join(map(str, files))}: no readable audio ("
+                         + "; ".join(f"{p}: {why}" for p, why in skipped.items())
+                         + ") - give recordings of speech without the words, e.g. real.py "
+                           "data's openset_other.wav")
+    for path, why in skipped.items():
+        log.warning("--other-speech %s: skipped - %s", path, why)
+    probs, _ = predict_waves(paths, np.concatenate(frames), tta, device, batch,
+                             desc="other speech")
+    score = ensemble(probs, "soft", weights)[1]
+    return dict(probs=with_temperature(score, blend["temperature"]) if blend else score,
+                silent=np.concatenate(silent), first=np.concatenate(first),
+                start=np.concatenate(start), end=np.concatenate(end), hours=seconds / 3600,
+                files=good, skipped=skipped)
+
+
 def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classes: list[str],
-                args, weights: np.ndarray, blend: dict | None, out: Path) -> float | None:
+                args, weights: np.ndarray, blend: dict | None, out: Path,
+                other=None) -> float | None:
     """The reject rule's threshold where the classes hold _unknown_ or _silence_: fitted on the
     runs' OOF, blended as the test scores are (weights, temperature), for --false-accepts
-    (reject.fit_threshold), written to reject.json; None otherwise."""
+    (reject.fit_threshold), written to reject.json; None otherwise. `other()`, when given,
+    reads the --other-speech recordings (other_windows): their false accepts per hour at the
+    rule and detection at PER_HOUR go to reject.json too."""
     if not set(OPEN) & set(classes):
         return None
     if args.ensemble != "soft":
@@ -153,7 +205,17 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
     table, probs = got
     if blend:
         probs = with_temperature(probs, blend["temperature"])
-    rule = fit_threshold(probs, table.label.to_numpy(), classes, target)
+    truth = table.label.to_numpy()
+    rule = fit_threshold(probs, truth, classes, target)
+    if other is not None:
+        got = other()
+        n = int(word_segments(got, classes, [rule["threshold"]])[0])
+        rule["other_speech"] = dict(
+            files=got["files"], skipped=got["skipped"], hours=got["hours"],
+            windows=len(got["probs"]), hop=OTHER_HOP, segments=n, per_hour=n / got["hours"],
+            table=per_hour(probs, truth, classes, got).to_dict("records"))
+        log.info("other speech: %d word segments let in over %.2f h of %d recording(s) (%.1f "
+                 "per hour)", n, got["hours"], len(got["files"]), n / got["hours"])
     write_json(dict(rule, runs=runs, folds=folds, tta=tta, weights=[float(w) for w in weights],
                     temperature=blend["temperature"] if blend else 1.0), out / REJECT)
     log.info("reject rule: the best word is taken from probability %.4f (OOF: %.1f %% of %d "
@@ -183,7 +245,13 @@ def run(cfg, args) -> int:
         return predict_files(paths, args.predict, tta, args.ensemble, member_weights, device,
                              batch)
     out = Path(args.out) if args.out else Run.blend(work, runs).dir
-    threshold = reject_rule(work, runs, folds, tta, classes, args, weights, blend, out)
+    if args.other_speech and not set(OPEN) & set(classes):
+        raise UsageError(f"--other-speech counts the words the reject rule lets in: the classes "
+                         f"of {Work(work).classes_json} hold no {' or '.join(OPEN)} (preprocess.py "
+                         f"--unknown, --silence)")
+    other = None if not args.other_speech else (lambda: other_windows(
+        args.other_speech, paths, tta, member_weights, blend, device, batch))
+    threshold = reject_rule(work, runs, folds, tta, classes, args, weights, blend, out, other)
     prep = Work(work).prep()
     waves, wins, mode = test_windows(work, prep, args)
     probs, got = predict_waves(paths, waves, tta, device, batch,

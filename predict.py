@@ -8,7 +8,8 @@ does) and zero-padded to its clip length, as in training (a longer file: the mea
 clip-length windows); one line per file with the top-k labels. Recordings:
 with --window, one row per window (start, end, label, probability; label '' for windows
 --silence-db below the loudest), then the segments: consecutive windows with the same label
-and at least --min-prob merged. Unreadable and empty files are listed on stderr and skipped.
+and at least --min-prob merged, and how many word segments that makes per hour (on speech
+without the words: the false accepts per hour). Unreadable and empty files are listed on stderr and skipped.
 
 As a module: predictor.py's `Predictor("model.onnx").predict_files([...])` and
 `.windows(path, 1.0, 0.25)`.
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from audio import HOP_HELP, WINDOW_HELP, AudioError, audio_files, top_line, window_problem
-from predictor import ModelError, Predictor, segments
+from predictor import OPEN, ModelError, Predictor, segments
 
 
 def parser() -> argparse.ArgumentParser:
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
                                     for k in ("label", "p")]]
     else:
         header = ["path", "start", "end", "label", "p"]
+        heard, seconds = 0, 0.0  # word segments, and the seconds they were heard in
         for path in files:
             notes = []
             try:
@@ -112,6 +114,11 @@ def main(argv=None) -> int:
                 pred.threshold if pred.threshold is not None else 0.5
             for s, e, label, p, n in segments(win, least):
                 print(f"{path}: segment {s:.2f}-{e:.2f} s {label} ({p:.3f}, {n} windows)")
+                heard += label not in OPEN
+            seconds += win[-1][1]
+        if seconds:  # on speech without the words: the false accepts per hour
+            print(f"predict: {heard} word segments in {seconds / 60:.1f} min of audio "
+                  f"({heard * 3600 / seconds:.1f} per hour)")
     for path, reason in errors:
         print(f"{path}: skipped - {reason}", file=sys.stderr)
     if args.csv:

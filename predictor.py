@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio import file_windows, fit, per_file, predict_files, read_audio, window_starts
+from audio import file_windows, per_file, predict_files, read_audio, recording_windows
 
 
 class ModelError(ValueError):
@@ -100,17 +100,13 @@ class Predictor:
         the classes know no silence. A recording shorter than one window is one padded window
         (said in `notes`)."""
         y = read_audio(path, self.sr)
-        win = int(round((window or self.length / self.sr) * self.sr))
-        step = max(1, int(round(hop * self.sr)))
+        starts, frames, silent, win = recording_windows(y, self.sr, self.length, window, hop,
+                                                        silence_db)
         if len(y) < win and notes is not None:
             notes.append(f"{path}: {len(y) / self.sr:.2f} s, shorter than one {win / self.sr:g} s "
                          f"window: one padded window")
-        starts = window_starts(len(y), win, step)
-        frames = np.stack([fit(y[s:s + win], self.length) for s in starts])
-        level = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-20)
         probs = self.probs(frames)
         said = [self.classes.index(c) for c in decide(probs, self.classes, self.threshold)]
-        silent = level < level.max() - silence_db
         return [(s / self.sr, min(len(y), s + win) / self.sr, "" if quiet else self.classes[k],
                  1.0 if quiet else float(p[k]))
                 for s, k, p, quiet in zip(starts, said, probs, silent)]

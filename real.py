@@ -19,6 +19,10 @@ recordings of the Free Spoken Digit Dataset (FSDD), and the table of what the ru
              all 3,000 FSDD clips, the other five digits _unknown_ in openset_solution.csv (the
              model must reject them)
   openset_real.csv  the same labels on FSDD alone, one fold per speaker
+  openset_other.wav the FSDD clips of the other five digits, one after another with 0.2-0.8 s
+             of silence between them (about 24 minutes, 8 kHz; openset_other.csv: each clip's
+             start and end): speech without the words, for inference.py --other-speech (the
+             words the rule lets in per hour)
 
 FSDD names its files {digit}_{speaker}_{index}.wav (8 kHz); the label is the digit's word
 (0 zero ... 9 nine), the vocabulary of demo.py's words. preprocess.py resamples the clips to
@@ -127,11 +131,41 @@ def write_benchmark(fsdd: Path, synth: Path, out: Path, real_speaker: str,
             write_csv(solution[["file_name", "label", "speaker"]], out / f"{name}_solution.csv")
         counts[name] = dict(train=int((manifest.split == "train").sum()),
                             test=int((manifest.split == "test").sum()))
+    counts["openset_other"] = write_other_speech(real, known, out)
     noise = synth / NOISE_DIR  # the synthetic set's own background noise, beside the manifests
     link = out / NOISE_DIR
     if noise.is_dir() and not link.exists():
         link.symlink_to(noise.resolve(), target_is_directory=True)
     return counts
+
+
+OTHER_GAP = (0.2, 0.8)  # seconds of silence between two clips of openset_other.wav
+FSDD_SR = 8000
+
+
+def write_other_speech(real: pd.DataFrame, known: tuple, out: Path, seed: int = 0) -> dict:
+    """OUT/openset_other.wav: the FSDD clips of the digits outside `known` (every speaker) in
+    a shuffled order, OTHER_GAP seconds of silence between two, at the FSDD's 8 kHz; and
+    OUT/openset_other.csv: file_name, label, speaker, start, end (seconds) of each. Returns
+    its clips and seconds."""
+    import numpy as np
+    import soundfile as sf
+
+    from audio import read_audio
+
+    rng = np.random.default_rng(seed)
+    other = real[~real.label.isin(known)].sample(frac=1.0, random_state=seed)
+    parts, rows, at = [], [], 0
+    for r in other.itertuples():
+        y = read_audio(r.path, FSDD_SR)
+        gap = np.zeros(int(rng.uniform(*OTHER_GAP) * FSDD_SR), np.float32)
+        rows.append(dict(file_name=r.file_name, label=r.label, speaker=r.speaker,
+                         start=at / FSDD_SR, end=(at + len(y)) / FSDD_SR))
+        parts += [y, gap]
+        at += len(y) + len(gap)
+    sf.write(out / "openset_other.wav", np.concatenate(parts), FSDD_SR, subtype="PCM_16")
+    write_csv(pd.DataFrame(rows), out / "openset_other.csv")
+    return dict(clips=len(rows), seconds=at / FSDD_SR)
 
 
 def oof_by_group(work: Path, run: Run) -> dict:
@@ -203,8 +237,10 @@ def open_rows(work: Path, runs: list[str], target: float = 0.05) -> list[str]:
         worst = [min((v[k] for v in by.values() if v[k] is not None), default=None, key=key)
                  for k, key in (("recognised", None), ("accepted_unknown", lambda x: -x))]
         hist = read_table(run.fold(folds[0]) / HISTORY)
+        hour = rule.get("other_speech", {}).get("per_hour")
         cells = [name, fmt(score.get("recognised")), fmt(worst[0]),
-                 fmt(score.get("accepted_unknown")), fmt(worst[1]), fmt(rule["target"]),
+                 fmt(score.get("accepted_unknown")), fmt(worst[1]),
+                 "" if hour is None else f"{hour:.1f}", fmt(rule["target"]),
                  fmt(rule["oof_false_accepts"]), fmt(rule["oof_detection"]),
                  fmt(rule["threshold"]), str(len(hist)), str(len(folds)),
                  f"{sum(r.get('seconds', 0) for r in results) / 60:.1f}"]
@@ -213,8 +249,8 @@ def open_rows(work: Path, runs: list[str], target: float = 0.05) -> list[str]:
 
 
 OPEN_HEADER = ("| run | words recognised | worst speaker | others accepted | worst speaker | "
-               "target | OOF accepted | OOF recognised | threshold | epochs | folds | "
-               "train min |\n" + "| --- " * 12 + "|")
+               "per hour | target | OOF accepted | OOF recognised | threshold | epochs | folds | "
+               "train min |\n" + "| --- " * 13 + "|")
 
 
 def fmt(v) -> str:
@@ -250,7 +286,9 @@ def steps(argv) -> int:
                                  args.real_speaker, args.voices,
                                  tuple(w.strip() for w in args.known.split(",") if w.strip()))
         for name, c in counts.items():
-            print(f"{Path(args.out) / name}.csv: {c['train']} training clips, {c['test']} test")
+            print(f"{Path(args.out) / name}.wav: {c['clips']} clips one after another, "
+                  f"{c['seconds'] / 60:.1f} min" if "seconds" in c else
+                  f"{Path(args.out) / name}.csv: {c['train']} training clips, {c['test']} test")
         return 0
     if UNKNOWN in Work(args.work).classes():
         print(OPEN_HEADER)

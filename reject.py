@@ -62,13 +62,64 @@ def detection_at(probs: np.ndarray, truth: np.ndarray, classes: list[str],
                  rates=(0.01, 0.05, 0.10)) -> pd.DataFrame:
     """Each word's detection rate (and all words') at the threshold that lets in at most each
     false-accept rate of the open rows: the table a keyword user reads."""
+    return pd.DataFrame([{"false accepts <=": rate, **words_detected(
+        probs, truth, classes, fit_threshold(probs, truth, classes, rate)["threshold"])}
+        for rate in rates])
+
+
+def words_detected(probs: np.ndarray, truth: np.ndarray, classes: list[str],
+                   threshold: float) -> dict:
+    """threshold, and each word's (and all words') share recognised by the rule there."""
+    said = np.asarray(decide(probs, classes, threshold))
+    row = {"threshold": threshold}
+    for word in [c for c in classes if c not in OPEN] + ["all words"]:
+        rows = ~np.isin(truth, OPEN) if word == "all words" else truth == word
+        row[word] = float(np.mean(said[rows] == truth[rows])) if rows.any() else np.nan
+    return row
+
+
+# ----------------------------------------------------------------------------- per hour
+PER_HOUR = (0.5, 2.0, 10.0)  # the false accepts per hour of other speech the report reads at
+
+
+def word_segments(other: dict, classes: list[str], thresholds) -> np.ndarray:
+    """How many word segments predict.py would report at each threshold in recordings read
+    window by window (`other`: each window's probs, silent, first (a recording's first window),
+    start and end in seconds): each window labelled by the rule (decide; '' where silent), the
+    windows below the threshold dropped, and a window that starts before the end of the one
+    kept before it, with its label, in the same recording, joins its segment
+    (predictor.segments). On recordings that hold none of the words each is a false accept."""
+    probs, silent = other["probs"], np.asarray(other["silent"], bool)
+    start, end = np.asarray(other["start"]), np.asarray(other["end"])
+    rec = np.cumsum(other["first"])
+    is_open = np.isin(classes, OPEN)
+    word, other_best = (np.where(mask, probs, -1.0) for mask in (~is_open, is_open))
+    w, pw, o, po = word.argmax(1), word.max(1), other_best.argmax(1), other_best.max(1)
+    out = []
+    for t in thresholds:
+        took = pw >= t
+        label, p = np.where(took, w, o), np.where(took, pw, po)
+        k = np.nonzero(~silent & (p >= t))[0]
+        joins = np.r_[False, (label[k[1:]] == label[k[:-1]]) & (start[k[1:]] <= end[k[:-1]])
+                      & (rec[k[1:]] == rec[k[:-1]])]
+        out.append(int((took[k] & ~joins).sum()))
+    return np.asarray(out)
+
+
+def per_hour(probs: np.ndarray, truth: np.ndarray, classes: list[str], other: dict,
+             rates=PER_HOUR) -> pd.DataFrame:
+    """For each rate: the lowest threshold (on a 0.001 grid) from which the rule accepts at most
+    `rate` word segments per hour of the other-speech recordings (`other`: as word_segments
+    reads them, and their hours), with each word's (and all words') detection on the rows
+    `probs`/`truth` (the OOF) there: detection at fixed false accepts per hour."""
+    grid = np.round(np.arange(0, 1001) / 1000, 3)
+    count = word_segments(other, classes, grid)
+    rate_at = count / other["hours"]
     out = []
     for rate in rates:
-        t = fit_threshold(probs, truth, classes, rate)["threshold"]
-        said = np.asarray(decide(probs, classes, t))
-        row = {"false accepts <=": rate, "threshold": t}
-        for word in [c for c in classes if c not in OPEN] + ["all words"]:
-            rows = ~np.isin(truth, OPEN) if word == "all words" else truth == word
-            row[word] = float(np.mean(said[rows] == truth[rows])) if rows.any() else np.nan
-        out.append(row)
+        over = np.nonzero(rate_at > rate)[0]  # from the threshold on, never above the rate
+        k = over[-1] + 1 if len(over) else 0
+        t = float(grid[k]) if k < len(grid) else 1.0 + 1e-9
+        out.append({"false accepts per hour <=": rate, "per hour": float(rate_at[k]) if k < len(
+            grid) else 0.0, **words_detected(probs, truth, classes, t)})
     return pd.DataFrame(out)

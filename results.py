@@ -367,9 +367,16 @@ def html_reject(run: Run, table: pd.DataFrame, probs: np.ndarray, classes: list[
         f"word needs probability &ge; {point['threshold']:.4f}; on the OOF it lets in "
         f"{100 * point['oof_false_accepts']:.1f} % of {point['open_clips']} other clips and "
         f"recognises {100 * point['oof_detection']:.1f} % of {point['word_clips']} words.</p>")
+    hours = "" if point is None or "other_speech" not in point else (
+        f"<h3>Per hour of other speech</h3><p>{point['other_speech']['segments']} word segments "
+        f"let in over {point['other_speech']['hours']:.2f} h of "
+        f"{len(point['other_speech']['files'])} recording(s) read in windows (inference.py "
+        f"--other-speech): {point['other_speech']['per_hour']:.1f} per hour at the operating "
+        f"point. Detection (OOF) at fixed false accepts per hour:</p>"
+        f"{_table(pd.DataFrame(point['other_speech']['table']))}")
     return (f"<h2>Saying none of these: detection against false accepts</h2>{said}"
             f'<img class="fig" src="{det}" alt="DET curve">'
-            f"{_table(detection_at(probs, truth, classes))}")
+            f"{_table(detection_at(probs, truth, classes))}{hours}")
 
 
 def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:

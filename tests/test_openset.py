@@ -12,7 +12,7 @@ import pytest
 
 from conftest import TINY, refused, run_script
 from predictor import OPEN, decide
-from reject import det_curve, detection_at, fit_threshold, outcomes
+from reject import det_curve, detection_at, fit_threshold, outcomes, per_hour, word_segments
 
 CLASSES = ["_silence_", "_unknown_", "down", "go", "up"]
 
@@ -72,6 +72,60 @@ def test_decide_takes_the_best_word_at_its_threshold_else_the_more_probable_othe
 
 
 # ----------------------------------------------------------------------------- preprocess
+def reference_segments(probs, silent, first, start, end, threshold) -> int:
+    """Word segments as predict.py finds them: decide's labels window by window ('' where
+    silent), merged by predictor.segments, the words among them counted."""
+    from predictor import segments
+
+    total, bounds = 0, list(np.nonzero(first)[0]) + [len(probs)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        said = decide(probs[a:b], CLASSES, threshold)
+        rows = [(start[a + i], end[a + i], "" if silent[a + i] else s,
+                 1.0 if silent[a + i] else float(probs[a + i, CLASSES.index(s)]))
+                for i, s in enumerate(said)]
+        total += sum(label not in OPEN for _, _, label, _, _ in segments(rows, threshold))
+    return total
+
+
+def test_word_segments_are_predict_s_segments_at_every_threshold():
+    probs, _ = random_probs(400, 3)
+    rng = np.random.default_rng(4)
+    silent = rng.random(400) < 0.1
+    first = np.zeros(400, bool)
+    first[[0, 150, 151, 300]] = True  # four recordings, one of a single window
+    probs[150] = probs[149]  # a word running across two recordings
+    at = np.arange(400) - np.maximum.accumulate(np.where(first, np.arange(400), 0))
+    start, end = at * 0.25, at * 0.25 + 1.0  # 1 s windows every 0.25 s
+    end[299] = start[299] + 0.6  # a recording's last window stops short
+    thresholds = [0.0, 0.2, 0.35, 0.5, 0.7, 0.9, 1.01]
+    got = word_segments(dict(probs=probs, silent=silent, first=first, start=start, end=end),
+                        CLASSES, thresholds)
+    want = [reference_segments(probs, silent, first, start, end, t) for t in thresholds]
+    assert list(got) == want and want[0] > want[3] > want[-1] == 0
+
+
+def test_detection_per_hour_is_read_at_the_lowest_threshold_that_stays_under_the_rate():
+    probs, truth = random_probs(500, 5)
+    other, _ = random_probs(2000, 6)
+    first = np.zeros(2000, bool)
+    first[[0, 1000]] = True
+    at = np.arange(2000) % 1000 * 0.25
+    got = dict(probs=other, silent=np.zeros(2000, bool), first=first, start=at, end=at + 1,
+               hours=0.5)
+    table = per_hour(probs, truth, CLASSES, got, rates=(10.0, 100.0, 1000.0))
+    grid = np.round(np.arange(0, 1001) / 1000, 3)
+    counts = word_segments(got, CLASSES, grid) / 0.5
+    for row in table.itertuples(index=False):
+        rate, t = row[0], row.threshold
+        assert row[1] == pytest.approx(counts[grid >= t - 1e-9][0]) and row[1] <= rate
+        assert (counts[grid >= t - 1e-9] <= rate).all()  # and never above it from there on
+        assert t == 0 or counts[np.isclose(grid, t - 0.001)][0] > rate  # the lowest such
+        assert table.loc[table.threshold == t, "all words"].iloc[0] == pytest.approx(
+            outcomes(probs, truth, CLASSES, t)[1])
+    assert table.threshold.is_monotonic_decreasing and table.threshold.iloc[-1] < \
+        table.threshold.iloc[0]
+
+
 def labels_of(data) -> list[str]:
     return sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
 
@@ -147,13 +201,23 @@ def test_a_folder_of_other_speech_joins_as_unknown(demo_data, tmp_path):
 
 # ----------------------------------------------------------------------------- train -> export
 @pytest.fixture(scope="module")
-def open_run(open_work) -> dict:
+def open_run(open_work, tmp_path_factory) -> dict:
+    """The open set trained (2 folds), and inference with a recording of other speech (the
+    unknown words' clips one after another) and a damaged file beside it."""
+    import soundfile as sf
+
     work, data = open_work["work"], open_work["data"]
+    talk = tmp_path_factory.mktemp("other") / "talk.wav"
+    clips = [sf.read(p, dtype="float32")[0] for w in open_work["unknown"]
+             for p in sorted((data / "train" / w).glob("*.wav"))[:8]]
+    sf.write(talk, np.concatenate([np.r_[c, np.zeros(4800, np.float32)] for c in clips]), 16000)
+    (talk.parent / "broken.wav").write_bytes(b"RIFF\x00\x01not a wave")
     run_script("train.py", "--work", work, *TINY, "-e", 2, "-f", "all", "-g", "cpu,cpu",
                "--unknown-share", 0.1)
     run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32, "-f", 2, "-a", "n",
-               "--false-accepts", 0.2, "--solution", data / "solution.csv")
-    return dict(open_work, run=work / "runs" / "resnet18_32")
+               "--false-accepts", 0.2, "--solution", data / "solution.csv",
+               "--other-speech", talk, talk.parent / "broken.wav")
+    return dict(open_work, run=work / "runs" / "resnet18_32", talk=talk)
 
 
 def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
@@ -177,6 +241,21 @@ def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
     assert score["recognised"] == pytest.approx(np.mean(sub.label[~others] == truth[~others]))
     html = (run / "report.html").read_text()
     assert "Saying none of these" in html and f"{rule['threshold']:.4f}" in html
+    # the recording of other speech: read in 1 s windows every 0.25 s, the damaged file listed
+    import soundfile as sf
+
+    from audio import window_starts
+
+    other, n = rule["other_speech"], sf.info(open_run["talk"]).frames
+    assert other["files"] == [str(open_run["talk"])] and other["hop"] == 0.25
+    assert list(other["skipped"]) == [str(open_run["talk"].parent / "broken.wav")]
+    assert "not audio" in other["skipped"][str(open_run["talk"].parent / "broken.wav")]
+    assert other["hours"] == pytest.approx(n / 16000 / 3600)
+    assert other["windows"] == len(window_starts(n, 16000, 4000))
+    assert other["per_hour"] == pytest.approx(other["segments"] / other["hours"])
+    for row in other["table"]:
+        assert row["per hour"] <= row["false accepts per hour <="]
+    assert "Per hour of other speech" in html and f"{other['per_hour']:.1f} per hour" in html
 
 
 def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_path):
@@ -201,6 +280,13 @@ def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_
     graph = [classes[i] if i >= 0 else "_unknown_" for i in said]
     agree = np.mean(np.asarray(graph) == sub.label.to_numpy())
     assert agree >= 0.98, agree  # float32 graph vs inference's probabilities at the edge
+    # the recording of other speech: predict.py lets in the word segments inference.py counted
+    proc = run_script("predict.py", out, open_run["talk"], "--hop", 0.25)
+    said = json.loads((run / "reject.json").read_text())["other_speech"]
+    heard = int(proc.stdout.strip().splitlines()[-1].split("predict: ")[1].split()[0])
+    assert abs(heard - said["segments"]) <= 1  # float32 graph vs torch at the threshold's edge
+    assert heard == sum(" segment " in line and "_unknown_" not in line and "_silence_" not in
+                        line for line in proc.stdout.splitlines())
     csv = tmp_path / "p.csv"
     run_script("predict.py", out, *files, "--csv", csv)
     got = pd.read_csv(csv)
@@ -226,6 +312,14 @@ def test_the_rule_is_refused_where_it_does_not_fit(open_run, tmp_path):
                                             tmp_path / "a.onnx")
     assert "was fitted for runs" in refused("export.py", *base, "-f", 2, "--weights", 2,
                                             "--out", tmp_path / "a.onnx")
+    assert "nowhere.wav: file not found" in refused(
+        "inference.py", *base, "-g", -1, "-f", 2, "--other-speech", tmp_path / "nowhere.wav")
+    shut = tmp_path / "closed"  # the same runs, where the classes hold no _unknown_/_silence_
+    shutil.copytree(work, shut)
+    (shut / "classes.json").write_text(json.dumps(open_run["words"]))
+    assert "hold no _unknown_ or _silence_" in refused(
+        "inference.py", "--work", shut, "--run", "resnet18_32", "-a", "n", "-g", -1, "-f", 2,
+        "--other-speech", open_run["talk"])
     keep = (run / "reject.json").read_text()
     try:
         (run / "reject.json").write_text(keep[:40])

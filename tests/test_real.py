@@ -270,6 +270,20 @@ def test_benchmark_manifests_hold_fsdd_as_the_test_set(benchmark):
     assert (sol.label == "_unknown_").sum() == 1500 and set(sol.label) == set(opened.label)
     real_open = pd.read_csv(bench / "openset_real.csv")
     assert (real_open.fold == real_.fold).all() and (real_open.label == "_unknown_").sum() == 1500
+    # the long recording of other speech: the other five digits' clips one after another, as
+    # its table says, and nothing between them
+    other = pd.read_csv(bench / "openset_other.csv")
+    assert len(other) == 1500 and not other.label.isin(known).any()
+    assert other.file_name.nunique() == 1500 and other.speaker.nunique() == 6
+    y, sr = sf.read(bench / "openset_other.wav")
+    assert sr == 8000
+    gaps = other.start.to_numpy()[1:] - other.end.to_numpy()[:-1]
+    assert gaps.min() >= 0.2 - 1e-3 and gaps.max() <= 0.8 and len(y) / sr > other.end.max()
+    for r in other.sample(3, random_state=0).itertuples():
+        clip, _ = sf.read(FSDD / r.file_name)
+        at = int(round(r.start * sr))
+        assert np.abs(y[at:at + len(clip)] - clip).max() < 1e-3  # the clip itself, at its start
+        assert not y[int(round(r.end * sr)) + 1:int(round(r.end * sr)) + int(0.2 * sr) - 1].any()
 
 
 @needs_fsdd
