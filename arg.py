@@ -227,8 +227,9 @@ class Config:
                          choices=("16", "bf16", "32"))
     tta: str = opt("n", "test-time augmentation: the clip + 4 views (shift +-10%, gain +-5 dB) "
                    "averaged; train.py: for an extra out-of-fold file, inference.py and "
-                   "export.py: for the test predictions", "run", ("-a", "--tta"),
-                   choices=("y", "n"), jobs=("train", "inference", "export"))
+                   "export.py: for the test predictions, bench.py: --sections reject's",
+                   "run", ("-a", "--tta"), choices=("y", "n"),
+                   jobs=("train", "inference", "export", "bench"))
     run: str = opt("", "run name; default MODEL_SIZE", "run",
                    jobs=("train", "pretrain", "inference", "export", "report", "bench"))
     resume: bool = opt(False, "continue from the fold's last.ckpt (same settings, see README)",

@@ -6,6 +6,7 @@ that measured them; their code is not kept here.)
     python bench.py --work WORK --sections augment,speech,ssl,codec
     python bench.py --work WORK --sections onnx --run RUN           # RUN's folds, exported
     python bench.py --sections scale,crops                         # make their own data
+    python bench.py --work WORK --sections reject --run RUN --solution S.csv -a y
 
 step: a training step of AudioNet (model.AudioClassifier's network: front end, backbone,
 head; its public methods) for resnet18 at 64x64 and res2next50 at -t, split into the front end
@@ -21,7 +22,9 @@ crops: training batches read from generated caches: 1-s clips, and random 1-s cr
 recordings. scale: demo data of each --scale-sizes, then preprocess, an epoch and inference,
 each timed with its peak memory. onnx: RUN's folds exported with TTA: ONNX Runtime beside
 PyTorch, labels alone (the `probs` output) beside labels and embedding (both outputs), and
-the cold start of predict.py beside inference.py --predict.
+the cold start of predict.py beside inference.py --predict. reject: the reject rule's score
+on RUN (classes with _unknown_/_silence_): the best word's probability beside the energy of
+the word logits, plain and temperature-scaled, each fitted on the OOF and read on the test.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import soundfile as sf
 import torch
 import torch.nn.functional as F
@@ -379,6 +383,91 @@ def pruners_section(args) -> None:
               f"best trial {'kept' if got['best_kept'] else 'PRUNED'}")
 
 
+REJECT_TARGETS = (0.05, 0.10, 0.20)
+
+
+def view_logits(path: Path, waves, views: dict, device, batch: int):
+    """(mean of the views' logits (N, C), mean of their probabilities (N, C)) of one
+    checkpoint over `waves` (an array or cache.Rows)."""
+    from ensemble import load_checkpoint
+
+    model, logits, probs = load_checkpoint(path, device), [], []
+    with torch.no_grad():
+        for i in range(0, len(waves), batch):
+            wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
+            z = torch.stack([model.net(wave, fn) for fn in views.values()]).float()
+            logits.append(z.mean(0).cpu().numpy())
+            probs.append(z.softmax(-1).mean(0).cpu().numpy())
+    return np.concatenate(logits), np.concatenate(probs)
+
+
+def reject_section(args, device) -> None:
+    """Which score the reject rule should threshold, on RUN (classes with _unknown_ or
+    _silence_): the best word's probability (the rule inference.py fits), the energy of the
+    word logits (logsumexp, higher: more a word) and that energy at a temperature fitted on
+    the OOF (min. log-loss). Each threshold is fitted on the OOF for REJECT_TARGETS and read on
+    the test set (--solution, else test.csv's labels): the false accepts it aimed at against
+    those it gets, and the words recognised. Logits: each fold's views (-a) averaged, the folds'
+    logits averaged on the test set."""
+    from scipy.special import logsumexp
+
+    from cache import Rows
+    from predictor import OPEN
+    from reject import det_curve, fit_threshold
+    from runs import OOF
+    from submission import test_truth
+    from transform import tta_views
+
+    if not args.run:
+        raise UsageError("--sections reject needs --run RUN (a run with _unknown_/_silence_)")
+    work, classes = Path(args.work), Work(args.work).classes()
+    if not set(OPEN) & set(classes):
+        raise UsageError(f"--sections reject: the classes of {Work(work).classes_json} hold no "
+                         f"{' or '.join(OPEN)}: no reject rule to compare")
+    test = read_table(Work(work).test_csv)
+    truth, _ = test_truth(test, args.solution, classes)
+    if truth is None:
+        raise UsageError("--sections reject reads the test set's true labels: give --solution "
+                         "CSV (file_name,label)")
+    folds = {k: d for k, d in Run(work, args.run).folds().items() if (d / OOF).is_file()}
+    if not folds:
+        raise UsageError(f"--sections reject: run {args.run} has no fold with its {OOF}")
+    cfg, views = Config(**{k: v for k, v in Work(work).prep().items() if k in ("sr", "seconds")}), \
+        tta_views(args.tta == "y")
+    oof = pd.concat([read_table(d / OOF) for d in folds.values()])
+    got = [view_logits(d / "best.ckpt", Rows(Clips.of(work, "train"), read_table(d / OOF).row,
+                                             cfg.clip_samples), views, device, 128)
+           for d in folds.values()]
+    oof_z, oof_p = (np.concatenate([g[i] for g in got]) for i in (0, 1))
+    tests = [view_logits(d / "best.ckpt", Rows(Clips.of(work, "test"), np.arange(len(test)),
+                                               cfg.clip_samples), views, device, 128)
+             for d in folds.values()]
+    test_z, test_p = (np.mean([t[i] for t in tests], 0) for i in (0, 1))
+    y = oof.label.map(classes.index).to_numpy()
+    temps = np.exp(np.linspace(np.log(0.2), np.log(5.0), 49))
+    nll = [-np.mean((oof_z / t - logsumexp(oof_z / t, 1, keepdims=True))[np.arange(len(y)), y])
+           for t in temps]
+    t_fit = float(temps[int(np.argmin(nll))])
+    words = ~np.isin(classes, OPEN)
+    scores = {"best word's probability": (None, None),
+              "word energy (T=1)": (logsumexp(oof_z[:, words], 1), logsumexp(test_z[:, words], 1)),
+              f"word energy (T={t_fit:.2f}, fitted)": (
+                  t_fit * logsumexp(oof_z[:, words] / t_fit, 1),
+                  t_fit * logsumexp(test_z[:, words] / t_fit, 1))}
+    print(f"reject: {args.run}, {len(folds)} fold(s), {len(views)} view(s); OOF {len(oof)} clips, "
+          f"test {len(test)}")
+    print("| score | target | OOF accepted | OOF recognised | test accepted | test recognised |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    for name, (s_oof, s_test) in scores.items():
+        curve = det_curve(test_p, truth, classes, s_test)
+        for target in REJECT_TARGETS:
+            rule = fit_threshold(oof_p, oof.label.to_numpy(), classes, target, s_oof)
+            at = curve.iloc[min(int(np.searchsorted(curve.threshold, rule["threshold"])),
+                                len(curve) - 1)]  # the last row accepts nothing
+            print(f"| {name} | {target:.2f} | {rule['oof_false_accepts']:.4f} | "
+                  f"{rule['oof_detection']:.4f} | {at.false_accepts:.4f} | {at.detection:.4f} |")
+
+
 SECTIONS = {"step": step_section, "augment": augment_section, "codec": codec_section,
             "speech": speech_section, "ssl": ssl_section}
 
@@ -387,7 +476,8 @@ def steps(argv) -> int:
     p = make_parser(__doc__.split("\n")[0], "bench")
     p.add_argument("--clips", type=int, default=512, help="clips per measurement")
     p.add_argument("--sections", default="step,augment",
-                   help=f"comma-separated: {', '.join(SECTIONS)}, onnx, crops, scale, pruners")
+                   help=f"comma-separated: {', '.join(SECTIONS)}, onnx, crops, scale, pruners, "
+                        f"reject")
     p.add_argument("--replay-study", default="",
                    help="pruners: the tune.py study to replay (made with --pruner none)")
     p.add_argument("--replay-startup", type=int, default=4,
@@ -395,12 +485,16 @@ def steps(argv) -> int:
     p.add_argument("--scale-sizes", default="6000,60000",
                    help="scale: training clips of each generated set")
     p.add_argument("--scale-dir", default="work/scale", help="scale: where the sets go")
+    p.add_argument("--solution", default="",
+                   help="reject: the test set's true labels, CSV file_name,label (default: "
+                        "test.csv's)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
     args.work, args.size, args.batch_size, args.run = cfg.work, cfg.size, cfg.batch_size, cfg.run
+    args.tta = cfg.tta
     sections = args.sections.split(",")
-    unknown = set(sections) - {*SECTIONS, "onnx", "crops", "scale", "pruners"}
+    unknown = set(sections) - {*SECTIONS, "onnx", "crops", "scale", "pruners", "reject"}
     if unknown:
         p.error(f"--sections: no section {', '.join(sorted(unknown))}")
     if "scale" in sections:  # make their own data: need no --work
@@ -412,6 +506,10 @@ def steps(argv) -> int:
     if not set(sections) - {"scale", "crops", "pruners"}:
         return 0
     device = torch_device(cfg.gpus)
+    if "reject" in sections:  # reads RUN's checkpoints and clips
+        reject_section(args, device)
+    if not set(sections) - {"scale", "crops", "pruners", "reject"}:
+        return 0
     torch.set_num_threads(os.cpu_count() or 1)
     waves, said = training_clips(args.work, min(args.clips, len(Clips.of(args.work, "train"))))
     print(f"# {len(waves)} clips of {said}, t={args.size}, batch {args.batch_size}, "

@@ -29,27 +29,30 @@ def outcomes(probs: np.ndarray, truth: np.ndarray, classes: list[str], threshold
     return fa, det
 
 
-def det_curve(probs: np.ndarray, truth: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def det_curve(probs: np.ndarray, truth: np.ndarray, classes: list[str],
+              score: np.ndarray | None = None) -> pd.DataFrame:
     """threshold, false_accepts, detection (and miss = 1 - detection) at every threshold the
-    rows make (each row's best word's probability), lowest first: `outcomes` at each, counted
-    at once (a row's best word is accepted from its probability down)."""
+    rows make (each row's best word's probability, or its `score` where given: bench.py's
+    energy), lowest first: `outcomes` at each, counted at once (a row's best word is accepted
+    from its score down)."""
     words = ~np.isin(classes, OPEN)
     scores = np.where(words, probs, -1.0)
-    top, p = np.asarray(classes)[scores.argmax(1)], scores.max(1)
+    top, p = np.asarray(classes)[scores.argmax(1)], scores.max(1) if score is None else score
     open_rows = np.isin(truth, OPEN)
     let_in = np.sort(p[open_rows])
     right = np.sort(p[~open_rows & (top == truth)])
-    t = np.unique(np.concatenate([[0.0], p, [1.0 + 1e-9]]))
+    t = np.unique(np.concatenate([[min(0.0, p.min(initial=0.0))], p,
+                                  [max(1.0, p.max(initial=1.0)) + 1e-9]]))
     fa = (len(let_in) - np.searchsorted(let_in, t)) / max(1, int(open_rows.sum()))
     det = (len(right) - np.searchsorted(right, t)) / max(1, int((~open_rows).sum()))
     return pd.DataFrame({"threshold": t, "false_accepts": fa, "detection": det, "miss": 1 - det})
 
 
 def fit_threshold(probs: np.ndarray, truth: np.ndarray, classes: list[str],
-                  target: float) -> dict:
+                  target: float, score: np.ndarray | None = None) -> dict:
     """The lowest threshold whose OOF false accepts are at most `target`, with its false
-    accepts and detection on the OOF."""
-    curve = det_curve(probs, truth, classes)
+    accepts and detection on the OOF (of the best word's probability, or of `score`)."""
+    curve = det_curve(probs, truth, classes, score)
     ok = curve[curve.false_accepts <= target]
     best = ok.iloc[0] if len(ok) else curve.iloc[-1]
     return dict(score="best word's probability", threshold=float(best.threshold), target=target,

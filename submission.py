@@ -21,16 +21,10 @@ from util import UsageError, atomic_write, probs_frame, read_table, write_csv, w
 log = logging.getLogger(__name__)
 
 
-def score_test(test: pd.DataFrame, score: np.ndarray, classes: list[str], solution: str | None,
-               out: Path, how: str, labels=None) -> dict | None:
-    """Test accuracy of the scores (N, classes) against --solution (or test.csv's labels), and
-    per value of any other column of the solution (demo.py --preset shift writes `domain`,
-    real.py `speaker`) -> test_score.json; None without true labels. Where the true labels are
-    fewer than the classes (the ten digits of real.py's benchmark among 30 words), the same
-    again with the most probable of the true labels' classes (`accuracy_within`, `by_within`).
-    `labels`, what the submission says (a reject rule's, predictor.decide): with true
-    _unknown_ / _silence_ rows, `recognised` (the words said right) and `accepted_unknown` (the
-    others taken for a word), and per solution column."""
+def test_truth(test: pd.DataFrame, solution: str | None, classes: list[str]):
+    """(each test row's true label, {solution column: its values}) from --solution (or
+    test.csv's labels); (None, {}) where a row has none. Where the classes hold _unknown_, a
+    word the model was not taught is _unknown_: one it should reject."""
     truth, groups = None, {}
     if solution:
         if not Path(solution).is_file():
@@ -41,10 +35,26 @@ def score_test(test: pd.DataFrame, score: np.ndarray, classes: list[str], soluti
     elif "label" in test and (test.label != "").all():
         truth = test.label
     if truth is None or truth.isna().any():
-        return None
+        return None, {}
     truth = truth.to_numpy()
-    if set(OPEN) & set(classes):  # a word the model was not taught is one it should reject
+    if set(OPEN) & set(classes):
         truth = np.where(np.isin(truth, classes), truth, OPEN[0])
+    return truth, groups
+
+
+def score_test(test: pd.DataFrame, score: np.ndarray, classes: list[str], solution: str | None,
+               out: Path, how: str, labels=None) -> dict | None:
+    """Test accuracy of the scores (N, classes) against --solution (or test.csv's labels), and
+    per value of any other column of the solution (demo.py --preset shift writes `domain`,
+    real.py `speaker`) -> test_score.json; None without true labels. Where the true labels are
+    fewer than the classes (the ten digits of real.py's benchmark among 30 words), the same
+    again with the most probable of the true labels' classes (`accuracy_within`, `by_within`).
+    `labels`, what the submission says (a reject rule's, predictor.decide): with true
+    _unknown_ / _silence_ rows, `recognised` (the words said right) and `accepted_unknown` (the
+    others taken for a word), and per solution column."""
+    truth, groups = test_truth(test, solution, classes)
+    if truth is None:
+        return None
 
     def scored(cols: list[int], suffix: str) -> dict:
         right = truth == np.asarray(classes)[np.asarray(cols)[score[:, cols].argmax(1)]]

@@ -342,3 +342,28 @@ def test_the_open_set_table_reads_the_test_and_the_rule(open_run):
     assert float(cells["others accepted"]) == pytest.approx(score["accepted_unknown"], abs=1e-4)
     assert float(cells["target"]) == 0.2 and float(cells["threshold"]) == pytest.approx(
         rule["threshold"], abs=1e-4)
+
+
+def test_bench_compares_the_reject_scores_and_its_probability_row_is_inference_s(open_run,
+                                                                               tmp_path):
+    work, run = open_run["work"], open_run["run"]
+    base = ["--work", work, "--run", "resnet18_32", "--sections", "reject", "-g", -1, "-a", "n"]
+    proc = run_script("bench.py", *base, "--solution", open_run["data"] / "solution.csv")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    table = pd.DataFrame(rows, columns=["score", "target", "oof_fa", "oof_det", "fa", "det"])
+    assert len(table) == 9 and table.score.nunique() == 3
+    rule = json.loads((run / "reject.json").read_text())
+    score = json.loads((run / "test_score.json").read_text())
+    prob = table[(table.score == "best word's probability") & (table.target == "0.20")].iloc[0]
+    assert float(prob.oof_fa) == pytest.approx(rule["oof_false_accepts"], abs=1e-4)
+    assert float(prob.oof_det) == pytest.approx(rule["oof_detection"], abs=1e-4)
+    assert float(prob.fa) == pytest.approx(score["accepted_unknown"], abs=1e-4)
+    assert float(prob.det) == pytest.approx(score["recognised"], abs=1e-4)
+    assert (table.oof_fa.astype(float) <= table.target.astype(float)).all()
+    assert "needs --run RUN" in refused("bench.py", "--work", work, *base[4:])
+    assert "give --solution" in refused("bench.py", *base)
+    shut = tmp_path / "closed"
+    shutil.copytree(work, shut, ignore=shutil.ignore_patterns("*_wave.npy"))
+    (shut / "classes.json").write_text(json.dumps(open_run["words"]))
+    assert "no reject rule to compare" in refused("bench.py", "--work", shut, *base[2:])
