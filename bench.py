@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import pandas as pd
 import soundfile as sf
 import torch
 import torch.nn.functional as F
@@ -383,89 +382,18 @@ def pruners_section(args) -> None:
               f"best trial {'kept' if got['best_kept'] else 'PRUNED'}")
 
 
-REJECT_TARGETS = (0.05, 0.10, 0.20)
-
-
-def view_logits(path: Path, waves, views: dict, device, batch: int):
-    """(mean of the views' logits (N, C), mean of their probabilities (N, C)) of one
-    checkpoint over `waves` (an array or cache.Rows)."""
-    from ensemble import load_checkpoint
-
-    model, logits, probs = load_checkpoint(path, device), [], []
-    with torch.no_grad():
-        for i in range(0, len(waves), batch):
-            wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
-            z = torch.stack([model.net(wave, fn) for fn in views.values()]).float()
-            logits.append(z.mean(0).cpu().numpy())
-            probs.append(z.softmax(-1).mean(0).cpu().numpy())
-    return np.concatenate(logits), np.concatenate(probs)
-
-
 def reject_section(args, device) -> None:
-    """Which score the reject rule should threshold, on RUN (classes with _unknown_ or
-    _silence_): the best word's probability (the rule inference.py fits), the energy of the
-    word logits (logsumexp, higher: more a word) and that energy at a temperature fitted on
-    the OOF (min. log-loss). Each threshold is fitted on the OOF for REJECT_TARGETS and read on
-    the test set (--solution, else test.csv's labels): the false accepts it aimed at against
-    those it gets, and the words recognised. Logits: each fold's views (-a) averaged, the folds'
-    logits averaged on the test set."""
-    from scipy.special import logsumexp
-
-    from cache import Rows
-    from predictor import OPEN
-    from reject import det_curve, fit_threshold
-    from runs import OOF
-    from submission import test_truth
-    from transform import tta_views
+    """Which score the reject rule should threshold, on RUN: ensemble.compare_run."""
+    from ensemble import compare_run
 
     if not args.run:
         raise UsageError("--sections reject needs --run RUN (a run with _unknown_/_silence_)")
-    work, classes = Path(args.work), Work(args.work).classes()
-    if not set(OPEN) & set(classes):
-        raise UsageError(f"--sections reject: the classes of {Work(work).classes_json} hold no "
-                         f"{' or '.join(OPEN)}: no reject rule to compare")
-    test = read_table(Work(work).test_csv)
-    truth, _ = test_truth(test, args.solution, classes)
-    if truth is None:
-        raise UsageError("--sections reject reads the test set's true labels: give --solution "
-                         "CSV (file_name,label)")
-    folds = {k: d for k, d in Run(work, args.run).folds().items() if (d / OOF).is_file()}
-    if not folds:
-        raise UsageError(f"--sections reject: run {args.run} has no fold with its {OOF}")
-    cfg, views = Config(**{k: v for k, v in Work(work).prep().items() if k in ("sr", "seconds")}), \
-        tta_views(args.tta == "y")
-    oof = pd.concat([read_table(d / OOF) for d in folds.values()])
-    got = [view_logits(d / "best.ckpt", Rows(Clips.of(work, "train"), read_table(d / OOF).row,
-                                             cfg.clip_samples), views, device, 128)
-           for d in folds.values()]
-    oof_z, oof_p = (np.concatenate([g[i] for g in got]) for i in (0, 1))
-    tests = [view_logits(d / "best.ckpt", Rows(Clips.of(work, "test"), np.arange(len(test)),
-                                               cfg.clip_samples), views, device, 128)
-             for d in folds.values()]
-    test_z, test_p = (np.mean([t[i] for t in tests], 0) for i in (0, 1))
-    y = oof.label.map(classes.index).to_numpy()
-    temps = np.exp(np.linspace(np.log(0.2), np.log(5.0), 49))
-    nll = [-np.mean((oof_z / t - logsumexp(oof_z / t, 1, keepdims=True))[np.arange(len(y)), y])
-           for t in temps]
-    t_fit = float(temps[int(np.argmin(nll))])
-    words = ~np.isin(classes, OPEN)
-    scores = {"best word's probability": (None, None),
-              "word energy (T=1)": (logsumexp(oof_z[:, words], 1), logsumexp(test_z[:, words], 1)),
-              f"word energy (T={t_fit:.2f}, fitted)": (
-                  t_fit * logsumexp(oof_z[:, words] / t_fit, 1),
-                  t_fit * logsumexp(test_z[:, words] / t_fit, 1))}
-    print(f"reject: {args.run}, {len(folds)} fold(s), {len(views)} view(s); OOF {len(oof)} clips, "
-          f"test {len(test)}")
-    print("| score | target | OOF accepted | OOF recognised | test accepted | test recognised |\n"
-          "| --- | --- | --- | --- | --- | --- |")
-    for name, (s_oof, s_test) in scores.items():
-        curve = det_curve(test_p, truth, classes, s_test)
-        for target in REJECT_TARGETS:
-            rule = fit_threshold(oof_p, oof.label.to_numpy(), classes, target, s_oof)
-            at = curve.iloc[min(int(np.searchsorted(curve.threshold, rule["threshold"])),
-                                len(curve) - 1)]  # the last row accepts nothing
-            print(f"| {name} | {target:.2f} | {rule['oof_false_accepts']:.4f} | "
-                  f"{rule['oof_detection']:.4f} | {at.false_accepts:.4f} | {at.detection:.4f} |")
+    table, said = compare_run(Path(args.work), args.run, args.solution, args.tta == "y", device)
+    print(f"reject: {said}")
+    print("| " + " | ".join(table.columns) + " |\n" + "| --- " * len(table.columns) + "|")
+    for row in table.itertuples(index=False):
+        print("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row)
+              + " |")
 
 
 SECTIONS = {"step": step_section, "augment": augment_section, "codec": codec_section,
@@ -485,9 +413,7 @@ def steps(argv) -> int:
     p.add_argument("--scale-sizes", default="6000,60000",
                    help="scale: training clips of each generated set")
     p.add_argument("--scale-dir", default="work/scale", help="scale: where the sets go")
-    p.add_argument("--solution", default="",
-                   help="reject: the test set's true labels, CSV file_name,label (default: "
-                        "test.csv's)")
+    p.add_argument("--solution", default="", help="CSV file_name,label to score the test set")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()

@@ -12,10 +12,13 @@ export.py puts it in the model, where predict.py applies it.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from predictor import OPEN, decide
+from util import UsageError
 
 
 def outcomes(probs: np.ndarray, truth: np.ndarray, classes: list[str], threshold: float):
@@ -126,3 +129,60 @@ def per_hour(probs: np.ndarray, truth: np.ndarray, classes: list[str], other: di
         out.append({"false accepts per hour <=": rate, "per hour": float(rate_at[k]) if k < len(
             grid) else 0.0, **words_detected(probs, truth, classes, t)})
     return pd.DataFrame(out)
+
+
+# ----------------------------------------------------------------------------- which score
+def word_energy(logits: np.ndarray, classes: list[str], t: float = 1.0) -> np.ndarray:
+    """t * logsumexp(word logits / t): high where some word is strongly heard (the energy
+    score of out-of-distribution detection, on the words alone)."""
+    z = logits[:, ~np.isin(classes, OPEN)] / t
+    top = z.max(1)
+    return t * (top + np.log(np.exp(z - top[:, None]).sum(1)))
+
+
+def compare_scores(oof: dict, test: dict, classes: list[str], temperature: float,
+                   targets=(0.05, 0.10, 0.20)) -> pd.DataFrame:
+    """The rule's threshold fitted on `oof` (logits, probs, truth) for each target with each
+    score (the best word's probability: the rule used; the word energy at T = 1 and at
+    `temperature`), and what it gives on `test`: the false accepts aimed at against those
+    got, and the words recognised (bench.py --sections reject)."""
+    scores = {"best word's probability": (None, None),
+              "word energy (T=1)": (word_energy(oof["logits"], classes),
+                                    word_energy(test["logits"], classes)),
+              f"word energy (T={temperature:.2f})": (
+                  word_energy(oof["logits"], classes, temperature),
+                  word_energy(test["logits"], classes, temperature))}
+    rows = []
+    for name, (s_oof, s_test) in scores.items():
+        curve = det_curve(test["probs"], test["truth"], classes, s_test)
+        for target in targets:
+            rule = fit_threshold(oof["probs"], oof["truth"], classes, target, s_oof)
+            at = curve.iloc[min(int(np.searchsorted(curve.threshold, rule["threshold"])),
+                                len(curve) - 1)]  # the last row accepts nothing
+            rows.append({"score": name, "target": target,
+                         "OOF accepted": rule["oof_false_accepts"],
+                         "OOF recognised": rule["oof_detection"],
+                         "test accepted": float(at.false_accepts),
+                         "test recognised": float(at.detection)})
+    return pd.DataFrame(rows)
+
+
+def test_truth(test: pd.DataFrame, solution: str | None, classes: list[str]):
+    """(each test row's true label, {solution column: its values}) from --solution (or
+    test.csv's labels); (None, {}) where a row has none. Where the classes hold _unknown_, a
+    word the model was not taught is _unknown_: one it should reject."""
+    truth, groups = None, {}
+    if solution:
+        if not Path(solution).is_file():
+            raise UsageError(f"--solution {solution}: no such file")
+        sol = pd.read_csv(solution, dtype=str, keep_default_na=False).set_index("file_name")
+        truth = test.file_name.map(sol.label)
+        groups = {c: test.file_name.map(sol[c]) for c in sol.columns if c != "label"}
+    elif "label" in test and (test.label != "").all():
+        truth = test.label
+    if truth is None or truth.isna().any():
+        return None, {}
+    truth = truth.to_numpy()
+    if set(OPEN) & set(classes):
+        truth = np.where(np.isin(truth, classes), truth, OPEN[0])
+    return truth, groups
