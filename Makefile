@@ -53,7 +53,7 @@ install: $(STAMP) $(KOKORO_JS)
 kokoro: $(KOKORO_JS)
 
 test: $(STAMP) $(KOKORO_JS)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(BIN)/python demo.py --out $(DEMO_DATA)
