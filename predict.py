@@ -9,7 +9,8 @@ clip-length windows); one line per file with the top-k labels. Recordings:
 with --window, one row per window (start, end, label, probability; label '' for windows
 --silence-db below the loudest), then the segments: consecutive windows with the same label
 and at least --min-prob merged, and how many word segments that makes per hour (on speech
-without the words: the false accepts per hour). Unreadable and empty files are listed on stderr and skipped.
+without the words: the false accepts per hour). Unreadable and empty files are listed on
+stderr and skipped.
 
 As a module: predictor.py's `Predictor("model.onnx").predict_files([...])` and
 `.windows(path, 1.0, 0.25)`.

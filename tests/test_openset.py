@@ -355,7 +355,8 @@ def test_bench_compares_the_reject_scores_and_its_probability_row_is_inference_s
     assert len(table) == 9 and table.score.nunique() == 3
     rule = json.loads((run / "reject.json").read_text())
     score = json.loads((run / "test_score.json").read_text())
-    prob = table[(table.score == "best word's probability") & (table.target.astype(float) == 0.2)].iloc[0]
+    prob = table[(table.score == "best word's probability")
+                 & (table.target.astype(float) == 0.2)].iloc[0]
     assert float(prob.oof_fa) == pytest.approx(rule["oof_false_accepts"], abs=1e-4)
     assert float(prob.oof_det) == pytest.approx(rule["oof_detection"], abs=1e-4)
     assert float(prob.fa) == pytest.approx(score["accepted_unknown"], abs=1e-4)
