@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from arg import RESUME_SAFE, WORK_FIXED, Config, write_yaml
-from callback import AtomicCheckpointIO
 from checkpoints import CheckpointError, safe_load
 from runs import COMMAND, CONFIG, LAST, VERSIONS, Work, read_config
 import speech
@@ -224,6 +223,8 @@ def make_trainer(cfg: Config, accelerator: str, devices, folder: Path, callbacks
     --precision, atomic checkpoints, deterministic on the CPU, a progress bar or none."""
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from callback import AtomicCheckpointIO
 
     n = devices if isinstance(devices, int) else len(devices)
     strategy = "ddp" if cfg.strategy == "auto" and n * cfg.num_nodes > 1 else cfg.strategy

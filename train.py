@@ -25,7 +25,6 @@ import pandas as pd
 import torch
 
 from arg import Config, make_parser, parse_config
-from fit import train_fold
 from job import check_model, work_settings
 from metrics import monitored
 from runs import HISTORY, Run, Work
@@ -128,6 +127,8 @@ def steps(argv) -> int:
         return train_all(cfg, argv)
     if not cfg.fold.lstrip("-").isdigit():
         raise UsageError(f"-f {cfg.fold}: expected a fold number or 'all'")
+    from fit import train_fold  # Lightning's import (~4 s) waits until a fold trains
+
     train_fold(cfg, int(cfg.fold), args.progress)
     return 0
 

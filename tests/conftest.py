@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 # on pytest-xdist's workers, each worker's torch (and the scripts it starts) takes its share of
 # the cores: two workers of two threads each on two cores ran test_pretrain + test_trust in
-# 302 s, of one thread each in 228 s
+# 302 s and 271 s, of one thread each in 228 s and 204 s
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
