@@ -26,16 +26,12 @@ import warnings
 from pathlib import Path
 
 import optuna
-import optuna.visualization.matplotlib as plots
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
-from optuna_integration import PyTorchLightningPruningCallback
 
 from arg import FIELDS, Config, make_parser, parse_config, write_yaml
-from fit import train_fold
 from job import check_model, work_settings
 from metrics import monitored
-from results import save_figure
 from runs import PRUNED, Run, Work
 from search import PRUNERS, Spared, baseline, distribution, read_space
 from util import Stopped, UsageError, run_cli, setup_logging, write_csv, write_json
@@ -48,6 +44,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def objective(trial, fixed: dict, space: dict, folds: list[int]) -> float:
     """Train the trial's folds as train.py would: their best validation scores' mean. The
     pruner watches the first fold."""
+    from optuna_integration import PyTorchLightningPruningCallback  # Lightning, a trial's own
+
+    from fit import train_fold
     params = {n: trial.suggest_categorical(n, d.choices) if hasattr(d, "choices") else
               (trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float)(
                   n, d.low, d.high, log=d.log) for n, d in space.items()}
@@ -157,6 +156,9 @@ def run_study(study, fixed: dict, space: dict, folds: list[int], args) -> None:
 def summarise(study, given: dict, out: Path) -> None:
     """trials.csv (study.trials_dataframe), best.yaml (the best trial's recipe and run name)
     and Optuna's matplotlib plots."""
+    import optuna.visualization.matplotlib as plots
+
+    from results import save_figure
     table = study.trials_dataframe(("number", "state", "value", "duration", "params",
                                     "user_attrs"))
     write_csv(table.rename(columns=lambda c: re.sub("^(params|user_attrs)_", "", c)).rename(
