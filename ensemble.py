@@ -151,38 +151,33 @@ def embed_waves(path: Path, waves, device: torch.device, batch: int) -> np.ndarr
     return np.concatenate(out) if out else np.zeros((0, model.net.num_features), np.float32)
 
 
-def view_logits(path: Path, waves, views: dict, device: torch.device, batch: int):
-    """(the views' logits averaged (N, C), their probabilities averaged (N, C)) of one
-    checkpoint over `waves` (an array or cache.Rows): bench.py's reject scores."""
-    model, logits, probs = load_checkpoint(path, device), [], []
-    with torch.no_grad():
-        for i in range(0, len(waves), batch):
-            wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
-            z = torch.stack([model.net(wave, fn) for fn in views.values()]).float()
-            logits.append(z.mean(0).cpu().numpy())
-            probs.append(z.softmax(-1).mean(0).cpu().numpy())
-    return np.concatenate(logits), np.concatenate(probs)
-
-
 def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch.device,
-                  batch: int, desc: str = "") -> tuple[np.ndarray, list[str]]:
+                  batch: int, desc: str = "", with_logits: bool = False) -> tuple:
     """(M, N, C) probabilities, each member averaged over its views; models loaded one at a
-    time, once each, and checked against the first. Returns the class list too."""
+    time, once each, and checked against the first. Returns the class list too, and with
+    `with_logits` the (M, N, C) logits averaged over the views (the reject scores' energy)."""
     views = tta_views(tta)
-    out, first = [], None
+    out, logits, first = [], [], None
     amp = dict(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
     for path in tqdm(paths, desc=desc or "folds", unit="model", disable=None):
         model = load_checkpoint(path, device)
         if first is None:
             first = model
         check_compatible(first, paths[0], model, path)
-        probs = []
+        probs, zs = [], []
         with torch.no_grad(), torch.autocast(**amp):
             for i in range(0, len(waves), batch):
                 wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
-                probs.append(model.net.predict_views(wave, views).mean(0).cpu().numpy())
-        out.append(np.concatenate(probs) if probs else np.zeros((0, len(model.classes))))
+                z = model.net.view_logits(wave, views).float()
+                probs.append(to_probs(z, model.cfg.multilabel).mean(0).cpu().numpy())
+                if with_logits:
+                    zs.append(z.mean(0).cpu().numpy())
+        empty = np.zeros((0, len(model.classes)))
+        out.append(np.concatenate(probs) if probs else empty)
+        logits.append(np.concatenate(zs) if zs else empty)
         model.cpu()  # free the device; the first stays (on the CPU) as the reference
+    if with_logits:
+        return np.stack(out), first.classes, np.stack(logits)
     return np.stack(out), first.classes
 
 
@@ -284,13 +279,17 @@ def compare_run(work, run: str, solution: str, tta: bool, device) -> tuple[pd.Da
     folds = [d for d in Run(work, run).folds().values() if (d / OOF).is_file()]
     if not folds:
         raise UsageError(f"--sections reject: run {run} has no fold with its {OOF}")
-    prep, views = Work(work).prep(), tta_views(tta)
+    prep = Work(work).prep()
     length = Config(sr=prep["sr"], seconds=prep["seconds"]).clip_samples
+
+    def logits_probs(path: Path, split: str, rows) -> tuple[np.ndarray, np.ndarray]:
+        probs, _, logits = predict_waves([path], Rows(Clips.of(work, split), rows, length), tta,
+                                         device, 128, f"{path.parent.name} {split}", True)
+        return logits[0], probs[0]
+
     oofs = [read_table(d / OOF) for d in folds]
-    got = [view_logits(d / BEST, Rows(Clips.of(work, "train"), o.row, length), views, device, 128)
-           for d, o in zip(folds, oofs)]
-    tests = [view_logits(d / BEST, Rows(Clips.of(work, "test"), np.arange(len(test)), length),
-                         views, device, 128) for d in folds]
+    got = [logits_probs(d / BEST, "train", o.row) for d, o in zip(folds, oofs)]
+    tests = [logits_probs(d / BEST, "test", np.arange(len(test))) for d in folds]
     oof = dict(logits=np.concatenate([g[0] for g in got]), probs=np.concatenate(
         [g[1] for g in got]), truth=np.concatenate([o.label.to_numpy() for o in oofs]))
     t = fit_blend(oof["probs"][None], np.asarray([classes.index(c) for c in oof["truth"]]))[
@@ -298,5 +297,5 @@ def compare_run(work, run: str, solution: str, tta: bool, device) -> tuple[pd.Da
     table = compare_scores(oof, dict(logits=np.mean([x[0] for x in tests], 0),
                                      probs=np.mean([x[1] for x in tests], 0), truth=truth),
                            classes, t)
-    return table, (f"{run}, {len(folds)} fold(s), {len(views)} view(s); OOF {len(oof['truth'])} "
+    return table, (f"{run}, {len(folds)} fold(s), {len(tta_views(tta))} view(s); OOF {len(oof['truth'])} "
                    f"clips, test {len(test)}; temperature {t:.2f} (OOF log-loss)")

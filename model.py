@@ -252,9 +252,13 @@ class AudioNet(nn.Module):
         return to_probs(self(wave, view), self.cfg.multilabel)
 
     @torch.no_grad()
+    def view_logits(self, wave: torch.Tensor, views: dict) -> torch.Tensor:
+        """Logits (V, B, C) for each deterministic view of the batch."""
+        return torch.stack([self(wave, fn) for fn in views.values()])
+
     def predict_views(self, wave: torch.Tensor, views: dict) -> torch.Tensor:
         """Probabilities (V, B, C) for each deterministic view of the batch."""
-        return torch.stack([self.probs(wave, fn) for fn in views.values()])
+        return to_probs(self.view_logits(wave, views), self.cfg.multilabel)
 
     # what the scripts ask of it
     def set_noise(self, noise: torch.Tensor | None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import logsumexp
 
 from predictor import OPEN, decide
 from util import UsageError
@@ -135,9 +136,7 @@ def per_hour(probs: np.ndarray, truth: np.ndarray, classes: list[str], other: di
 def word_energy(logits: np.ndarray, classes: list[str], t: float = 1.0) -> np.ndarray:
     """t * logsumexp(word logits / t): high where some word is strongly heard (the energy
     score of out-of-distribution detection, on the words alone)."""
-    z = logits[:, ~np.isin(classes, OPEN)] / t
-    top = z.max(1)
-    return t * (top + np.log(np.exp(z - top[:, None]).sum(1)))
+    return t * logsumexp(logits[:, ~np.isin(classes, OPEN)] / t, axis=1)
 
 
 def compare_scores(oof: dict, test: dict, classes: list[str], temperature: float,

@@ -47,6 +47,7 @@ def objective(trial, fixed: dict, space: dict, folds: list[int]) -> float:
     from optuna_integration import PyTorchLightningPruningCallback  # Lightning, a trial's own
 
     from fit import train_fold
+
     params = {n: trial.suggest_categorical(n, d.choices) if hasattr(d, "choices") else
               (trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float)(
                   n, d.low, d.high, log=d.log) for n, d in space.items()}
@@ -159,6 +160,7 @@ def summarise(study, given: dict, out: Path) -> None:
     import optuna.visualization.matplotlib as plots
 
     from results import save_figure
+
     table = study.trials_dataframe(("number", "state", "value", "duration", "params",
                                     "user_attrs"))
     write_csv(table.rename(columns=lambda c: re.sub("^(params|user_attrs)_", "", c)).rename(
