@@ -63,15 +63,85 @@ def window_starts(n: int, win: int, hop: int) -> list[int]:
 
 def recording_windows(y: np.ndarray, sr: int, length: int, window: float | None = None,
                       hop: float = 0.25, silence_db: float = 40.0):
-    """A recording read window by window, as predict.py and `inference.py --other-speech` read
-    it: (start samples, windows (N, length) float32 each of `window` seconds (default: the clip
-    length) cut or padded to the clip length, every `hop` seconds (window_starts), silent (N,):
-    the windows more than `silence_db` below the loudest one), and the window in samples."""
-    win = int(round((window or length / sr) * sr))
-    starts = window_starts(len(y), win, max(1, int(round(hop * sr))))
-    frames = np.stack([fit(y[s:s + win], length) for s in starts])
-    level = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-20)
-    return starts, frames, level < level.max() - silence_db, win
+    """A recording held in memory read window by window (a short file; a long one or a stream
+    goes through `Windows` in blocks): (start samples, windows (N, length) float32 each of
+    `window` seconds (default: the clip length) cut or padded to the clip length, every `hop`
+    seconds (window_starts), silent (N,): the windows more than `silence_db` below the loudest
+    one), and the window in samples."""
+    cut = Windows(sr, length, window, hop, silence_db)
+    cut = Windows(sr, length, window, hop, silence_db, cut.loudest_of([y]))
+    got = [*cut.feed(y), *cut.finish()]
+    return ([int(s) for s, _, _ in got], np.stack([f for _, f, _ in got]),
+            np.asarray([q for _, _, q in got], bool), cut.win)
+
+
+def level_db(frames: np.ndarray) -> np.ndarray:
+    """Each window's power in dB (a window padded to the clip length counts its zeros)."""
+    return 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=-1) + 1e-20)
+
+
+class Windows:
+    """A recording or a stream cut into windows as it arrives, in constant memory: `feed(block)`
+    returns the windows that block completes [(start sample, window (length,) float32,
+    silent)], `finish()` the last one (as window_starts: one that ends at the recording's end
+    where the hop stops short; one padded window for a recording shorter than a window). A
+    window is silent more than `silence_db` below `loudest` (dB): a file's loudest window where
+    it is known beforehand (`loudest_of` its blocks: a first pass, so a file is judged whole),
+    else the loudest window so far (a stream)."""
+
+    def __init__(self, sr: int, length: int, window: float | None = None, hop: float = 0.25,
+                 silence_db: float = 40.0, loudest: float | None = None):
+        self.length, self.silence_db, self.loudest = length, silence_db, loudest
+        self.win = int(round((window or length / sr) * sr))
+        self.hop = max(1, int(round(hop * sr)))
+        self.top = -np.inf if loudest is None else loudest
+        self.buf, self.at, self.next, self.n, self.last = np.zeros(0, np.float32), 0, 0, 0, None
+
+    def _starts(self, block: np.ndarray) -> list[int]:
+        self.buf = np.concatenate([self.buf, np.asarray(block, np.float32)])
+        self.n += len(block)
+        starts = list(range(self.next, self.n - self.win + 1, self.hop))
+        self.next = starts[-1] + self.hop if starts else self.next
+        return starts
+
+    def _frame(self, start: int) -> tuple[np.ndarray, float]:
+        frame = fit(self.buf[start - self.at:start - self.at + self.win], self.length)
+        self.last = start
+        return frame, float(level_db(frame))
+
+    def _trim(self) -> None:
+        keep = max(0, min(self.next, self.n - self.win) - self.at)  # what later windows need
+        self.buf, self.at = self.buf[keep:], self.at + keep
+
+    def _take(self, start: int):
+        frame, level = self._frame(start)
+        if self.loudest is None:
+            self.top = max(self.top, level)
+        return start, frame, level < self.top - self.silence_db
+
+    def _end(self) -> list[int]:
+        if self.last is None:
+            return [0] if self.n else []
+        return [self.n - self.win] if self.n > self.win and self.last + self.win < self.n else []
+
+    def feed(self, block: np.ndarray) -> list:
+        out = [self._take(s) for s in self._starts(block)]
+        self._trim()
+        return out
+
+    def finish(self) -> list:
+        return [self._take(s) for s in self._end()]
+
+    def loudest_of(self, blocks) -> float:
+        """The level (dB) of the loudest window of a recording given as blocks (a first pass
+        with this cut's window, hop and clip length)."""
+        cut = Windows(1, self.length, None, 1, self.silence_db)
+        cut.win, cut.hop = self.win, self.hop
+        top = -np.inf
+        for block in blocks:
+            top = max([top, *(cut._frame(s)[1] for s in cut._starts(block))])
+            cut._trim()
+        return max([top, *(cut._frame(s)[1] for s in cut._end())])
 
 
 def resample(y: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
@@ -87,24 +157,171 @@ def resample(y: np.ndarray, orig_sr: int, sr: int) -> np.ndarray:
 
 def read_audio(path: str | Path, sr: int, info: dict | None = None) -> np.ndarray:
     """float32 mono waveform of `path` at `sr` (channels averaged); AudioError when it cannot
-    be used. `info` gets the file's orig_sr, orig_channels and orig_seconds."""
-    import soundfile as sf
-
-    if not Path(path).is_file():
-        raise AudioError("file not found")
-    try:
-        y, orig_sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # LibsndfileError, RuntimeError, TypeError ...
-        said = getattr(e, "error_string", None) or str(e).strip().splitlines()[0][:120]
-        raise AudioError(f"not audio ({said.rstrip('.')})") from None
+    be used (a file holding under half of what its header promises is damaged: a write cut
+    short). `info` gets the file's orig_sr, orig_channels and orig_seconds."""
+    with _open(path) as f:
+        orig_sr = f.samplerate
+        y = f.read(dtype="float32", always_2d=True)
+    promised = _promised_frames(path) or len(y)
     if len(y) == 0:
         raise AudioError("empty (0 samples)")
+    if len(y) < promised / 2:
+        raise AudioError(f"cut short (its header promises {promised / orig_sr:.3f} s, it holds "
+                         f"{len(y) / orig_sr:.3f} s)")
     if info is not None:
         info.update(orig_sr=orig_sr, orig_channels=y.shape[1], orig_seconds=len(y) / orig_sr)
     y = y.mean(1) if y.shape[1] > 1 else y[:, 0]
     if not np.isfinite(y).all():
         raise AudioError("not audio (NaN or infinite samples)")
     return resample(y, orig_sr, sr)
+
+
+BLOCK_SECONDS = 30.0  # how much of a recording is read at once (the memory a long one takes)
+
+
+def read_blocks(path: str | Path, sr: int, info: dict | None = None,
+                seconds: float = BLOCK_SECONDS):
+    """A recording read in blocks of `seconds`: float32 mono at `sr` (channels averaged,
+    resampled by soxr as it streams), in constant memory whatever its length; AudioError as
+    read_audio gives, before the first block. `info` gets orig_sr, orig_channels and
+    orig_seconds."""
+    import soxr
+
+    f = _open(path)
+    if info is not None:
+        info.update(orig_sr=f.samplerate, orig_channels=f.channels,
+                    orig_seconds=f.frames / f.samplerate)
+    return _blocks(f, sr, max(1, int(seconds * f.samplerate)), soxr)
+
+
+def read_info(path: str | Path) -> float:
+    """A recording's length in seconds, read from its header; AudioError as read_blocks."""
+    with _open(path) as f:
+        return f.frames / f.samplerate
+
+
+def _open(path: str | Path):
+    """An open soundfile.SoundFile of a file that holds samples; AudioError otherwise."""
+    import soundfile as sf
+
+    if not Path(path).is_file():
+        raise AudioError("file not found")
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:  # LibsndfileError, RuntimeError, TypeError ...
+        said = getattr(e, "error_string", None) or str(e).strip().splitlines()[0][:120]
+        raise AudioError(f"not audio ({said.rstrip('.')})") from None
+    if f.frames == 0:
+        f.close()
+        raise AudioError("empty (0 samples)")
+    return f
+
+
+def _blocks(f, sr: int, step: int, soxr):
+    stream = soxr.ResampleStream(f.samplerate, sr, 1, dtype="float32", quality="HQ") \
+        if f.samplerate != sr else None
+    with f:
+        while True:
+            x = f.read(step, dtype="float32", always_2d=True).mean(1)
+            last = len(x) < step or f.tell() >= f.frames
+            if not np.isfinite(x).all():
+                raise AudioError("not audio (NaN or infinite samples)")
+            yield stream.resample_chunk(x, last=last) if stream else x
+            if last:
+                return
+
+
+class StreamError(ValueError):
+    """A pipe that is not 16-bit PCM: raw (16 kHz mono) or a WAV header before it."""
+
+
+def pipe_blocks(fd: int, sr: int, block: int = 8000):
+    """Audio arriving on a pipe (file descriptor `fd`), yielded as it comes (whatever each read
+    brings, at most `block` bytes: a quarter second of 16 kHz 16-bit mono), as float32 mono at
+    `sr`: raw 16-bit little-endian PCM, 16 kHz mono, or a WAV file (its header says the rate and
+    channels; a header written before the length was known is fine). StreamError for another
+    format."""
+    import os
+
+    import soxr
+
+    head = b""
+    while len(head) < 12:
+        got = os.read(fd, 12 - len(head))
+        if not got:
+            break
+        head += got
+    rate, channels, rest = 16000, 1, head
+    if head[:4] == b"RIFF":
+        if head[8:12] != b"WAVE":
+            raise StreamError("a RIFF stream that is not WAVE")
+
+        def read(n: int) -> bytes:
+            out = b""
+            while len(out) < n:
+                got = os.read(fd, n - len(out))
+                if not got:
+                    raise StreamError("a WAV header cut short")
+                out += got
+            return out
+
+        rate, channels, _ = _wav_header(read)
+        rest = b""
+    stream = soxr.ResampleStream(rate, sr, 1, dtype="float32", quality="HQ") \
+        if rate != sr else None
+    frame, carry = 2 * channels, rest
+    while True:
+        got = os.read(fd, block)
+        data = carry + got
+        n = len(data) // frame * frame
+        carry = data[n:]
+        x = np.frombuffer(data[:n], "<i2").reshape(-1, channels).mean(1).astype(np.float32)
+        x /= 32768.0
+        if stream is not None:
+            x = stream.resample_chunk(x, last=not got)
+        if len(x):
+            yield x
+        if not got:
+            return
+
+
+def _wav_header(read) -> tuple[int, int, int]:
+    """(rate, channels, data bytes the header promises) of a WAV after its 12-byte RIFF head,
+    read through `read(n)` (which gives n bytes or raises StreamError); StreamError for a WAV
+    that is not 16-bit PCM."""
+    import struct
+
+    rate = channels = None
+    while True:
+        kind, size = struct.unpack("<4sI", read(8))
+        if kind == b"fmt ":
+            fmt = read(size + size % 2)
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
+            if tag not in (1, 0xFFFE) or bits != 16:
+                raise StreamError(f"a WAV of format {tag}, {bits} bits: expected 16-bit PCM")
+        elif kind == b"data":
+            if rate is None:
+                raise StreamError("a WAV stream without its fmt chunk")
+            return rate, channels, size
+        else:
+            read(size + size % 2)
+
+
+def _promised_frames(path: str | Path) -> int | None:
+    """The frames a 16-bit PCM WAV file's header promises (None: not such a file)."""
+    with open(path, "rb") as f:
+        def read(n: int) -> bytes:
+            got = f.read(n)
+            if len(got) < n:
+                raise StreamError("a WAV header cut short")
+            return got
+        try:
+            if read(12)[8:] != b"WAVE":
+                return None
+            rate, channels, size = _wav_header(read)
+        except StreamError:
+            return None
+    return size // (2 * channels) if size != 0xFFFFFFFF else None
 
 
 CODECS = {  # name: (the rate it runs at, None: the clip's own; soundfile format, subtype)

@@ -156,29 +156,38 @@ def predict_waves(paths: list[Path], waves: np.ndarray, tta: bool, device: torch
     """(M, N, C) probabilities, each member averaged over its views; models loaded one at a
     time, once each, and checked against the first. Returns the class list too, and with
     `with_logits` the (M, N, C) logits averaged over the views (the reject scores' energy)."""
-    views = tta_views(tta)
     out, logits, first = [], [], None
-    amp = dict(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
     for path in tqdm(paths, desc=desc or "folds", unit="model", disable=None):
         model = load_checkpoint(path, device)
         if first is None:
             first = model
         check_compatible(first, paths[0], model, path)
-        probs, zs = [], []
-        with torch.no_grad(), torch.autocast(**amp):
-            for i in range(0, len(waves), batch):
-                wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
-                z = model.net.view_logits(wave, views).float()
-                probs.append(to_probs(z, model.cfg.multilabel).mean(0).cpu().numpy())
-                if with_logits:
-                    zs.append(z.mean(0).cpu().numpy())
-        empty = np.zeros((0, len(model.classes)))
-        out.append(np.concatenate(probs) if probs else empty)
-        logits.append(np.concatenate(zs) if zs else empty)
+        probs, z = member_probs(model, waves, tta, device, batch, with_logits)
+        out.append(probs)
+        logits.append(z)
         model.cpu()  # free the device; the first stays (on the CPU) as the reference
     if with_logits:
         return np.stack(out), first.classes, np.stack(logits)
     return np.stack(out), first.classes
+
+
+def member_probs(model: AudioClassifier, waves, tta: bool, device: torch.device, batch: int,
+                 with_logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One loaded member's (N, C) probabilities over `waves` averaged over its views (and the
+    views' averaged logits, with `with_logits`), in batches."""
+    views = tta_views(tta)
+    amp = dict(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
+    probs, zs = [], []
+    with torch.no_grad(), torch.autocast(**amp):
+        for i in range(0, len(waves), batch):
+            wave = torch.from_numpy(np.array(waves[i:i + batch])).to(device)
+            z = model.net.view_logits(wave, views).float()
+            probs.append(to_probs(z, model.cfg.multilabel).mean(0).cpu().numpy())
+            if with_logits:
+                zs.append(z.mean(0).cpu().numpy())
+    empty = np.zeros((0, len(model.classes)))
+    return (np.concatenate(probs) if probs else empty,
+            (np.concatenate(zs) if zs else empty) if with_logits else None)
 
 
 # ----------------------------------------------------------------------------- blends

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 
 from arg import add_members, config_from_args, make_parser
 from ensemble import Ensemble, WithDecision, WithEmbedding, load_members
-from predictor import OPEN
+from predictor import OPEN, Rule
 from runs import BLEND, REJECT, Run, requested_folds
 from transform import N_VIEWS
 from util import UsageError, atomic_write, run_cli, setup_logging, write_text
@@ -102,6 +103,7 @@ pip install -r requirements.txt        # offline: pip download -r requirements.t
                                        # elsewhere, then pip install --no-index -f wheels ...
 python predict.py {name} clip.wav folder/ --top-k 3
 python predict.py {name} long_recording.wav --window 1 --hop 0.25 --csv windows.csv
+arecord -f S16_LE -r 16000 | python predict.py {name} -   # a live stream: its detections
 python predict.py {name} folder/ --embed vectors.npy   # embeddings (+ vectors.csv: the paths)
 ```
 
@@ -127,7 +129,20 @@ def reject_note(meta: dict) -> str:
             f"reaches {float(meta['reject_threshold']):.4f}, else `_unknown_` or `_silence_` "
             f"(the rule fitted on the validation clips for a share of other speech let in). "
             f"predict.py prints it after `->`; the graph's third output `said` gives it per clip "
-            f"(a class index).\n")
+            f"(a class index).\n" + stream_note(meta))
+
+
+def stream_note(meta: dict) -> str:
+    """The bundle README's paragraph on the rule over time, where one was fitted per hour."""
+    if "stream_rule" not in meta:
+        return ""
+    rule = json.loads(meta["stream_rule"])
+    return (f"\nIn a recording or a stream (predict.py with --window/--hop, or `-`), a word is "
+            f"heard where its probability, averaged over {rule['smooth']} window(s), reaches "
+            f"{rule['threshold']:.3f} in {rule['patience']} window(s) in a row, at most once "
+            f"per {rule['refractory']:g} s: the rule fitted on long recordings of other speech "
+            f"for a number of false accepts per hour (--min-prob, --smooth, --patience and "
+            f"--refractory change it).\n")
 
 
 def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) -> tuple:
@@ -159,7 +174,9 @@ def reject_meta(work: Path, runs: list[str], folds: list[int], tta: bool, weight
                 temperature: float) -> dict:
     """The reject rule inference.py fitted for these runs, folds, views, weights and temperature
     (reject.json), as the model's `reject_threshold` (the graph's `said` output; predict.py
-    applies it); {} without one. Refused: a rule fitted for another ensemble."""
+    applies it), and its rule over time fitted per hour where there is one (`stream_rule`:
+    predict.py's detections); {} without one. Refused: a rule fitted for another ensemble, a
+    threshold outside [0, 1] (NaN too)."""
     path = Run.blend(work, runs).dir / REJECT
     if not path.is_file():
         return {}
@@ -170,15 +187,25 @@ def reject_meta(work: Path, runs: list[str], folds: list[int], tta: bool, weight
         same = (w.shape == np.shape(weights) and np.allclose(w, weights)
                 and np.isclose(float(rule["temperature"]), temperature))
         threshold = float(rule["threshold"])
+        stream = rule.get("stream")
+        over_time = None if stream is None else Rule(**{k: stream[k] for k in (
+            "threshold", "smooth", "patience", "refractory")})
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path} is damaged ({type(e).__name__}): run inference.py on these "
                          f"runs again to fit it") from None
+    problem = (None if 0 <= threshold <= 1 else f"threshold {threshold}: expected a "
+               f"probability in [0, 1]") or (over_time and over_time.problem())
+    if problem:
+        raise UsageError(f"{path}: {problem} - run inference.py on these runs again to fit it")
     if fitted != (runs, folds, tta) or not same:
         raise UsageError(f"{path} was fitted for runs {rule['runs']}, folds {rule['folds']}, TTA "
                          f"{rule['tta']}, weights {rule['weights']}, temperature "
                          f"{rule['temperature']}: export that ensemble, or fit the rule for this "
                          f"one (inference.py with the same -f, -a and weights)")
-    return dict(reject_threshold=threshold)
+    meta = dict(reject_threshold=threshold)
+    if over_time is not None:
+        meta["stream_rule"] = json.dumps(asdict(over_time))
+    return meta
 
 
 def steps(argv) -> int:

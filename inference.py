@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 import audio
 from arg import Config, add_members, config_from_args, make_parser as config_parser
 from audio import HOP_HELP, WINDOW_HELP, window_problem
 from cache import Clips, Rows, windows
-from ensemble import (ensemble, fit_blend, load_checkpoint, oof_for_blend, predict_waves,
-                      with_temperature)
-from predictor import OPEN, decide
-from reject import PER_HOUR, fit_threshold, per_hour, word_segments
+from ensemble import (ensemble, fit_blend, load_checkpoint, load_members, member_probs,
+                      oof_for_blend, predict_waves, with_temperature)
+from predictor import (HOP, NEVER, OPEN, Rule, add_rule_flags, decide, file_loudest, read_windows,
+                       rule_from)
+from reject import PER_HOUR, detections, fit_per_hour, fit_threshold, gates, per_hour
 from results import cv_report, load_oof, write_html
 from runs import REJECT, RUN_RESULTS, Run, Work, requested_folds
 from submission import write_blend, write_embeddings, write_submission, write_windows
@@ -76,11 +79,16 @@ def make_parser():
                         "(preprocess.py --unknown, --silence): the share of those OOF clips a "
                         "word may let in; its threshold goes to reject.json (default: 0.05)")
     g.add_argument("--other-speech", nargs="+", default=None, metavar="PATH",
-                   help="recordings (files or folders) that hold none of the words: read as "
-                        "predict.py reads them (clip-length windows every 0.25 s), the word "
-                        "segments the reject rule lets in per hour go to reject.json and "
-                        "report.html, with detection at %s per hour (memory: 64 KB a window "
-                        "at 16 kHz, 230 MB for 15 minutes)" % ", ".join(f"{r:g}" for r in PER_HOUR))
+                   help="recordings (files or folders) that hold none of the words: read in "
+                        "blocks as predict.py reads them (clip-length windows every %g s), the "
+                        "detections the rule over time lets in per hour go to reject.json and "
+                        "report.html, with detection at %s per hour" % (
+                            HOP, ", ".join(f"{r:g}" for r in PER_HOUR)))
+    g.add_argument("--false-accepts-per-hour", type=float, default=None, metavar="RATE",
+                   help="with --other-speech: fit the rule over time's threshold for at most "
+                        "RATE detections per hour of it; reject.json's stream rule, which "
+                        "export.py puts in the model for predict.py")
+    add_rule_flags(g)
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="", help="output folder (default: the run's folder)")
     g.add_argument("--solution", default="", help="CSV file_name,label to score the test set")
@@ -126,6 +134,15 @@ def check_request(cfg, args) -> list[str]:
     if not 0 <= args.false_accepts < 1:
         raise UsageError(f"--false-accepts {args.false_accepts}: a share of the other clips in "
                          f"[0, 1)")
+    rate = args.false_accepts_per_hour
+    if rate is not None and not rate > 0:  # NaN too
+        raise UsageError(f"--false-accepts-per-hour {rate:g}: expected a rate above 0")
+    if rate is not None and not args.other_speech:
+        raise UsageError("--false-accepts-per-hour is fitted on --other-speech: give recordings "
+                         "of speech without the words")
+    problem = rule_from(args, Rule(0.5)).problem()
+    if problem:
+        raise UsageError(problem)
     return runs
 
 
@@ -140,47 +157,52 @@ def test_windows(work: Path, prep: dict, args) -> tuple[object, pd.DataFrame, st
     return Rows(clips, wins.row, length, wins.start, win), wins, mode
 
 
-OTHER_HOP = 0.25  # seconds between two windows of --other-speech (predict.py's default hop)
-
-
 def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.ndarray,
                   blend: dict | None, device: torch.device, batch: int) -> dict:
-    """The --other-speech recordings window by window as predict.py reads them (clip-length
-    windows every OTHER_HOP s, the quiet ones silent) with the ensemble's probabilities: probs,
-    silent, first (each recording's first window), start, end (s), hours, files, skipped
-    (path: reason).
+    """The --other-speech recordings window by window as predict.py reads them (in blocks:
+    clip-length windows every HOP s, the quiet ones silent; predictor.read_windows) with the
+    ensemble's probabilities: probs, silent, first (each recording's first window), end (s),
+    hours, files, skipped (path: reason). Memory: the members, one block's windows, and each
+    window's probabilities (40 bytes a window for 10 classes: 6 MB for 10 hours).
     Unreadable files are listed and skipped; UsageError when none is readable."""
-    cfg = load_checkpoint(paths[0]).cfg
-    frames, silent, first, start, end, seconds, good, skipped = [], [], [], [], [], 0.0, [], {}
-    for path in audio.audio_files(files):
+    models = load_members(paths)
+    cfg = models[0].cfg
+    found, skipped, lengths = audio.audio_files(files), {}, {}
+    for path in found:
         try:
-            y = audio.read_audio(path, cfg.sr)
+            lengths[str(path)] = audio.read_info(path)
         except audio.AudioError as e:
             skipped[str(path)] = str(e)
-            continue
-        at, f, quiet, win = audio.recording_windows(y, cfg.sr, cfg.clip_samples, None,
-                                                    OTHER_HOP)
-        frames.append(f)
-        silent.append(quiet)
-        first.append(np.arange(len(f)) == 0)
-        start.append(np.asarray(at) / cfg.sr)
-        end.append(np.minimum(len(y), np.asarray(at) + win) / cfg.sr)
-        seconds += len(y) / cfg.sr
-        good.append(str(path))
-    if not good:
+    if not lengths:
         raise UsageError(f"--other-speech {' '.join(map(str, files))}: no readable audio ("
                          + "; ".join(f"{p}: {why}" for p, why in skipped.items())
                          + ") - give recordings of speech without the words, e.g. real.py "
                            "data's openset_other.wav")
     for path, why in skipped.items():
         log.warning("--other-speech %s: skipped - %s", path, why)
-    probs, _ = predict_waves(paths, np.concatenate(frames), tta, device, batch,
-                             desc="other speech")
-    score = ensemble(probs, "soft", weights)[1]
-    return dict(probs=with_temperature(score, blend["temperature"]) if blend else score,
-                silent=np.concatenate(silent), first=np.concatenate(first),
-                start=np.concatenate(start), end=np.concatenate(end), hours=seconds / 3600,
-                files=good, skipped=skipped)
+
+    def probs(waves):
+        got = np.stack([member_probs(m.to(device), waves, tta, device, batch)[0]
+                        for m in models])
+        score = ensemble(got, "soft", weights)[1]
+        return with_temperature(score, blend["temperature"]) if blend else score
+
+    kept, done = dict(probs=[], silent=[], first=[], end=[]), 0.0
+    with tqdm(total=round(sum(lengths.values()), 2), unit="s", desc="other speech (audio)",
+              disable=None) as bar:
+        for path, seconds in lengths.items():
+            loudest = file_loudest(path, cfg.sr, cfg.clip_samples)
+            for i, (_, end, p, quiet) in enumerate(read_windows(
+                    audio.read_blocks(path, cfg.sr), probs, cfg.sr, cfg.clip_samples,
+                    loudest=loudest)):
+                kept["probs"].append(p.astype(np.float32))
+                kept["silent"].append(quiet)
+                kept["first"].append(np.arange(len(p)) == (0 if i == 0 else -1))
+                kept["end"].append(end)
+                bar.update(min(done + float(end[-1]), bar.total) - bar.n)
+            done += seconds
+    return dict({k: np.concatenate(v) for k, v in kept.items()},
+                hours=sum(lengths.values()) / 3600, files=list(lengths), skipped=skipped)
 
 
 def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classes: list[str],
@@ -208,14 +230,7 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
     truth = table.label.to_numpy()
     rule = fit_threshold(probs, truth, classes, target)
     if other is not None:
-        got = other()
-        n = int(word_segments(got, classes, [rule["threshold"]])[0])
-        rule["other_speech"] = dict(
-            files=got["files"], skipped=got["skipped"], hours=got["hours"],
-            windows=len(got["probs"]), hop=OTHER_HOP, segments=n, per_hour=n / got["hours"],
-            table=per_hour(probs, truth, classes, got).to_dict("records"))
-        log.info("other speech: %d word segments let in over %.2f h of %d recording(s) (%.1f "
-                 "per hour)", n, got["hours"], len(got["files"]), n / got["hours"])
+        rule.update(other_speech(other(), probs, truth, classes, rule["threshold"], args))
     write_json(dict(rule, runs=runs, folds=folds, tta=tta, weights=[float(w) for w in weights],
                     temperature=blend["temperature"] if blend else 1.0), out / REJECT)
     log.info("reject rule: the best word is taken from probability %.4f (OOF: %.1f %% of %d "
@@ -223,6 +238,33 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
              100 * rule["oof_false_accepts"], rule["open_clips"], *OPEN,
              100 * rule["oof_detection"], rule["word_clips"])
     return rule["threshold"]
+
+
+def other_speech(got: dict, probs: np.ndarray, truth: np.ndarray, classes: list[str],
+                 threshold: float, args) -> dict:
+    """What the --other-speech recordings (other_windows) say of the rule over time (the flags'
+    smoothing, patience and refractory time): its detections per hour at the clip rule's
+    threshold, detection at PER_HOUR per hour, and with --false-accepts-per-hour the stream
+    rule fitted there (reject.json's `stream`, which export.py puts in the model)."""
+    over_time = rule_from(args, Rule(threshold))
+    gated = gates(got, classes, over_time)
+    n = detections(gated, classes, over_time, threshold)
+    out = dict(other_speech=dict(
+        files=got["files"], skipped=got["skipped"], hours=got["hours"],
+        windows=len(got["probs"]), hop=HOP, rule=asdict(over_time), detections=n,
+        per_hour=n / got["hours"],
+        table=per_hour(probs, truth, classes, got, over_time).to_dict("records")))
+    log.info("other speech: %d detections let in over %.2f h of %d recording(s) (%.1f per "
+             "hour)", n, got["hours"], len(got["files"]), n / got["hours"])
+    rate = args.false_accepts_per_hour
+    if rate is not None:
+        t, at = fit_per_hour(gated, got["hours"], classes, over_time, rate)
+        out["stream"] = dict(asdict(replace(over_time, threshold=min(t, NEVER))),
+                             target_per_hour=rate, fitted_per_hour=at, hop=HOP)
+        log.info("stream rule: threshold %.3f for at most %g detections per hour (%.2f per hour "
+                 "on the other speech)%s", min(t, 1.0), rate, at,
+                 "; no threshold reaches it: the model says nothing" if t > 1 else "")
+    return out
 
 
 def run(cfg, args) -> int:

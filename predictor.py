@@ -8,12 +8,20 @@ used).
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from audio import file_windows, per_file, predict_files, read_audio, recording_windows
+from audio import Windows, file_windows, per_file, predict_files, read_blocks
+
+
+OPEN = ("_unknown_", "_silence_")  # the classes of what is not a word (preprocess.py --unknown)
+NEVER = 1.0 + 1e-6  # a threshold no probability reaches: a rule that says no word at all
+HOP = 0.25  # seconds between two windows of a recording read for words (predict.py, inference.py)
 
 
 class ModelError(ValueError):
@@ -47,6 +55,18 @@ class Predictor:
                              f"exported with export.py") from None
         self.outputs = {o.name for o in self.session.get_outputs()}
         self.batch = batch
+        try:  # the rule over time inference.py fitted per hour, where it did (reject.json)
+            self.rule = Rule(**json.loads(meta["stream_rule"])) if "stream_rule" in meta else \
+                Rule(0.5 if self.threshold is None else self.threshold)
+        except (ValueError, TypeError) as e:
+            raise ModelError(f"{model}: its stream_rule metadata is damaged ({e}); export the "
+                             f"run again with export.py") from None
+        problem = self.rule.problem() or (None if self.threshold is None or 0 <= self.threshold
+                                          <= 1 else f"threshold {self.threshold}: expected a "
+                                                    f"probability in [0, 1]")
+        if problem:
+            raise ModelError(f"{model}: its reject rule is out of range ({problem}); fit it "
+                             f"again with inference.py and export the run again")
 
     def _run(self, output: str, waves: np.ndarray) -> list[np.ndarray]:
         """One output of the graph (and only it: an embedding is not computed for labels) over
@@ -90,44 +110,78 @@ class Predictor:
         return [(p, said, [(self.classes[i], float(r[i])) for i in np.argsort(r)[::-1][:top_k]])
                 for p, said, r in zip(good, decide(probs, self.classes, self.threshold), probs)]
 
-    def windows(self, path, window: float | None = None, hop: float = 0.25, notes=None,
+    def read(self, blocks, window: float | None = None, hop: float = HOP,
+             silence_db: float = 40.0, loudest: float | None = None):
+        """A recording or a stream given as blocks of samples at the model's rate, labelled
+        as read_windows gives it."""
+        return read_windows(blocks, self.probs, self.sr, self.length, window, hop, silence_db,
+                            loudest)
+
+    def rows(self, start, end, probs, silent) -> list[tuple]:
+        """[(start s, end s, label, probability)] of labelled windows: the label is the model's
+        reject rule (decide) where it has one, else the most probable class; "" (probability 1)
+        for a silent window."""
+        said = [self.classes.index(c) for c in decide(probs, self.classes, self.threshold)]
+        return [(float(s), float(e), "" if quiet else self.classes[k], 1.0 if quiet else
+                 float(p[k])) for s, e, k, p, quiet in zip(start, end, said, probs, silent)]
+
+    def file_blocks(self, path, window: float | None = None, hop: float = HOP,
+                    silence_db: float = 40.0):
+        """A file's windows as `read` yields them, judged silent against its loudest window
+        (a first pass over its blocks); AudioError before anything is read."""
+        loudest = file_loudest(path, self.sr, self.length, window, hop, silence_db)
+        return self.read(read_blocks(path, self.sr), window, hop, silence_db, loudest)
+
+    def windows(self, path, window: float | None = None, hop: float = HOP, notes=None,
                 silence_db: float = 40.0):
         """[(start s, end s, label, probability)] for windows of `window` seconds (default:
-        the clip length) every `hop` seconds; each window is padded or cut to the clip length;
-        its label is the most probable class, or the model's reject rule (decide) where it has
-        one.
-        Windows more than `silence_db` below the loudest window are labelled "" (silence):
-        the classes know no silence. A recording shorter than one window is one padded window
-        (said in `notes`)."""
-        y = read_audio(path, self.sr)
-        starts, frames, silent, win = recording_windows(y, self.sr, self.length, window, hop,
-                                                        silence_db)
-        if len(y) < win and notes is not None:
-            notes.append(f"{path}: {len(y) / self.sr:.2f} s, shorter than one {win / self.sr:g} s "
-                         f"window: one padded window")
-        probs = self.probs(frames)
-        said = [self.classes.index(c) for c in decide(probs, self.classes, self.threshold)]
-        return [(s / self.sr, min(len(y), s + win) / self.sr, "" if quiet else self.classes[k],
-                 1.0 if quiet else float(p[k]))
-                for s, k, p, quiet in zip(starts, said, probs, silent)]
+        the clip length) every `hop` seconds, read in blocks; each window is padded or cut to
+        the clip length; labels as `rows` gives them. Windows more than `silence_db` below the
+        loudest window are labelled "" (silence): the classes know no silence. A recording
+        shorter than one window is one padded window (said in `notes`)."""
+        out = [r for got in self.file_blocks(path, window, hop, silence_db)
+               for r in self.rows(*got)]
+        win = window or self.length / self.sr
+        if len(out) == 1 and out[0][1] < win - 1e-9 and notes is not None:
+            notes.append(f"{path}: {out[0][1]:.2f} s, shorter than one {win:g} s window: one "
+                         f"padded window")
+        return out
 
 
-def segments(rows, min_prob: float = 0.5):
-    """Consecutive windows with the same label and probability >= min_prob merged:
-    [(start s, end s, label, mean probability, windows)]."""
-    out = []
-    for start, end, label, p in rows:
-        if p < min_prob or not label:
-            continue
-        if out and out[-1][2] == label and start <= out[-1][1]:
-            s, _, _, total, n = out[-1]
-            out[-1] = (s, end, label, total + p, n + 1)
-        else:
-            out.append((start, end, label, p, 1))
-    return [(s, e, label, total / n, n) for s, e, label, total, n in out]
 
 
-OPEN = ("_unknown_", "_silence_")  # the classes of what is not a word (preprocess.py --unknown)
+def read_windows(blocks, probs, sr: int, length: int, window: float | None = None,
+                 hop: float = HOP, silence_db: float = 40.0, loudest: float | None = None):
+    """A recording or a stream given as blocks of samples at `sr`, cut into windows
+    (audio.Windows) and labelled by `probs` ((N, length) float32 -> (N, classes)) as each block
+    completes them: yields (start s, end s, probs (B, classes), silent (B,)) per block, in
+    constant memory. The one reading of a recording: predict.py's, inference.py's."""
+    cut = Windows(sr, length, window, hop, silence_db, loudest)
+    for block in itertools.chain(blocks, [None]):
+        got = cut.feed(block) if block is not None else cut.finish()
+        if got:
+            starts = np.asarray([s for s, _, _ in got])
+            yield (starts / sr, np.minimum(starts + cut.win, cut.n) / sr,
+                   probs(np.stack([f for _, f, _ in got])),
+                   np.asarray([q for _, _, q in got], bool))
+
+
+def file_loudest(path, sr: int, length: int, window: float | None = None, hop: float = HOP,
+                 silence_db: float = 40.0) -> float:
+    """The level of a file's loudest window (a first pass over its blocks, so that a file's
+    windows are judged silent against the whole file); AudioError where it cannot be read."""
+    return Windows(sr, length, window, hop, silence_db).loudest_of(read_blocks(path, sr))
+
+
+def best_word(probs: np.ndarray, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's most probable word (not _unknown_ nor _silence_) and its probability."""
+    word = np.where(np.isin(classes, OPEN), -1.0, probs)
+    return word.argmax(1), word.max(1)
+
+
+def accepts(p, threshold: float):
+    """The reject rule's one comparison: a word is said where its score reaches the threshold."""
+    return np.asarray(p) >= threshold
 
 
 def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> list[str]:
@@ -139,7 +193,118 @@ def decide(probs: np.ndarray, classes: list[str], threshold: float | None) -> li
     if threshold is None:
         return [classes[t] for t in probs.argmax(1)]
     is_open = np.isin(classes, OPEN)
-    word, other = (np.where(mask, probs, -1.0) for mask in (~is_open, is_open))
-    fallback = [classes[t] if is_open.any() else OPEN[0] for t in other.argmax(1)]
-    return [classes[w] if p >= threshold else f for w, p, f in
-            zip(word.argmax(1), word.max(1), fallback)]
+    other = np.where(is_open, probs, -1.0).argmax(1)
+    fallback = [classes[t] if is_open.any() else OPEN[0] for t in other]
+    w, p = best_word(probs, classes)
+    return [classes[i] if ok else f for i, ok, f in zip(w, accepts(p, threshold), fallback)]
+
+
+# ----------------------------------------------------------------------------- over time
+@dataclass(frozen=True)
+class Rule:
+    """The reject rule over time, as a stream is read: each window's word probabilities
+    averaged over the last `smooth` windows; a word fires where that mean reaches `threshold`
+    in `patience` windows in a row; a detection is the first window of a firing run (a run
+    counts once), unless it falls within `refractory` seconds of the last detection.
+    smooth = patience = 1, refractory 0: each run of windows that decide takes for one word."""
+    threshold: float
+    smooth: int = 1
+    patience: int = 1
+    refractory: float = 1.0
+
+    def problem(self) -> str | None:
+        """What is wrong with these values (None: nothing), in the flags' words."""
+        if not (isinstance(self.threshold, (int, float)) and 0 <= self.threshold <= NEVER):
+            return f"threshold {self.threshold}: expected a probability in [0, 1]"
+        if not isinstance(self.refractory, (int, float)):
+            return f"--refractory {self.refractory}: expected seconds, 0 or more"
+        for name, n in (("smooth", self.smooth), ("patience", self.patience)):
+            if not isinstance(n, (int, np.integer)) or n < 1:
+                return f"--{name} {n}: expected a number of windows, 1 or more"
+        if not math.isfinite(self.refractory) or self.refractory < 0:
+            return f"--refractory {self.refractory}: expected seconds, 0 or more"
+        return None
+
+
+RULE_FLAGS = dict(
+    smooth=dict(type=int, metavar="N", help="the rule over time: each word's probability "
+                "averaged over the last N windows (default: the model's fitted rule, else 1)"),
+    patience=dict(type=int, metavar="N", help="a word is heard where that average reaches the "
+                  "threshold in N windows in a row (default: the model's, else 1)"),
+    refractory=dict(type=float, metavar="SECONDS", help="after a detection, none for this many "
+                    "seconds; a run of windows that hear one word counts once (default: the "
+                    "model's, else 1.0)"))  # predict.py's and inference.py's, one text each
+
+
+def add_rule_flags(group) -> None:
+    """--smooth, --patience and --refractory on an argparse parser or group."""
+    for name, kw in RULE_FLAGS.items():
+        group.add_argument(f"--{name}", default=None, **kw)
+
+
+def rule_from(args, rule: Rule) -> Rule:
+    """`rule` with the values the flags give (add_rule_flags; None: kept)."""
+    return replace(rule, **{k: getattr(args, k) for k in RULE_FLAGS
+                            if getattr(args, k) is not None})
+
+
+class Detector:
+    """The rule over time (Rule) applied to a stream of windows as they come, in constant
+    memory: `feed(probs, silent, ends)` returns the detections those windows make
+    [(end second, word, score)]. It keeps the last windows that smoothing and patience look
+    back on, whether the last window fired and for which word, and the last detection's time,
+    so that blocks of any size give what the whole recording gives at once. Silent windows
+    hold no word. `gate` and `fire` are its two halves (the per-hour fit computes the first
+    once and the second at many thresholds)."""
+
+    def __init__(self, classes: list[str], rule: Rule):
+        self.classes, self.rule = classes, rule
+        self.words = np.flatnonzero(~np.isin(classes, OPEN))
+        self.tail = np.zeros((0, len(self.words)))
+        self.seen_word, self.seen_score = np.zeros(0, int), np.zeros(0)
+        self.firing, self.last = -1, -np.inf  # the word the last window fired for; a time
+
+    def gate(self, probs: np.ndarray, silent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(each window's word (an index into classes), its gate score: the lowest of its
+        smoothed probability over the last `patience` windows where they are all that word,
+        else 0)."""
+        s, k = self.rule.smooth, self.rule.patience
+        p = np.where(np.asarray(silent, bool)[:, None], 0.0, probs[:, self.words])
+        both = np.concatenate([self.tail, p])
+        at = np.arange(len(self.tail), len(both))
+        total, n = np.zeros((len(at), both.shape[1])), np.zeros(len(at))
+        for back in range(s):  # the same sums in the same order whatever the blocks
+            ok = at - back >= 0
+            total += np.where(ok[:, None], both[np.maximum(at - back, 0)], 0.0)
+            n += ok
+        mean = total / np.maximum(n, 1)[:, None]
+        self.tail = both[max(0, len(both) - s + 1):]
+        word, score = mean.argmax(1), mean.max(1, initial=0.0)
+        seen_w = np.concatenate([self.seen_word, word])
+        seen_s = np.concatenate([self.seen_score, score])
+        gate, n = score, len(self.seen_word)
+        for back in range(1, k):
+            i = np.arange(n, len(seen_w)) - back
+            same = (i >= 0) & (seen_w[np.maximum(i, 0)] == word)
+            gate = np.where(same, np.minimum(gate, seen_s[np.maximum(i, 0)]), 0.0)
+        keep = max(0, len(seen_w) - k + 1)
+        self.seen_word, self.seen_score = seen_w[keep:], seen_s[keep:]
+        return self.words[word], gate
+
+    def fire(self, word: np.ndarray, gate: np.ndarray, ends: np.ndarray) -> list[tuple]:
+        """The detections [(end second, word, score)] of windows whose `gate` was computed."""
+        on = accepts(gate, self.rule.threshold)
+        before = np.r_[self.firing, np.where(on, word, -1)[:-1]]
+        runs = np.flatnonzero(on & (before != word))  # the first window of each firing run
+        if len(word):
+            self.firing = int(word[-1]) if on[-1] else -1
+        t, wait = np.asarray(ends, float)[runs], self.rule.refractory
+        out, i = [], int(np.searchsorted(t, self.last + wait))
+        while i < len(runs):
+            out.append((float(t[i]), self.classes[word[runs[i]]], float(gate[runs[i]])))
+            self.last = t[i]
+            i = int(np.searchsorted(t, self.last + wait)) if wait > 0 else i + 1
+        return out
+
+    def feed(self, probs: np.ndarray, silent: np.ndarray, ends: np.ndarray) -> list[tuple]:
+        return self.fire(*self.gate(probs, silent), ends)

@@ -12,13 +12,14 @@ export.py puts it in the model, where predict.py applies it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.special import logsumexp
 
-from predictor import OPEN, decide
+from predictor import NEVER, OPEN, Detector, Rule, best_word, decide
 from util import UsageError
 
 
@@ -39,9 +40,8 @@ def det_curve(probs: np.ndarray, truth: np.ndarray, classes: list[str],
     rows make (each row's best word's probability, or its `score` where given: bench.py's
     energy), lowest first: `outcomes` at each, counted at once (a row's best word is accepted
     from its score down)."""
-    words = ~np.isin(classes, OPEN)
-    scores = np.where(words, probs, -1.0)
-    top, p = np.asarray(classes)[scores.argmax(1)], scores.max(1) if score is None else score
+    word, best = best_word(probs, classes)
+    top, p = np.asarray(classes)[word], best if score is None else score
     open_rows = np.isin(truth, OPEN)
     let_in = np.sort(p[open_rows])
     right = np.sort(p[~open_rows & (top == truth)])
@@ -87,48 +87,54 @@ def words_detected(probs: np.ndarray, truth: np.ndarray, classes: list[str],
 
 # ----------------------------------------------------------------------------- per hour
 PER_HOUR = (0.5, 2.0, 10.0)  # the false accepts per hour of other speech the report reads at
+GRID = np.round(np.arange(0, 1001) / 1000, 3)  # the thresholds a rate per hour is fitted on
 
 
-def word_segments(other: dict, classes: list[str], thresholds) -> np.ndarray:
-    """How many word segments predict.py would report at each threshold in recordings read
-    window by window (`other`: each window's probs, silent, first (a recording's first window),
-    start and end in seconds): each window labelled by the rule (decide; '' where silent), the
-    windows below the threshold dropped, and a window that starts before the end of the one
-    kept before it, with its label, in the same recording, joins its segment
-    (predictor.segments). On recordings that hold none of the words each is a false accept."""
-    probs, silent = other["probs"], np.asarray(other["silent"], bool)
-    start, end = np.asarray(other["start"]), np.asarray(other["end"])
-    rec = np.cumsum(other["first"])
-    is_open = np.isin(classes, OPEN)
-    word, other_best = (np.where(mask, probs, -1.0) for mask in (~is_open, is_open))
-    w, pw, o, po = word.argmax(1), word.max(1), other_best.argmax(1), other_best.max(1)
-    out = []
-    for t in thresholds:
-        took = pw >= t
-        label, p = np.where(took, w, o), np.where(took, pw, po)
-        k = np.nonzero(~silent & (p >= t))[0]
-        joins = np.r_[False, (label[k[1:]] == label[k[:-1]]) & (start[k[1:]] <= end[k[:-1]])
-                      & (rec[k[1:]] == rec[k[:-1]])]
-        out.append(int((took[k] & ~joins).sum()))
-    return np.asarray(out)
+def gates(other: dict, classes: list[str], rule: Rule) -> list[tuple]:
+    """The recordings of `other` (each window's probs, silent, first (a recording's first
+    window) and end in seconds) through the first half of the rule over time (Detector.gate:
+    smoothing and patience), a recording at a time: [(word, gate, end)] per recording."""
+    probs, silent, end = other["probs"], np.asarray(other["silent"], bool), other["end"]
+    bounds = np.r_[np.flatnonzero(other["first"]), len(probs)]
+    return [(*Detector(classes, rule).gate(probs[a:b], silent[a:b]), np.asarray(end[a:b]))
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def per_hour(probs: np.ndarray, truth: np.ndarray, classes: list[str], other: dict,
+def detections(gated: list[tuple], classes: list[str], rule: Rule, threshold: float) -> int:
+    """How many detections the rule over time makes at `threshold` on recordings `gates` read:
+    predict.py's count on each recording read from its start (Detector.fire). On recordings
+    that hold none of the words each is a false accept."""
+    return sum(len(Detector(classes, replace(rule, threshold=threshold)).fire(*g))
+               for g in gated)
+
+
+def fit_per_hour(gated: list[tuple], hours: float, classes: list[str], rule: Rule,
+                 rate: float) -> tuple[float, float]:
+    """(the lowest threshold of GRID from which the rule lets in at most `rate` detections per
+    hour of the recordings, at every threshold above it too; the rate there): read from the
+    top down, so that only the few detections near the rate are ever counted. Above 1: nothing
+    is said at all."""
+    got = 0.0
+    for k in range(len(GRID) - 1, -1, -1):
+        now = detections(gated, classes, rule, float(GRID[k])) / hours
+        if now > rate:
+            return (float(GRID[k + 1]), got) if k + 1 < len(GRID) else (NEVER, 0.0)
+        got = now
+    return 0.0, got
+
+
+def per_hour(probs: np.ndarray, truth: np.ndarray, classes: list[str], other: dict, rule: Rule,
              rates=PER_HOUR) -> pd.DataFrame:
-    """For each rate: the lowest threshold (on a 0.001 grid) from which the rule accepts at most
-    `rate` word segments per hour of the other-speech recordings (`other`: as word_segments
-    reads them, and their hours), with each word's (and all words') detection on the rows
-    `probs`/`truth` (the OOF) there: detection at fixed false accepts per hour."""
-    grid = np.round(np.arange(0, 1001) / 1000, 3)
-    count = word_segments(other, classes, grid)
-    rate_at = count / other["hours"]
+    """For each rate: the threshold fit_per_hour gives for the rule over time on the
+    other-speech recordings (`other`, and its hours), with each word's (and all words')
+    detection on the clips `probs`/`truth` (the OOF) there: detection at fixed false accepts
+    per hour."""
+    gated = gates(other, classes, rule)
     out = []
     for rate in rates:
-        over = np.nonzero(rate_at > rate)[0]  # from the threshold on, never above the rate
-        k = over[-1] + 1 if len(over) else 0
-        t = float(grid[k]) if k < len(grid) else 1.0 + 1e-9
-        out.append({"false accepts per hour <=": rate, "per hour": float(rate_at[k]) if k < len(
-            grid) else 0.0, **words_detected(probs, truth, classes, t)})
+        t, got = fit_per_hour(gated, other["hours"], classes, rule, rate)
+        out.append({"false accepts per hour <=": rate, "per hour": got,
+                    **words_detected(probs, truth, classes, t)})
     return pd.DataFrame(out)
 
 

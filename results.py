@@ -367,16 +367,31 @@ def html_reject(run: Run, table: pd.DataFrame, probs: np.ndarray, classes: list[
         f"word needs probability &ge; {point['threshold']:.4f}; on the OOF it lets in "
         f"{100 * point['oof_false_accepts']:.1f} % of {point['open_clips']} other clips and "
         f"recognises {100 * point['oof_detection']:.1f} % of {point['word_clips']} words.</p>")
-    hours = "" if point is None or "other_speech" not in point else (
-        f"<h3>Per hour of other speech</h3><p>{point['other_speech']['segments']} word segments "
-        f"let in over {point['other_speech']['hours']:.2f} h of "
-        f"{len(point['other_speech']['files'])} recording(s) read in windows (inference.py "
-        f"--other-speech): {point['other_speech']['per_hour']:.1f} per hour at the operating "
-        f"point. Detection (OOF) at fixed false accepts per hour:</p>"
-        f"{_table(pd.DataFrame(point['other_speech']['table']))}")
+    hours = "" if point is None or "other_speech" not in point else html_per_hour(point)
     return (f"<h2>Saying none of these: detection against false accepts</h2>{said}"
             f'<img class="fig" src="{det}" alt="DET curve">'
             f"{_table(detection_at(probs, truth, classes))}{hours}")
+
+
+def html_per_hour(point: dict) -> str:
+    """reject.json's other speech: the detections the rule over time let in per hour, the
+    table of detection at fixed false accepts per hour, and the stream rule where one was
+    fitted (inference.py --false-accepts-per-hour)."""
+    other, rule = point["other_speech"], point["other_speech"]["rule"]
+    stream = point.get("stream")
+    fitted = "" if not stream else (
+        f"<p>Stream rule (inference.py --false-accepts-per-hour {stream['target_per_hour']:g}; "
+        f"export.py puts it in the model, predict.py applies it): a word needs its probability, "
+        f"averaged over {stream['smooth']} window(s), &ge; {stream['threshold']:.3f} in "
+        f"{stream['patience']} window(s) in a row, {stream['refractory']:g} s apart: "
+        f"{stream['fitted_per_hour']:.2f} per hour on the other speech.</p>")
+    return (f"<h3>Per hour of other speech</h3><p>{other['detections']} detections let in over "
+            f"{other['hours']:.2f} h of {len(other['files'])} recording(s) read in windows every "
+            f"{other['hop']:g} s (inference.py --other-speech): {other['per_hour']:.1f} per hour "
+            f"at the operating point, each word's probability averaged over {rule['smooth']} "
+            f"window(s), {rule['patience']} in a row, {rule['refractory']:g} s apart. Detection "
+            f"(OOF) at fixed false accepts per hour:</p>{_table(pd.DataFrame(other['table']))}"
+            f"{fitted}")
 
 
 def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:

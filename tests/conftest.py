@@ -50,6 +50,24 @@ def refused(script: str, *args) -> str:
     return lines[0]
 
 
+def refusal(script: str, *args) -> str:
+    """A script's `main(argv)` run in this process (runpy: the file as a user runs it, without
+    its `__main__` block), expecting a refusal: exit code 2 and one line on stderr; returns
+    that line. For refusals that need no process of their own: no new interpreter, no imports
+    paid again."""
+    import contextlib
+    import io
+    import runpy
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = runpy.run_path(str(ROOT / script))["main"]([str(a) for a in args])
+    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err.getvalue(), \
+        (code, err.getvalue()[-3000:])
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     import synth

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT, TINY, cached, run_script
+from conftest import ROOT, TINY, cached, hears_interrupts, refusal, run_script
 
 BLOCKED = ("torch", "torchvision", "torchaudio", "lightning", "pytorch_lightning", "timm",
            "librosa", "sklearn", "scipy", "pandas", "matplotlib")
@@ -54,7 +55,7 @@ def test_onnx_matches_the_pytorch_ensemble(e2e, exported, tta):
 def torch_free_env(tmp_path):
     """An environment whose Python cannot import torch, Lightning, timm, librosa, pandas..."""
     block = tmp_path / "block"
-    block.mkdir()
+    block.mkdir(exist_ok=True)
     (block / "sitecustomize.py").write_text(
         "import sys\n"
         "class Block:\n"
@@ -111,40 +112,139 @@ def three_words(tmp_path_factory):
     return root
 
 
-def test_windows_find_three_words_in_order_at_their_times(three_words, tmp_path):
+def three_word_recording(seconds: float = 5.5):
+    """(5.5 s of float32 16 kHz audio holding marvin, up and six, [(word, centre second)], sr)."""
     import synth
 
     espeak, rng, sr = synth.Espeak(), np.random.default_rng(0), 16000
-    rec = np.zeros(int(5.5 * sr), np.float32)
+    rec = np.zeros(int(seconds * sr), np.float32)
     truth = []
     for word, centre in (("marvin", 1.0), ("up", 2.5), ("six", 4.0)):
         y = 0.3 * synth.espeak_at_sr(espeak, word, "en-us+m3", rng, pitch=50, prange=50, rate=170)
         start = int(centre * sr - len(y) / 2)
         rec[start:start + len(y)] += y
         truth.append((word, centre))
+    return rec, truth, sr
+
+
+def heard_in(stdout: str, name: str) -> list[tuple[str, float]]:
+    """predict.py's detection lines for recording `name`: [(word, second)]."""
+    found = [re.fullmatch(rf".*{re.escape(name)}: (\S+) at ([\d.]+) s \([\d.]+\)", line)
+             for line in stdout.splitlines()]
+    return [(m[1], float(m[2])) for m in found if m]
+
+
+def test_windows_find_three_words_in_order_at_their_times(three_words, tmp_path):
+    rec, truth, sr = three_word_recording()
     sf.write(tmp_path / "rec.wav", rec, sr)
     sf.write(tmp_path / "short.wav", rec[:sr // 2], sr)
     hop = 0.25
     proc = subprocess.run([sys.executable, str(ROOT / "predict.py"),
                            str(three_words / "words.onnx"), str(tmp_path / "rec.wav"),
                            str(tmp_path / "short.wav"), "--window", "1", "--hop", str(hop),
-                           "--csv", str(tmp_path / "rows.csv")],
+                           "--csv", str(tmp_path / "rows.csv"), "--patience", "2",
+                           "--refractory", "0.5"],
                           env=torch_free_env(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "short.wav: 0.50 s, shorter than one 1 s window: one padded window" in proc.stderr
     rows = pd.read_csv(tmp_path / "rows.csv", keep_default_na=False)
     rec_rows = rows[rows.path.str.endswith("rec.wav")]
     assert list(rec_rows.start) == [i * hop for i in range(len(rec_rows))]
-    from predictor import segments
+    # the detections (the rule over time: two windows in a row, 0.5 s apart, for words 1.5 s
+    # apart): each word once, in order, printed when the second window that hears it ends
+    heard = heard_in(proc.stdout, "rec.wav")
+    assert [w for w, _ in heard] == [w for w, _ in truth]
+    for (_, t), (_, centre) in zip(heard, truth):
+        assert centre - 0.5 <= t <= centre + 1 + hop  # said once its windows have heard it
+    assert proc.stdout.strip().splitlines()[-1].startswith("predict: 3 detections in")
 
-    segs = [s for s in segments(list(rec_rows[["start", "end", "label", "p"]]
-                                     .itertuples(index=False, name=None)))
-            if s[4] >= 2]  # segments of at least two windows
-    assert [s[2] for s in segs] == [w for w, _ in truth]
-    for (start, end, *_), (_, centre) in zip(segs, truth):
-        assert abs((start + end) / 2 - centre) <= hop
-    said = [line for line in proc.stdout.splitlines() if "segment" in line]
-    assert any("marvin" in line for line in said)
+
+def start_stream(three_words, tmp_path, *flags, stdout=subprocess.PIPE):
+    """predict.py MODEL - (torch-free), reading standard input."""
+    return subprocess.Popen([sys.executable, str(ROOT / "predict.py"),
+                             str(three_words / "words.onnx"), "-", *map(str, flags)],
+                            stdin=subprocess.PIPE, stdout=stdout, stderr=subprocess.PIPE,
+                            env=torch_free_env(tmp_path), preexec_fn=hears_interrupts)
+
+
+def pcm(y: np.ndarray) -> bytes:
+    return (np.clip(y, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def test_predict_hears_a_stream_as_it_arrives(three_words, tmp_path):
+    """`... | predict.py MODEL -`: raw PCM written at real-time pace; each word is printed
+    while the stream still runs, within about a window of its end, and once."""
+    import threading
+    import time
+
+    rec, truth, sr = three_word_recording(9.5)  # 4 s of quiet after the last word
+    proc = start_stream(three_words, tmp_path, "--patience", 2, "--refractory", 0.5)
+    lines, began = [], time.monotonic()
+    reader = threading.Thread(target=lambda: lines.extend(
+        (time.monotonic() - began, line) for line in proc.stdout))
+    reader.start()
+    step = sr // 10
+    for i in range(0, len(rec), step):  # 0.1 s at a time, as a sound card gives it
+        proc.stdin.write(pcm(rec[i:i + step]))
+        proc.stdin.flush()
+        time.sleep(max(0.0, began + (i + step) / sr - time.monotonic()))
+    written = time.monotonic() - began
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    reader.join()
+    out = "".join(line.decode() for _, line in lines)
+    heard = heard_in(out, "-")
+    assert [w for w, _ in heard] == [w for w, _ in truth]
+    first = next(at for at, line in lines if b"marvin" in line)
+    assert first < written - 3  # printed as it happened, not when the stream ended
+    assert f"predict: 3 detections in {9.5 / 60:.1f} min" in out
+
+
+def test_a_stream_ends_with_one_line_on_a_signal_a_closed_pipe_or_bad_audio(three_words,
+                                                                           tmp_path):
+    import io
+    import signal
+    import time
+
+    rec, _, sr = three_word_recording()
+    wav = io.BytesIO()
+    sf.write(wav, rec, sr, format="WAV", subtype="PCM_16")  # a WAV stream is read too
+    for sig, code, said in ((signal.SIGINT, 130, "predict: stopped (^C)"),
+                            (signal.SIGTERM, 143, "predict: stopped (SIGTERM)")):
+        proc = start_stream(three_words, tmp_path)
+        proc.stdin.write(wav.getvalue()[:44 + 2 * sr])
+        proc.stdin.flush()
+        time.sleep(3)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1].decode()
+        assert proc.returncode == code and err.strip() == said, (proc.returncode, err)
+    # the reader of its output goes away: one line, no traceback
+    proc = start_stream(three_words, tmp_path)
+    proc.stdout.close()
+    _, err = proc.communicate(wav.getvalue(), timeout=60)
+    assert proc.returncode == 141 and err.decode().strip() == \
+        "predict: the output was closed; stopped", err
+    # what is not 16-bit PCM is refused in one line
+    proc = start_stream(three_words, tmp_path)
+    _, err = proc.communicate(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x03\x00\x01\x00"
+                              b"\x80\x3e\x00\x00\x00\xfa\x00\x00\x04\x00\x20\x00data\x00\x00\x00\x00",
+                              timeout=60)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "format 3, 32 bits" in lines[0], err
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--min-prob", 2], "--min-prob 2.0: expected a probability in [0, 1]"),
+    (["--min-prob", -1], "--min-prob -1.0: expected a probability in [0, 1]"),
+    (["--min-prob", "nan"], "--min-prob nan: expected a probability in [0, 1]"),
+    (["--smooth", 0], "--smooth 0: expected a number of windows, 1 or more"),
+    (["--patience", 0], "--patience 0: expected a number of windows, 1 or more"),
+    (["--refractory", -1], "--refractory -1.0: expected seconds, 0 or more"),
+    (["--refractory", "nan"], "--refractory nan: expected seconds, 0 or more"),
+])
+def test_predict_refuses_rules_out_of_range(three_words, flags, said):
+    got = refusal("predict.py", three_words / "words.onnx", "-", *flags)
+    assert got == f"predict: {said}"
 
 
 def test_the_bundle_s_embedding_equals_torch_s_and_holds_the_words(e2e, exported, tmp_path):

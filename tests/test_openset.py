@@ -4,15 +4,18 @@ predict.py."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import TINY, refused, run_script
-from predictor import OPEN, decide
-from reject import det_curve, detection_at, fit_threshold, outcomes, per_hour, word_segments
+from predictor import OPEN, Detector, Rule, decide
+from reject import (GRID, det_curve, detection_at, detections, fit_per_hour, fit_threshold, gates,
+                    outcomes, per_hour)
 
 CLASSES = ["_silence_", "_unknown_", "down", "go", "up"]
 
@@ -71,61 +74,103 @@ def test_decide_takes_the_best_word_at_its_threshold_else_the_more_probable_othe
         "down", "_unknown_", "down", "_unknown_", "down"]
 
 
-# ----------------------------------------------------------------------------- preprocess
-def reference_segments(probs, silent, first, start, end, threshold) -> int:
-    """Word segments as predict.py finds them: decide's labels window by window ('' where
-    silent), merged by predictor.segments, the words among them counted."""
-    from predictor import segments
-
-    total, bounds = 0, list(np.nonzero(first)[0]) + [len(probs)]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        said = decide(probs[a:b], CLASSES, threshold)
-        rows = [(start[a + i], end[a + i], "" if silent[a + i] else s,
-                 1.0 if silent[a + i] else float(probs[a + i, CLASSES.index(s)]))
-                for i, s in enumerate(said)]
-        total += sum(label not in OPEN for _, _, label, _, _ in segments(rows, threshold))
-    return total
+# ----------------------------------------------------------------------------- over time
+WORDS = ["_silence_", "_unknown_", "a", "b"]
 
 
-def test_word_segments_are_predict_s_segments_at_every_threshold():
-    probs, _ = random_probs(400, 3)
-    rng = np.random.default_rng(4)
-    silent = rng.random(400) < 0.1
-    first = np.zeros(400, bool)
-    first[[0, 150, 151, 300]] = True  # four recordings, one of a single window
-    probs[150] = probs[149]  # a word running across two recordings
-    at = np.arange(400) - np.maximum.accumulate(np.where(first, np.arange(400), 0))
-    start, end = at * 0.25, at * 0.25 + 1.0  # 1 s windows every 0.25 s
-    end[299] = start[299] + 0.6  # a recording's last window stops short
-    thresholds = [0.0, 0.2, 0.35, 0.5, 0.7, 0.9, 1.01]
-    got = word_segments(dict(probs=probs, silent=silent, first=first, start=start, end=end),
-                        CLASSES, thresholds)
-    want = [reference_segments(probs, silent, first, start, end, t) for t in thresholds]
-    assert list(got) == want and want[0] > want[3] > want[-1] == 0
+def score_stream(said) -> np.ndarray:
+    """Windows' probabilities from (word, its probability) pairs; the rest is _unknown_."""
+    probs = np.zeros((len(said), 4))
+    for i, (word, p) in enumerate(said):
+        probs[i, WORDS.index(word)] = p
+        probs[i, 1] += 1 - p
+    return probs
 
 
-def test_detection_per_hour_is_read_at_the_lowest_threshold_that_stays_under_the_rate():
+KNOWN = [("a", .9), ("a", .9), ("a", .2), ("a", .9), ("b", .9), ("b", .9), ("a", .1),
+         ("a", .8), ("a", .3), ("a", .3)]  # windows every 0.25 s, each ending at 1 s + i/4
+
+
+@pytest.mark.parametrize("rule, want", [
+    (Rule(0.5, refractory=0), [(1.0, "a"), (1.75, "a"), (2.0, "b"), (2.75, "a")]),  # runs once
+    (Rule(0.5, refractory=1.0), [(1.0, "a"), (2.0, "b")]),  # 1.75 and 2.75 too soon after
+    (Rule(0.5, patience=2, refractory=0), [(1.25, "a"), (2.25, "b")]),  # two in a row
+    (Rule(0.5, smooth=2, refractory=0), [(1.0, "a"), (2.25, "b"), (3.0, "a")]),  # means of 2
+    (Rule(0.55, smooth=3, refractory=0), [(1.0, "a"), (2.25, "b")]),  # of 3: .8 and .3 stay low
+    (Rule(0.95, refractory=0), []),
+])
+def test_the_rule_over_time_counts_a_known_score_stream(rule, want):
+    """Smoothing, patience and the refractory time on a stream whose detections are worked
+    out by hand: the bundle's Detector fed in blocks, and inference.py's per-hour count
+    (reject.detections) over the whole recording, say the same."""
+    probs, ends = score_stream(KNOWN), 1.0 + np.arange(len(KNOWN)) / 4
+    silent = np.zeros(len(KNOWN), bool)
+    detector, got = Detector(WORDS, rule), []
+    for a, b in [(0, 1), (1, 3), (3, 3), (3, len(KNOWN))]:
+        got += detector.feed(probs[a:b], silent[a:b], ends[a:b])
+    assert [(t, w) for t, w, _ in got] == want
+    other = dict(probs=probs, silent=silent, first=np.arange(len(KNOWN)) == 0, end=ends)
+    assert detections(gates(other, WORDS, rule), WORDS, rule, rule.threshold) == len(want)
+
+
+def test_a_silent_window_holds_no_word_and_a_stream_gives_what_the_whole_gives():
+    probs, ends = score_stream(KNOWN), 1.0 + np.arange(len(KNOWN)) / 4
+    silent = np.zeros(len(KNOWN), bool)
+    silent[1] = True  # the second window of the first "a" run is quiet
+    got = Detector(WORDS, Rule(0.5, patience=2, refractory=0)).feed(probs, silent, ends)
+    assert [(t, w) for t, w, _ in got] == [(2.25, "b")]
+    rng = np.random.default_rng(3)
+    classes = ["_silence_", "_unknown_", "a", "b", "c"]
+    for _ in range(60):  # blocks of any size give what the whole recording gives at once
+        n = int(rng.integers(1, 60))
+        probs, silent = rng.dirichlet(np.full(5, 0.3), n), rng.random(n) < 0.1
+        ends = 1 + np.arange(n) / 4
+        rule = Rule(float(rng.uniform(0.2, 0.9)), int(rng.integers(1, 5)),
+                    int(rng.integers(1, 4)), float(rng.choice([0, 0.5, 2])))
+        whole = Detector(classes, rule).feed(probs, silent, ends)
+        cuts = [0, *np.sort(rng.integers(0, n + 1, 3)), n]
+        detector = Detector(classes, rule)
+        parts = [d for a, b in zip(cuts[:-1], cuts[1:])
+                 for d in detector.feed(probs[a:b], silent[a:b], ends[a:b])]
+        assert parts == whole
+
+
+def test_the_per_hour_fit_meets_its_rate_on_what_it_was_fitted_on():
     probs, truth = random_probs(500, 5)
     other, _ = random_probs(2000, 6)
     first = np.zeros(2000, bool)
-    first[[0, 1000]] = True
-    at = np.arange(2000) % 1000 * 0.25
-    got = dict(probs=other, silent=np.zeros(2000, bool), first=first, start=at, end=at + 1,
-               hours=0.5)
-    table = per_hour(probs, truth, CLASSES, got, rates=(10.0, 100.0, 1000.0))
-    grid = np.round(np.arange(0, 1001) / 1000, 3)
-    counts = word_segments(got, CLASSES, grid) / 0.5
+    first[[0, 1000]] = True  # two recordings
+    ends = np.arange(2000) % 1000 * 0.25 + 1
+    got = dict(probs=other, silent=np.zeros(2000, bool), first=first, end=ends, hours=0.5)
+    rule = Rule(0.5, smooth=2, patience=1, refractory=0.5)
+    gated = gates(got, CLASSES, rule)
+    count = np.asarray([detections(gated, CLASSES, rule, t) for t in GRID]) / 0.5
+    table = per_hour(probs, truth, CLASSES, got, rule, rates=(10.0, 100.0, 1000.0))
     for row in table.itertuples(index=False):
         rate, t = row[0], row.threshold
-        assert row[1] == pytest.approx(counts[grid >= t - 1e-9][0]) and row[1] <= rate
-        assert (counts[grid >= t - 1e-9] <= rate).all()  # and never above it from there on
-        assert t == 0 or counts[np.isclose(grid, t - 0.001)][0] > rate  # the lowest such
-        assert table.loc[table.threshold == t, "all words"].iloc[0] == pytest.approx(
-            outcomes(probs, truth, CLASSES, t)[1])
+        assert row[1] <= rate and row[1] == pytest.approx(count[np.isclose(GRID, t)][0])
+        assert (count[GRID >= t - 1e-9] <= rate).all()  # never above it from there on
+        assert t == 0 or count[np.isclose(GRID, t - 0.001)][0] > rate  # the lowest such
+        assert row[-1] == pytest.approx(outcomes(probs, truth, CLASSES, t)[1])
     assert table.threshold.is_monotonic_decreasing and table.threshold.iloc[-1] < \
         table.threshold.iloc[0]
+    # each recording is read from its own start: the pair counts what each counts alone
+    at = replace(rule, threshold=0.6)
+    alone = [len(Detector(CLASSES, at).feed(other[a:b], np.zeros(1000, bool), ends[a:b]))
+             for a, b in ((0, 1000), (1000, 2000))]
+    assert detections(gated, CLASSES, rule, 0.6) == sum(alone) and min(alone) > 0
+    assert fit_per_hour(gated, 0.5, CLASSES, rule, 0.0)[0] > 0.5  # none per hour: nearly mute
 
 
+def test_rules_out_of_range_are_named():
+    assert "[0, 1]" in Rule(1.5).problem() and "[0, 1]" in Rule(float("nan")).problem()
+    assert "--smooth 0" in Rule(0.5, smooth=0).problem()
+    assert "--patience -1" in Rule(0.5, patience=-1).problem()
+    assert "--refractory -1" in Rule(0.5, refractory=-1.0).problem()
+    assert Rule(0.5, 3, 2, 0.0).problem() is None
+
+
+# ----------------------------------------------------------------------------- preprocess
 def labels_of(data) -> list[str]:
     return sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
 
@@ -216,7 +261,8 @@ def open_run(open_work, tmp_path_factory) -> dict:
                "--unknown-share", 0.1)
     run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32, "-f", 2, "-a", "n",
                "--false-accepts", 0.2, "--solution", data / "solution.csv",
-               "--other-speech", talk, talk.parent / "broken.wav")
+               "--other-speech", talk, talk.parent / "broken.wav", "--refractory", 0.5,
+               "--false-accepts-per-hour", 30)
     return dict(open_work, run=work / "runs" / "resnet18_32", talk=talk)
 
 
@@ -252,9 +298,15 @@ def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
     assert "not audio" in other["skipped"][str(open_run["talk"].parent / "broken.wav")]
     assert other["hours"] == pytest.approx(n / 16000 / 3600)
     assert other["windows"] == len(window_starts(n, 16000, 4000))
-    assert other["per_hour"] == pytest.approx(other["segments"] / other["hours"])
+    assert other["per_hour"] == pytest.approx(other["detections"] / other["hours"])
+    assert other["rule"] == dict(threshold=rule["threshold"], smooth=1, patience=1,
+                                 refractory=0.5)
     for row in other["table"]:
         assert row["per hour"] <= row["false accepts per hour <="]
+    stream = rule["stream"]  # fitted per hour: at most its rate on the recording it was fitted on
+    assert stream["target_per_hour"] == 30 and stream["fitted_per_hour"] <= 30
+    assert (stream["smooth"], stream["patience"], stream["refractory"]) == (1, 1, 0.5)
+    assert "Stream rule" in html and f"{stream['threshold']:.3f}" in html
     assert "Per hour of other speech" in html and f"{other['per_hour']:.1f} per hour" in html
 
 
@@ -280,13 +332,17 @@ def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_
     graph = [classes[i] if i >= 0 else "_unknown_" for i in said]
     agree = np.mean(np.asarray(graph) == sub.label.to_numpy())
     assert agree >= 0.98, agree  # float32 graph vs inference's probabilities at the edge
-    # the recording of other speech: predict.py lets in the word segments inference.py counted
-    proc = run_script("predict.py", out, open_run["talk"], "--hop", 0.25)
-    said = json.loads((run / "reject.json").read_text())["other_speech"]
-    heard = int(proc.stdout.strip().splitlines()[-1].split("predict: ")[1].split()[0])
-    assert abs(heard - said["segments"]) <= 1  # float32 graph vs torch at the threshold's edge
-    assert heard == sum(" segment " in line and "_unknown_" not in line and "_silence_" not in
-                        line for line in proc.stdout.splitlines())
+    # the recording of other speech: predict.py lets in the detections inference.py counted,
+    # at the clip rule's threshold and, by default, at the stream rule fitted per hour
+    said = json.loads((run / "reject.json").read_text())
+    for flags, want in ((["--min-prob", said["threshold"], "--refractory", 0.5],
+                         said["other_speech"]["detections"]),
+                        ([], said["stream"]["fitted_per_hour"] * said["other_speech"]["hours"])):
+        proc = run_script("predict.py", out, open_run["talk"], "--hop", 0.25, *flags)
+        heard = int(proc.stdout.strip().splitlines()[-1].split("predict: ")[1].split()[0])
+        assert abs(heard - want) <= 1  # float32 graph vs torch at the threshold's edge
+        assert heard == sum(bool(re.fullmatch(r".*talk\.wav: \S+ at [\d.]+ s \([\d.]+\)", line))
+                            for line in proc.stdout.splitlines())
     csv = tmp_path / "p.csv"
     run_script("predict.py", out, *files, "--csv", csv)
     got = pd.read_csv(csv)
