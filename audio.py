@@ -19,6 +19,7 @@ class AudioError(ValueError):
     starts with its kind: "file not found", "not audio (...)" or "empty (...)"."""
 
 
+HOP = 0.25  # seconds between two windows of a recording read for words (predict.py, inference.py)
 SHORTEST_WINDOW = 0.01  # seconds: a window or hop shorter than one 10-ms STFT frame is refused
 # --window and --hop mean the same in inference.py and predict.py: one help each
 WINDOW_HELP = ("label a recording window by window, each this many seconds, zero-padded or cut "
@@ -62,7 +63,7 @@ def window_starts(n: int, win: int, hop: int) -> list[int]:
 
 
 def recording_windows(y: np.ndarray, sr: int, length: int, window: float | None = None,
-                      hop: float = 0.25, silence_db: float = 40.0):
+                      hop: float = HOP, silence_db: float = 40.0):
     """A recording held in memory read window by window (a short file; a long one or a stream
     goes through `Windows` in blocks): (start samples, windows (N, length) float32 each of
     `window` seconds (default: the clip length) cut or padded to the clip length, every `hop`
@@ -89,7 +90,7 @@ class Windows:
     it is known beforehand (`loudest_of` its blocks: a first pass, so a file is judged whole),
     else the loudest window so far (a stream)."""
 
-    def __init__(self, sr: int, length: int, window: float | None = None, hop: float = 0.25,
+    def __init__(self, sr: int, length: int, window: float | None = None, hop: float = HOP,
                  silence_db: float = 40.0, loudest: float | None = None):
         self.length, self.silence_db, self.loudest = length, silence_db, loudest
         self.win = int(round((window or length / sr) * sr))
@@ -265,7 +266,9 @@ def pipe_blocks(fd: int, sr: int, block: int = 8000):
                 out += got
             return out
 
-        rate, channels, _ = _wav_header(read)
+        tag, bits, rate, channels, _ = _wav_header(read)
+        if tag not in (1, 0xFFFE) or bits != 16:
+            raise StreamError(f"a WAV of format {tag}, {bits} bits: expected 16-bit PCM")
         rest = b""
     stream = soxr.ResampleStream(rate, sr, 1, dtype="float32", quality="HQ") \
         if rate != sr else None
@@ -285,30 +288,27 @@ def pipe_blocks(fd: int, sr: int, block: int = 8000):
             return
 
 
-def _wav_header(read) -> tuple[int, int, int]:
-    """(rate, channels, data bytes the header promises) of a WAV after its 12-byte RIFF head,
-    read through `read(n)` (which gives n bytes or raises StreamError); StreamError for a WAV
-    that is not 16-bit PCM."""
+def _wav_header(read) -> tuple[int, int, int, int, int]:
+    """(format tag, bits per sample, rate, channels, data bytes the header promises) of a WAV
+    after its 12-byte RIFF head, read through `read(n)` (n bytes, or StreamError)."""
     import struct
 
-    rate = channels = None
+    fmt = None
     while True:
         kind, size = struct.unpack("<4sI", read(8))
         if kind == b"fmt ":
-            fmt = read(size + size % 2)
-            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
-            if tag not in (1, 0xFFFE) or bits != 16:
-                raise StreamError(f"a WAV of format {tag}, {bits} bits: expected 16-bit PCM")
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", read(size + size % 2)[:16])
+            fmt = (tag, bits, rate, channels)
         elif kind == b"data":
-            if rate is None:
-                raise StreamError("a WAV stream without its fmt chunk")
-            return rate, channels, size
+            if fmt is None:
+                raise StreamError("a WAV without its fmt chunk")
+            return (*fmt, size)
         else:
             read(size + size % 2)
 
 
 def _promised_frames(path: str | Path) -> int | None:
-    """The frames a 16-bit PCM WAV file's header promises (None: not such a file)."""
+    """The frames a WAV file's header promises (None: not a WAV, or one that does not say)."""
     with open(path, "rb") as f:
         def read(n: int) -> bytes:
             got = f.read(n)
@@ -318,10 +318,11 @@ def _promised_frames(path: str | Path) -> int | None:
         try:
             if read(12)[8:] != b"WAVE":
                 return None
-            rate, channels, size = _wav_header(read)
-        except StreamError:
+            _, bits, _, channels, size = _wav_header(read)
+        except (StreamError, ValueError):  # struct.error is a ValueError
             return None
-    return size // (2 * channels) if size != 0xFFFFFFFF else None
+    frame = channels * bits // 8
+    return size // frame if frame and size != 0xFFFFFFFF else None
 
 
 CODECS = {  # name: (the rate it runs at, None: the clip's own; soundfile format, subtype)

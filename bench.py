@@ -7,6 +7,7 @@ that measured them; their code is not kept here.)
     python bench.py --work WORK --sections onnx --run RUN           # RUN's folds, exported
     python bench.py --sections scale,crops                         # make their own data
     python bench.py --work WORK --sections reject --run RUN --solution S.csv -a y
+    python bench.py --work WORK --sections stream --run RUN --stream-minutes 1,15,60
 
 step: a training step of AudioNet (model.AudioClassifier's network: front end, backbone,
 head; its public methods) for resnet18 at 64x64 and res2next50 at -t, split into the front end
@@ -25,6 +26,8 @@ PyTorch, labels alone (the `probs` output) beside labels and embedding (both out
 the cold start of predict.py beside inference.py --predict. reject: the reject rule's score
 on RUN (classes with _unknown_/_silence_): the best word's probability beside the energy of
 the word logits, plain and temperature-scaled, each fitted on the OOF and read on the test.
+stream: RUN exported; recordings of each --stream-minutes read by predict.py (a file, and piped
+to `-`) and by inference.py --other-speech, each timed with its peak memory.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from arg import Config, config_from_args, make_parser
-from audio import CODECS
+from audio import CODECS, HOP
 from byol import BYOL
 from cache import Clips, training_clips
 from dataset import WaveDataset, load_noise
@@ -396,6 +399,50 @@ def reject_section(args, device) -> None:
               + " |")
 
 
+def long_recording(work: str, path: Path, minutes: float, sr: int) -> Path:
+    """`minutes` of WORK's test clips end to end (repeated), written to `path` in blocks."""
+    clips = Clips.of(work, "test")
+    with sf.SoundFile(path, "w", sr, 1, "PCM_16") as f:
+        left, i = int(minutes * 60 * sr), 0
+        while left > 0:
+            y = clips.clip(i % len(clips))[:left]
+            f.write(y)
+            left, i = left - len(y), i + 1
+    return path
+
+
+def stream_section(args) -> None:
+    """RUN exported, then recordings of each --stream-minutes read in blocks: by predict.py
+    (a file, and the same audio piped to `-` as raw PCM) and by inference.py --other-speech:
+    wall time and peak memory of each (their memory must not grow with the length)."""
+    if not args.run:
+        raise UsageError("--sections stream needs --run RUN (a run with _unknown_/_silence_)")
+    folds = Work(args.work).folds()
+    tmp = Path(tempfile.mkdtemp())
+    model = tmp / f"{args.run}.onnx"
+    subprocess.run([sys.executable, str(HERE / "export.py"), "--work", str(args.work), "--run",
+                    args.run, "-f", str(len(folds)), "-a", args.tta, "--out", str(model)],
+                   check=True, capture_output=True)
+    sr = Work(args.work).prep()["sr"]
+    for minutes in [float(m) for m in args.stream_minutes.split(",")]:
+        wav = long_recording(args.work, tmp / f"talk_{minutes:g}.wav", minutes, sr)
+        got = {"predict.py file": [sys.executable, str(HERE / "predict.py"), str(model),
+                                   str(wav), "--hop", str(HOP)],
+               "predict.py - (a pipe)": ["bash", "-c", f"cat {shlex.quote(str(wav))} | "
+                                         f"{shlex.quote(sys.executable)} {HERE / 'predict.py'} "
+                                         f"{shlex.quote(str(model))} -"],
+               "inference.py --other-speech": [
+                   sys.executable, str(HERE / "inference.py"), "--work", str(args.work), "--run",
+                   args.run, "-f", str(len(folds)), "-a", args.tta, "-g", "-1", "--out",
+                   str(tmp / "inference"), "--other-speech", str(wav)]}
+        for name, cmd in got.items():
+            m = measured(cmd)
+            print(f"stream: {minutes:6g} min, {name:28s} {m['seconds']:7.1f} s "
+                  f"({minutes * 60 / m['seconds']:6.1f}x real time), peak {m['anon']:6.0f} MB "
+                  f"own + {m['file']:5.0f} MB mapped", flush=True)
+        wav.unlink()
+
+
 SECTIONS = {"step": step_section, "augment": augment_section, "codec": codec_section,
             "speech": speech_section, "ssl": ssl_section}
 
@@ -405,7 +452,9 @@ def steps(argv) -> int:
     p.add_argument("--clips", type=int, default=512, help="clips per measurement")
     p.add_argument("--sections", default="step,augment",
                    help=f"comma-separated: {', '.join(SECTIONS)}, onnx, crops, scale, pruners, "
-                        f"reject")
+                        f"reject, stream")
+    p.add_argument("--stream-minutes", default="1,15,60",
+                   help="stream: the lengths of the recordings read")
     p.add_argument("--replay-study", default="",
                    help="pruners: the tune.py study to replay (made with --pruner none)")
     p.add_argument("--replay-startup", type=int, default=4,
@@ -420,7 +469,7 @@ def steps(argv) -> int:
     args.work, args.size, args.batch_size, args.run = cfg.work, cfg.size, cfg.batch_size, cfg.run
     args.tta = cfg.tta
     sections = args.sections.split(",")
-    unknown = set(sections) - {*SECTIONS, "onnx", "crops", "scale", "pruners", "reject"}
+    unknown = set(sections) - {*SECTIONS, "onnx", "crops", "scale", "pruners", "reject", "stream"}
     if unknown:
         p.error(f"--sections: no section {', '.join(sorted(unknown))}")
     if "scale" in sections:  # make their own data: need no --work
@@ -429,12 +478,14 @@ def steps(argv) -> int:
         crops_section(args)
     if "pruners" in sections:  # reads a study, no clips
         pruners_section(args)
-    if not set(sections) - {"scale", "crops", "pruners"}:
+    if "stream" in sections:  # runs the scripts on RUN
+        stream_section(args)
+    if not set(sections) - {"scale", "crops", "pruners", "stream"}:
         return 0
     device = torch_device(cfg.gpus)
     if "reject" in sections:  # reads RUN's checkpoints and clips
         reject_section(args, device)
-    if not set(sections) - {"scale", "crops", "pruners", "reject"}:
+    if not set(sections) - {"scale", "crops", "pruners", "reject", "stream"}:
         return 0
     torch.set_num_threads(os.cpu_count() or 1)
     waves, said = training_clips(args.work, min(args.clips, len(Clips.of(args.work, "train"))))

@@ -18,7 +18,7 @@ from metrics import calibration_error, log_loss
 from predictor import OPEN
 from model import AudioClassifier, AudioNet, to_probs
 from results import label_index, load_oof
-from runs import Run, train_command
+from runs import Run, oof_missing
 from transform import tta_views
 from util import UsageError
 
@@ -251,11 +251,7 @@ def oof_for_blend(work: Path, runs: list[str], folds: list[int], name: str,
     for r in (Run(work, name) for name in runs):
         got = load_oof([r.dir], folds, name, classes)
         if got is None:
-            missing = [k for k in folds if not r.oof(k, name).is_file()]
-            how = ("train them with -a y, or fit without -a y" if name == "oof_tta" else
-                   "train them: " + train_command(r, str(missing[0])))
-            raise UsageError(f"--fit-weights: run {r.name} has no finished {name}.csv for fold(s) "
-                             f"{', '.join(map(str, missing)) or 'all'}; {how}")
+            raise UsageError(f"--fit-weights: {oof_missing(r, folds, name)}")
         tables.append(got[0])
         probs.append(got[1])
     for r, t in zip(runs[1:], tables[1:]):

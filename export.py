@@ -28,6 +28,7 @@ import torch
 
 from arg import add_members, config_from_args, make_parser
 from ensemble import Ensemble, WithDecision, WithEmbedding, load_members
+from audio import HOP
 from predictor import OPEN, Rule
 from runs import BLEND, REJECT, Run, requested_folds
 from transform import N_VIEWS
@@ -102,7 +103,7 @@ included. Needs Python 3.9+ and the four packages of `requirements.txt` (no torc
 pip install -r requirements.txt        # offline: pip download -r requirements.txt -d wheels
                                        # elsewhere, then pip install --no-index -f wheels ...
 python predict.py {name} clip.wav folder/ --top-k 3
-python predict.py {name} long_recording.wav --window 1 --hop 0.25 --csv windows.csv
+python predict.py {name} long_recording.wav --window 1 --hop {HOP:g} --csv windows.csv
 arecord -f S16_LE -r 16000 | python predict.py {name} -   # a live stream: its detections
 python predict.py {name} folder/ --embed vectors.npy   # embeddings (+ vectors.csv: the paths)
 ```
@@ -113,7 +114,7 @@ From Python:
 from predictor import Predictor
 p = Predictor("{name}")
 p.predict_files(["clip.wav"], top_k=3)          # [(path, [(label, probability), ...]), ...]
-p.windows("long.wav", window=1.0, hop=0.25)      # [(start_s, end_s, label, probability), ...]
+p.windows("long.wav", window=1.0, hop={HOP:g})      # [(start_s, end_s, label, probability), ...]
 files, vectors = p.embed_files(["a.wav", "b.wav"])  # the first fold's pooled vectors
 ```
 

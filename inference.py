@@ -25,15 +25,16 @@ from tqdm import tqdm
 
 import audio
 from arg import Config, add_members, config_from_args, make_parser as config_parser
-from audio import HOP_HELP, WINDOW_HELP, window_problem
+from audio import HOP, HOP_HELP, WINDOW_HELP, window_problem
 from cache import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, load_members, member_probs,
                       oof_for_blend, predict_waves, with_temperature)
-from predictor import (HOP, NEVER, OPEN, Rule, add_rule_flags, decide, file_loudest, read_windows,
+from predictor import (NEVER, OPEN, Rule, add_rule_flags, decide, file_loudest, read_windows,
                        rule_from)
-from reject import PER_HOUR, detections, fit_per_hour, fit_threshold, gates, per_hour
+from reject import (PER_HOUR, detections, fit_per_hour, fit_threshold, gates, keyword_stream,
+                    per_hour)
 from results import cv_report, load_oof, write_html
-from runs import REJECT, RUN_RESULTS, Run, Work, requested_folds
+from runs import REJECT, RUN_RESULTS, Run, Work, oof_missing, requested_folds
 from submission import write_blend, write_embeddings, write_submission, write_windows
 from transform import tta_views
 from util import UsageError, run_cli, setup_logging, torch_device, write_json
@@ -89,6 +90,12 @@ def make_parser():
                         "RATE detections per hour of it; reject.json's stream rule, which "
                         "export.py puts in the model for predict.py")
     add_rule_flags(g)
+    g.add_argument("--keyword-stream", default=None, metavar="FILE",
+                   help="a long recording with the words inside other speech, its keywords' "
+                        "word,start,end (s) in FILE's .csv beside it (stream.py data's "
+                        "stream_test.wav): read as predict.py reads it, the words missed at "
+                        "0.1, 0.5 and 2 false accepts per hour, and at the stream rule, go to "
+                        "reject.json and report.html")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="", help="output folder (default: the run's folder)")
     g.add_argument("--solution", default="", help="CSV file_name,label to score the test set")
@@ -134,6 +141,8 @@ def check_request(cfg, args) -> list[str]:
     if not 0 <= args.false_accepts < 1:
         raise UsageError(f"--false-accepts {args.false_accepts}: a share of the other clips in "
                          f"[0, 1)")
+    if args.keyword_stream:
+        keyword_truth(args.keyword_stream)
     rate = args.false_accepts_per_hour
     if rate is not None and not rate > 0:  # NaN too
         raise UsageError(f"--false-accepts-per-hour {rate:g}: expected a rate above 0")
@@ -158,8 +167,9 @@ def test_windows(work: Path, prep: dict, args) -> tuple[object, pd.DataFrame, st
 
 
 def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.ndarray,
-                  blend: dict | None, device: torch.device, batch: int) -> dict:
-    """The --other-speech recordings window by window as predict.py reads them (in blocks:
+                  blend: dict | None, device: torch.device, batch: int,
+                  flag: str = "--other-speech") -> dict:
+    """The recordings of `flag` window by window as predict.py reads them (in blocks:
     clip-length windows every HOP s, the quiet ones silent; predictor.read_windows) with the
     ensemble's probabilities: probs, silent, first (each recording's first window), end (s),
     hours, files, skipped (path: reason). Memory: the members, one block's windows, and each
@@ -174,12 +184,12 @@ def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.nd
         except audio.AudioError as e:
             skipped[str(path)] = str(e)
     if not lengths:
-        raise UsageError(f"--other-speech {' '.join(map(str, files))}: no readable audio ("
+        raise UsageError(f"{flag} {' '.join(map(str, files))}: no readable audio ("
                          + "; ".join(f"{p}: {why}" for p, why in skipped.items())
-                         + ") - give recordings of speech without the words, e.g. real.py "
-                           "data's openset_other.wav")
+                         + ") - give recordings of speech, e.g. real.py data's openset_other.wav "
+                           "or stream.py data's stream_fit.wav")
     for path, why in skipped.items():
-        log.warning("--other-speech %s: skipped - %s", path, why)
+        log.warning("%s %s: skipped - %s", flag, path, why)
 
     def probs(waves):
         got = np.stack([member_probs(m.to(device), waves, tta, device, batch)[0]
@@ -188,7 +198,7 @@ def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.nd
         return with_temperature(score, blend["temperature"]) if blend else score
 
     kept, done = dict(probs=[], silent=[], first=[], end=[]), 0.0
-    with tqdm(total=round(sum(lengths.values()), 2), unit="s", desc="other speech (audio)",
+    with tqdm(total=round(sum(lengths.values()), 2), unit="s", desc=f"{flag} (audio)",
               disable=None) as bar:
         for path, seconds in lengths.items():
             loudest = file_loudest(path, cfg.sr, cfg.clip_samples)
@@ -202,17 +212,19 @@ def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.nd
                 bar.update(min(done + float(end[-1]), bar.total) - bar.n)
             done += seconds
     return dict({k: np.concatenate(v) for k, v in kept.items()},
-                hours=sum(lengths.values()) / 3600, files=list(lengths), skipped=skipped)
+                hours=sum(lengths.values()) / 3600, files=list(lengths), skipped=skipped,
+                window=cfg.clip_samples / cfg.sr)
 
 
 def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classes: list[str],
                 args, weights: np.ndarray, blend: dict | None, out: Path,
-                other=None) -> float | None:
+                read=None) -> float | None:
     """The reject rule's threshold where the classes hold _unknown_ or _silence_: fitted on the
     runs' OOF, blended as the test scores are (weights, temperature), for --false-accepts
-    (reject.fit_threshold), written to reject.json; None otherwise. `other()`, when given,
-    reads the --other-speech recordings (other_windows): their false accepts per hour at the
-    rule and detection at PER_HOUR go to reject.json too."""
+    (reject.fit_threshold), written to reject.json; None otherwise. `read(files, flag)` reads
+    recordings (other_windows): those of --other-speech give the false accepts per hour at the
+    rule, detection at PER_HOUR and the stream rule (other_speech), that of --keyword-stream
+    the words missed per hour (keyword_benchmark); to reject.json too."""
     if not set(OPEN) & set(classes):
         return None
     if args.ensemble != "soft":
@@ -222,15 +234,20 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
     got = load_oof([Run(work, r).dir for r in runs], folds, "oof_tta" if tta else "oof", classes,
                    weights)
     if got is None:
-        raise UsageError(f"the reject rule is fitted on the OOF: a fold of {', '.join(runs)} has "
-                         f"none (train it to the end)")
+        raise UsageError("the reject rule is fitted on the OOF: " + next(
+            oof_missing(Run(work, r), folds, "oof_tta" if tta else "oof") for r in runs
+            if load_oof([Run(work, r).dir], folds, "oof_tta" if tta else "oof", classes) is None))
     table, probs = got
     if blend:
         probs = with_temperature(probs, blend["temperature"])
     truth = table.label.to_numpy()
     rule = fit_threshold(probs, truth, classes, target)
-    if other is not None:
-        rule.update(other_speech(other(), probs, truth, classes, rule["threshold"], args))
+    if args.other_speech:
+        rule.update(other_speech(read(args.other_speech, "--other-speech"), probs, truth,
+                                 classes, rule["threshold"], args))
+    if args.keyword_stream:
+        rule["keyword_stream"] = keyword_benchmark(
+            read([args.keyword_stream], "--keyword-stream"), classes, rule, args)
     write_json(dict(rule, runs=runs, folds=folds, tta=tta, weights=[float(w) for w in weights],
                     temperature=blend["temperature"] if blend else 1.0), out / REJECT)
     log.info("reject rule: the best word is taken from probability %.4f (OOF: %.1f %% of %d "
@@ -267,6 +284,42 @@ def other_speech(got: dict, probs: np.ndarray, truth: np.ndarray, classes: list[
     return out
 
 
+def keyword_truth(path: str) -> pd.DataFrame:
+    """--keyword-stream FILE's keywords: FILE's .csv beside it (word, start, end in seconds),
+    in order; UsageError naming what is missing."""
+    table = Path(path).with_suffix(".csv")
+    if not Path(path).is_file():
+        raise UsageError(f"--keyword-stream {path}: no such file")
+    try:
+        truth = pd.read_csv(table, keep_default_na=False)[["word", "start", "end"]]
+        ok = len(truth) and (truth.end >= truth.start).all() and truth.start.is_monotonic_increasing
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:
+        raise UsageError(f"--keyword-stream {path}: its keywords {table} cannot be read "
+                         f"({type(e).__name__}): a CSV of word,start,end (s), as stream.py data "
+                         f"writes") from None
+    if not ok:
+        raise UsageError(f"--keyword-stream {path}: {table} holds no keyword, or spans that end "
+                         f"before they start or come out of order")
+    return truth
+
+
+def keyword_benchmark(got: dict, classes: list[str], rule: dict, args) -> dict:
+    """The words of --keyword-stream missed at 0.1, 0.5 and 2 false accepts per hour of it
+    (reject.keyword_stream) under the rule over time: the stream rule where one was fitted
+    (and what its threshold gives here), else the flags' at the clip rule's threshold."""
+    truth = keyword_truth(args.keyword_stream)
+    stream = rule.get("stream")
+    over_time = Rule(**{k: stream[k] for k in ("threshold", "smooth", "patience", "refractory")}) \
+        if stream else rule_from(args, Rule(rule["threshold"]))
+    got = keyword_stream(gates(got, classes, over_time)[0], got["hours"], truth, classes,
+                         over_time, got["window"], fitted=stream["threshold"] if stream else None)
+    for row in got["table"]:
+        log.info("keyword stream: %.1f %% of %d keywords missed at %.2f false accepts per hour "
+                 "(at most %g; threshold %.3f)", 100 * row["miss"], got["keywords"],
+                 row["false_accepts_per_hour"], row["false accepts per hour <="], row["threshold"])
+    return dict(got, file=str(args.keyword_stream))
+
+
 def run(cfg, args) -> int:
     work, tta = Path(cfg.work), cfg.tta == "y"
     runs = check_request(cfg, args)
@@ -287,13 +340,16 @@ def run(cfg, args) -> int:
         return predict_files(paths, args.predict, tta, args.ensemble, member_weights, device,
                              batch)
     out = Path(args.out) if args.out else Run.blend(work, runs).dir
-    if args.other_speech and not set(OPEN) & set(classes):
-        raise UsageError(f"--other-speech counts the words the reject rule lets in: the classes "
-                         f"of {Work(work).classes_json} hold no {' or '.join(OPEN)} (preprocess.py "
+    if (args.other_speech or args.keyword_stream) and not set(OPEN) & set(classes):
+        raise UsageError(f"{'--other-speech' if args.other_speech else '--keyword-stream'} counts "
+                         f"the words the reject rule lets in: the classes of "
+                         f"{Work(work).classes_json} hold no {' or '.join(OPEN)} (preprocess.py "
                          f"--unknown, --silence)")
-    other = None if not args.other_speech else (lambda: other_windows(
-        args.other_speech, paths, tta, member_weights, blend, device, batch))
-    threshold = reject_rule(work, runs, folds, tta, classes, args, weights, blend, out, other)
+
+    def read(files, flag):
+        return other_windows(files, paths, tta, member_weights, blend, device, batch, flag)
+
+    threshold = reject_rule(work, runs, folds, tta, classes, args, weights, blend, out, read)
     prep = Work(work).prep()
     waves, wins, mode = test_windows(work, prep, args)
     probs, got = predict_waves(paths, waves, tta, device, batch,

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -17,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import soundfile as sf
+from tqdm import tqdm
 
 from arg import Config
 from audio import AudioError, audio_files, read_audio
 from cache import CACHE_FORMAT, decode, decode_all, drop_rows
+from predictor import OPEN
 from runs import TRAIN_ONLY, Work, validation_folds
 from util import UsageError, atomic_write, secondary_names, write_csv, write_json
 
@@ -253,7 +256,7 @@ def label_rows(train: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- WORK
-UNKNOWN, SILENCE = "_unknown_", "_silence_"  # the classes of what is not a word to say
+UNKNOWN, SILENCE = OPEN  # the classes of what is not a word to say
 
 
 def open_set(cfg: Config, train: pd.DataFrame, test: pd.DataFrame):
@@ -282,13 +285,25 @@ def open_set(cfg: Config, train: pd.DataFrame, test: pd.DataFrame):
             test.assign(label=test.label.replace(relabel)))
 
 
-def check_silence(cfg: Config, noise: list[str]) -> None:
-    """--silence refused before WORK is touched: a negative count, or no noise to cut."""
+def check_silence(cfg: Config, noise: list[str], clips: int) -> None:
+    """--silence refused before WORK is touched: a negative count, no noise to cut, more clips
+    than the data's `clips` (the model would hear mostly silence), or more than the disk under
+    WORK holds (each clip is written as a WAV and again into the cache)."""
     if cfg.silence < 0:
         raise DataLayoutError(f"--silence {cfg.silence}: expected a number of clips, 0 or more")
     if cfg.silence and not noise:
         raise DataLayoutError(f"--silence {cfg.silence}: no background noise to cut it from "
                               f"(give --noise DIR, or a _background_noise_ folder)")
+    if cfg.silence > clips:
+        raise DataLayoutError(f"--silence {cfg.silence}: at most {clips}, as many as the data's "
+                              f"training clips (more would make silence most of what the model "
+                              f"hears; Speech Commands has one silence clip in about 12)")
+    need = cfg.silence * (2 * cfg.clip_samples + 44) * 2
+    where = Path(cfg.work).absolute()
+    free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+    if need > free:
+        raise DataLayoutError(f"--silence {cfg.silence}: needs {need / 1e9:.1f} GB under "
+                              f"{cfg.work}, the disk has {free / 1e9:.1f} GB free")
 
 
 def silence_rows(cfg: Config, noise: list[str], work: Path) -> pd.DataFrame:
@@ -301,7 +316,7 @@ def silence_rows(cfg: Config, noise: list[str], work: Path) -> pd.DataFrame:
     folder = work / "silence"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(cfg.silence):
+    for i in tqdm(range(cfg.silence), desc="silence clips", unit="clip", disable=None):
         start = int(rng.integers(0, len(bank) - n))
         clip = bank[start:start + n] * 10 ** (rng.uniform(-30, 0) / 20)
         path = folder / f"silence_{i:05d}.wav"
@@ -346,7 +361,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
     work, files = Path(cfg.work), Work(cfg.work)
     train, test, (noise, noise_dir), layout = find_clips(cfg)
     train, test = open_set(cfg, train, test)
-    check_silence(cfg, noise)
+    check_silence(cfg, noise, len(train))
     data = "" if cfg.manifest else cfg.data  # a manifest's rows name their own files
     all_paths = list(train.path) + list(test.path) + noise
     fp = fingerprint(cfg, all_paths, layout, data)
@@ -413,6 +428,7 @@ def prepare(cfg: Config, force: bool = False, workers: int | None = None) -> dic
                    max_seconds=cfg.max_seconds, multilabel=multilabel,
                    rows="window" if layout == "birdclef" else "file",
                    train_seconds=round(int(train.samples.sum()) / cfg.sr, 1),
-                   format=CACHE_FORMAT, data=data, manifest=cfg.manifest, fold_gaps=gaps)
+                   format=CACHE_FORMAT, data=data, manifest=cfg.manifest, fold_gaps=gaps,
+                   unknown=cfg.unknown, silence=cfg.silence)  # the open set: in every record
     write_json(summary, prep_file)
     return dict(summary, reused=False)

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from audio import (HOP_HELP, WINDOW_HELP, AudioError, StreamError, audio_files, pipe_blocks,
-                   top_line, window_problem)
-from predictor import HOP, Detector, ModelError, Predictor, add_rule_flags, rule_from
+from audio import (HOP, HOP_HELP, WINDOW_HELP, AudioError, StreamError, audio_files,
+                   pipe_blocks, top_line, window_problem)
+from predictor import Detector, ModelError, Predictor, add_rule_flags, rule_from
 
 
 def parser() -> argparse.ArgumentParser:

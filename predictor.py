@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from audio import Windows, file_windows, per_file, predict_files, read_blocks
+from audio import HOP, Windows, file_windows, per_file, predict_files, read_blocks
 
 
 OPEN = ("_unknown_", "_silence_")  # the classes of what is not a word (preprocess.py --unknown)
 NEVER = 1.0 + 1e-6  # a threshold no probability reaches: a rule that says no word at all
-HOP = 0.25  # seconds between two windows of a recording read for words (predict.py, inference.py)
 
 
 class ModelError(ValueError):

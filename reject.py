@@ -12,7 +12,7 @@ export.py puts it in the model, where predict.py applies it.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,16 +111,65 @@ def detections(gated: list[tuple], classes: list[str], rule: Rule, threshold: fl
 def fit_per_hour(gated: list[tuple], hours: float, classes: list[str], rule: Rule,
                  rate: float) -> tuple[float, float]:
     """(the lowest threshold of GRID from which the rule lets in at most `rate` detections per
-    hour of the recordings, at every threshold above it too; the rate there): read from the
-    top down, so that only the few detections near the rate are ever counted. Above 1: nothing
-    is said at all."""
+    hour of the recordings, at every threshold above it too; the rate there): lowest_under the
+    count of detections per hour. Above 1 (NEVER): nothing is said at all."""
+    return lowest_under(lambda t: detections(gated, classes, rule, t) / hours, rate)
+
+
+def lowest_under(per_hour_at, rate: float) -> tuple[float, float]:
+    """(the lowest threshold of GRID from which `per_hour_at(threshold)` stays at or under
+    `rate`, at every threshold above it too; its value there), read from the top down so that
+    only the few detections near the rate are ever counted; (NEVER, 0) where even 1.0 is over."""
     got = 0.0
     for k in range(len(GRID) - 1, -1, -1):
-        now = detections(gated, classes, rule, float(GRID[k])) / hours
+        now = per_hour_at(float(GRID[k]))
         if now > rate:
             return (float(GRID[k + 1]), got) if k + 1 < len(GRID) else (NEVER, 0.0)
         got = now
     return 0.0, got
+
+
+# ----------------------------------------------------------------------------- keywords in a stream
+SLACK = 0.5  # seconds after a keyword's end in which its detection still counts (Picovoice's)
+
+
+def keyword_outcomes(gated: tuple, truth: pd.DataFrame, classes: list[str], rule: Rule,
+                     threshold: float, window: float) -> tuple[int, int]:
+    """(keywords detected, false accepts) of the rule over time at `threshold` on one stream
+    (`gated`: its (word, gate, end) from Detector.gate) whose keywords are `truth` (word,
+    start, end in seconds, in order). A detection whose window (`window` seconds ending at it)
+    overlaps a keyword's span plus SLACK, for that word, detects it (a second one there is
+    neither); any other detection is a false accept."""
+    found = Detector(classes, replace(rule, threshold=threshold)).fire(*gated)
+    if not found:
+        return 0, 0
+    t = np.asarray([d[0] for d in found])
+    said = np.asarray([d[1] for d in found])
+    starts, ends = truth.start.to_numpy(), truth.end.to_numpy()
+    i = np.searchsorted(starts, t, side="right") - 1  # the last keyword begun before it
+    inside = (i >= 0) & (t - window <= ends[np.maximum(i, 0)] + SLACK)
+    right = inside & (said == truth.word.to_numpy()[np.maximum(i, 0)])
+    return len(np.unique(i[right])), int((~right).sum())
+
+
+def keyword_stream(gated: tuple, hours: float, truth: pd.DataFrame, classes: list[str],
+                   rule: Rule, window: float, rates=(0.1, 0.5, 2.0),
+                   fitted: float | None = None) -> dict:
+    """The benchmark's reading of a stream: at each threshold of GRID, the share of keywords
+    missed and the false accepts per hour (the DET curve over time), the miss rate at the
+    lowest threshold that keeps each of `rates` per hour on this stream, and at the `fitted`
+    threshold (chosen on other recordings for a rate) what it lets in here."""
+    def at(t):
+        hit, fa = keyword_outcomes(gated, truth, classes, rule, t, window)
+        return dict(threshold=t, miss=1 - hit / len(truth), false_accepts_per_hour=fa / hours)
+
+    curve = [at(float(t)) for t in GRID[::10]]
+    table = []
+    for rate in rates:
+        t, _ = lowest_under(lambda x: at(x)["false_accepts_per_hour"], rate)
+        table.append({"false accepts per hour <=": rate, **at(t)})
+    return dict(hours=hours, keywords=len(truth), rule=asdict(rule), window=window, curve=curve,
+                table=table, fitted=None if fitted is None else at(fitted))
 
 
 def per_hour(probs: np.ndarray, truth: np.ndarray, classes: list[str], other: dict, rule: Rule,

@@ -93,19 +93,27 @@ def plot_curves(histories: dict, title: str = ""):
     return fig
 
 
+DET_FLOOR = 1e-4  # where a DET plot draws a rate of 0
+
+
 def plot_det(curve: pd.DataFrame, point: dict | None, title: str = ""):
     """The DET curve (reject.det_curve): words missed against strangers let in, both on a log
     scale, the operating point of reject.json marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    seen = curve[(curve.false_accepts > 0) & (curve.miss > 0)]
-    ax.plot(seen.false_accepts, seen.miss, "-", color="C0")
+    floor = DET_FLOOR  # a log scale has no 0: a perfect OOF's points are drawn there
+    ax.plot(np.maximum(curve.false_accepts, floor), np.maximum(curve.miss, floor), "-",
+            color="C0")
     if point:
-        ax.plot([point["oof_false_accepts"]], [1 - point["oof_detection"]], "o", color="C3",
-                label=f"threshold {point['threshold']:.3f}")
+        ax.plot([max(point["oof_false_accepts"], floor)], [max(1 - point["oof_detection"], floor)],
+                "o", color="C3", label=f"threshold {point['threshold']:.3f}")
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xlim(floor / 2, 1.5)
+    ax.set_ylim(floor / 2, 1.5)
+    if ((curve.false_accepts == 0) | (curve.miss == 0)).any():
+        ax.text(0.02, 0.02, f"0 is drawn at {floor:g}", transform=ax.transAxes, fontsize=7)
     ax.set_xlabel("false accepts (share of _unknown_ / _silence_ clips taken for a word)")
     ax.set_ylabel("miss rate (words not recognised)")
     ax.set_title(title, fontsize=9)
@@ -368,6 +376,8 @@ def html_reject(run: Run, table: pd.DataFrame, probs: np.ndarray, classes: list[
         f"{100 * point['oof_false_accepts']:.1f} % of {point['open_clips']} other clips and "
         f"recognises {100 * point['oof_detection']:.1f} % of {point['word_clips']} words.</p>")
     hours = "" if point is None or "other_speech" not in point else html_per_hour(point)
+    if point is not None and "keyword_stream" in point:
+        hours += html_keyword_stream(point)
     return (f"<h2>Saying none of these: detection against false accepts</h2>{said}"
             f'<img class="fig" src="{det}" alt="DET curve">'
             f"{_table(detection_at(probs, truth, classes))}{hours}")
@@ -392,6 +402,53 @@ def html_per_hour(point: dict) -> str:
             f"window(s), {rule['patience']} in a row, {rule['refractory']:g} s apart. Detection "
             f"(OOF) at fixed false accepts per hour:</p>{_table(pd.DataFrame(other['table']))}"
             f"{fitted}")
+
+
+def plot_stream_det(bench: dict, title: str = ""):
+    """The DET curve over time (reject.keyword_stream): keywords missed against false accepts
+    per hour of the stream, the rates the table reads at and the fitted stream rule marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    curve = pd.DataFrame(bench["curve"])
+    floor = DET_FLOOR
+    ax.plot(np.maximum(curve.false_accepts_per_hour, 1e-2), np.maximum(curve.miss, floor), "-",
+            color="C0")
+    for rate in [r["false accepts per hour <="] for r in bench["table"]]:
+        ax.axvline(rate, color="0.7", lw=0.8, ls="--")
+    if bench.get("fitted"):
+        f = bench["fitted"]
+        ax.plot([max(f["false_accepts_per_hour"], 1e-2)], [max(f["miss"], floor)], "o",
+                color="C3", label=f"stream rule, threshold {f['threshold']:.3f}")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-2 / 2, max(10.0, curve.false_accepts_per_hour.max() * 1.5))
+    ax.set_ylim(floor / 2, 1.5)
+    ax.set_xlabel(f"false accepts per hour ({bench['hours']:.2f} h; 0 drawn at 0.01)")
+    ax.set_ylabel(f"keywords missed (of {bench['keywords']})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def html_keyword_stream(point: dict) -> str:
+    """reject.json's keyword stream (inference.py --keyword-stream): the DET curve over time
+    and the words missed at fixed false accepts per hour."""
+    bench = point["keyword_stream"]
+    rule = bench["rule"]
+    fig = _figure_uri(plot_stream_det(bench, Path(bench["file"]).name))
+    fitted = "" if not bench.get("fitted") else (
+        f"<p>At the stream rule fitted on other recordings (threshold "
+        f"{bench['fitted']['threshold']:.3f}): {100 * bench['fitted']['miss']:.1f} % missed, "
+        f"{bench['fitted']['false_accepts_per_hour']:.2f} false accepts per hour here.</p>")
+    return (f"<h3>Keywords in a stream</h3><p>{bench['keywords']} keywords inside "
+            f"{bench['hours']:.2f} h of other speech ({Path(bench['file']).name}), read in "
+            f"windows; a detection counts for a keyword whose span (+0.5 s) its window overlaps, "
+            f"any other is a false accept. Rule over time: {rule['smooth']} window(s) averaged, "
+            f"{rule['patience']} in a row, {rule['refractory']:g} s apart.</p>"
+            f'<img class="fig" src="{fig}" alt="DET curve over time">'
+            f"{_table(pd.DataFrame(bench['table']))}{fitted}")
 
 
 def write_html(run_dir: Path, work: Path, audit: int = 40) -> Path | None:

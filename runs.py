@@ -20,6 +20,8 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
+
 from util import UsageError, read_table, strip_options
 
 TRAIN_ONLY = -1  # a train.csv fold that is never validated: its rows train every fold
@@ -82,7 +84,34 @@ class Work:
         prep = json.loads(self.prep_json.read_text())
         if "folds" in prep:  # a WORK built when the fold count was called `folds`
             prep.setdefault("n_folds", prep.pop("folds"))
+        self.check_cache(prep)
         return prep
+
+    def check_cache(self, prep: dict) -> None:
+        """UsageError naming the file and the rebuild where a file prep.json vouches for is
+        gone, or a split's cache holds other than the samples its offsets promise (a copy cut
+        short, a file replaced): every step that opens WORK finds out before it starts."""
+        fix = (f"rebuild the cache: python preprocess.py --data {prep.get('data') or 'DATA'} "
+               f"--work {self.dir} --force")
+        for name in self.OUTPUTS:
+            if not (self.dir / name).is_file() and not name.endswith("_offsets.npy"):
+                raise UsageError(f"{self.dir / name} is missing: {fix}")
+        for split in ("train", "test"):
+            try:
+                held, size, shape = npy_layout(self.wave(split))
+                if not self.offsets(split).is_file() and len(shape) != 2:  # [N, L]: an old one
+                    raise UsageError(f"{self.offsets(split)} is missing: {fix}")
+                promised = int(np.load(self.offsets(split))[-1]) if \
+                    self.offsets(split).is_file() else held
+            except (ValueError, OSError, IndexError, EOFError, KeyError) as e:
+                raise UsageError(f"{self.wave(split)} or its offsets are damaged "
+                                 f"({str(e).splitlines()[0][:80]}): {fix}") from None
+            if size != self.wave(split).stat().st_size:
+                raise UsageError(f"{self.wave(split)} is damaged: {self.wave(split).stat().st_size}"
+                                 f" bytes where its header promises {size}: {fix}")
+            if held != promised:
+                raise UsageError(f"{self.wave(split)} holds {held} samples where "
+                                 f"{self.offsets(split).name} promises {promised}: {fix}")
 
     def folds(self) -> list[int]:
         """The validated folds of a finished WORK."""
@@ -106,6 +135,16 @@ class Work:
     def pretrain(self, name: str) -> Path:
         """WORK/pretrain/<name>/: encoder.pth, config.yaml, history.csv, curve.png, last.ckpt."""
         return self.dir / "pretrain" / name
+
+
+def npy_layout(path: Path) -> tuple[int, int, tuple]:
+    """(the values a .npy file's header promises, the bytes it should take, its shape) without
+    reading its data."""
+    with open(path, "rb") as f:
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+        shape, _, dtype = read(f)
+        return int(np.prod(shape)), f.tell() + int(np.prod(shape)) * dtype.itemsize, shape
 
 
 class Run:
@@ -190,6 +229,23 @@ def read_config(fold_dir: Path) -> dict:
 
     path = Path(fold_dir) / CONFIG
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def oof_missing(run: Run, folds: list[int], name: str) -> str:
+    """Why run's `name`.csv (oof or oof_tta) cannot be read for `folds`, and the fix: a fold
+    trained without TTA views has no oof_tta.csv (not unfinished: it finished as asked)."""
+    missing = [k for k in folds if not run.oof(k, name).is_file()]
+    plain = [k for k in missing if fold_done(run.fold(k)) and run.oof(k, "oof").is_file()]
+    if name == "oof_tta" and plain:
+        return (f"run {run.name}: fold(s) {', '.join(map(str, plain))} finished without test-time "
+                f"views (trained without -a y), so there is no TTA OOF: use -a n here, or train "
+                f"them again with -a y")
+    if missing:
+        return (f"run {run.name}: fold(s) {', '.join(map(str, missing))} have no {name}.csv; "
+                f"train them: {train_command(run, str(missing[0]))}")
+    open_folds = [k for k in folds if not fold_done(run.fold(k))]
+    return (f"run {run.name}: fold(s) {', '.join(map(str, open_folds))} did not finish; train "
+            f"them to the end: {train_command(run, str(open_folds[0]))} --resume")
 
 
 def train_command(run: Run, fold: str) -> str:

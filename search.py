@@ -43,7 +43,7 @@ def distribution(where: str, name: str, spec, base: Config):
         close = difflib.get_close_matches(name, SEARCHABLE, n=1)
         raise bad("says where or how a trial runs, not what it learns: give it as a flag"
                   if name in FIELDS else
-                  "unknown setting" + f" (did you mean {close[0]}?)" * bool(close))
+                  "unknown setting" + (f" (did you mean {close[0]}?)" if close else ""))
     kinds = [k for k in ("float", "int", "choice") if isinstance(spec, dict) and k in spec]
     if len(kinds) != 1 or set(spec) - {kinds[0], "log"}:
         raise bad("expected {float: [low, high]}, {int: [low, high]} (log: true for a log "

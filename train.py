@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,8 @@ from arg import Config, make_parser, parse_config
 from job import check_model, work_settings
 from metrics import monitored
 from runs import HISTORY, Run, Work
-from util import UsageError, parse_gpus, pick_device, run_cli, setup_logging, strip_options
+from util import (Stopped, UsageError, parse_gpus, pick_device, run_cli, setup_logging,
+                  strip_options)
 
 log = logging.getLogger(__name__)
 
@@ -68,42 +70,49 @@ def train_all(cfg: Config, argv: list[str]) -> int:
     bar = tqdm(total=len(folds) * cfg.epochs, desc=f"{cfg.run_name}", unit="epoch",
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs [{elapsed}<{remaining}]{postfix}")
     finished_epochs = 0
-    while pending or running:
-        for i, slot in enumerate(slots):
-            if pending and i not in running.values():
-                k = pending.pop(0)
-                fold_dir = run.fold(k)
-                fold_dir.mkdir(parents=True, exist_ok=True)
-                env = dict(os.environ, OMP_NUM_THREADS=str(threads) if slot < 0 else "4")
-                cmd = [sys.executable, str(Path(__file__).resolve()), *base, "-f", str(k),
-                       "-g", str(slot), "--no-progress"]
-                logf = open(fold_dir / "train.log", "w")
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-                running[proc] = i
-                proc.fold, proc.logf, proc.t0 = k, logf, time.time()
-                bar.write(f"fold {k} -> {'GPU ' + str(slot) if slot >= 0 else 'CPU'} "
-                          f"(log: {fold_dir / 'train.log'})")
-        time.sleep(0.5)
-        status = {p.fold: fold_status(run.fold(p.fold), cfg.epochs, column) for p in running}
-        shown = (finished_epochs + sum(e for e, _, _ in status.values()),
-                 " | ".join(f"fold {k}: epoch {e}/{cfg.epochs}"
-                            + (f" {name} {v:.3f}" if v == v else "")  # nan: not validated yet
-                            for k, (e, v, _) in sorted(status.items())))
-        if shown != (bar.n, bar.postfix):
-            bar.n = shown[0]
-            bar.set_postfix_str(shown[1])
-        for proc in [p for p in running if p.poll() is not None]:
-            del running[proc]
-            proc.logf.close()
-            done, _, best = fold_status(run.fold(proc.fold), cfg.epochs, column)
-            results.append(dict(fold=proc.fold, status="ok" if proc.returncode == 0 else
-                                f"failed ({proc.returncode}), see train.log",
-                                **{f"best_{column}": best}, epochs=done,
-                                minutes=round((time.time() - proc.t0) / 60, 1)))
-            finished_epochs += cfg.epochs
-            if proc.returncode != 0:
-                tail = (run.fold(proc.fold) / "train.log").read_text().strip()
-                bar.write(f"fold {proc.fold} failed: {tail.splitlines()[-1] if tail else '?'}")
+    was = signal.signal(signal.SIGTERM, terminated)
+    try:
+        while pending or running:
+            for i, slot in enumerate(slots):
+                if pending and i not in running.values():
+                    k = pending.pop(0)
+                    fold_dir = run.fold(k)
+                    fold_dir.mkdir(parents=True, exist_ok=True)
+                    env = dict(os.environ, OMP_NUM_THREADS=str(threads) if slot < 0 else "4")
+                    cmd = [sys.executable, str(Path(__file__).resolve()), *base, "-f", str(k),
+                           "-g", str(slot), "--no-progress"]
+                    logf = open(fold_dir / "train.log", "w")
+                    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)  # signals come from here
+                    running[proc] = i
+                    proc.fold, proc.logf, proc.t0 = k, logf, time.time()
+                    bar.write(f"fold {k} -> {'GPU ' + str(slot) if slot >= 0 else 'CPU'} "
+                              f"(log: {fold_dir / 'train.log'})")
+            time.sleep(0.5)
+            status = {p.fold: fold_status(run.fold(p.fold), cfg.epochs, column) for p in running}
+            shown = (finished_epochs + sum(e for e, _, _ in status.values()),
+                     " | ".join(f"fold {k}: epoch {e}/{cfg.epochs}"
+                                + (f" {name} {v:.3f}" if v == v else "")  # nan: not validated yet
+                                for k, (e, v, _) in sorted(status.items())))
+            if shown != (bar.n, bar.postfix):
+                bar.n = shown[0]
+                bar.set_postfix_str(shown[1])
+            for proc in [p for p in running if p.poll() is not None]:
+                del running[proc]
+                proc.logf.close()
+                done, _, best = fold_status(run.fold(proc.fold), cfg.epochs, column)
+                results.append(dict(fold=proc.fold, status="ok" if proc.returncode == 0 else
+                                    f"failed ({proc.returncode}), see train.log",
+                                    **{f"best_{column}": best}, epochs=done,
+                                    minutes=round((time.time() - proc.t0) / 60, 1)))
+                finished_epochs += cfg.epochs
+                if proc.returncode != 0:
+                    tail = (run.fold(proc.fold) / "train.log").read_text().strip()
+                    bar.write(f"fold {proc.fold} failed: {tail.splitlines()[-1] if tail else '?'}")
+    except (KeyboardInterrupt, Stopped) as e:
+        stop_folds(running, bar, e)
+    finally:
+        signal.signal(signal.SIGTERM, was)
     bar.n = finished_epochs
     bar.close()
     summary = pd.DataFrame(results).sort_values("fold")
@@ -113,6 +122,29 @@ def train_all(cfg: Config, argv: list[str]) -> int:
         said = f"CV mAP {cv['map']:.4f}" if cfg.multilabel else f"CV accuracy {cv['accuracy']:.4f}"
         print(f"{said} -> {run.cv}")
     return 0 if (summary.status == "ok").all() else 1
+
+
+def terminated(signum, frame):
+    raise Stopped("stopped by SIGTERM", 143)
+
+
+def stop_folds(running: dict, bar, e: BaseException) -> None:
+    """^C or SIGTERM to `-f all`: the same signal to every fold process (each in a session of
+    its own, so a terminal's ^C reaches the parent alone), waiting until each has left its
+    last.ckpt; then Stopped, 130 or 143. No fold outlives its parent; none writes result.json."""
+    sig, code = (signal.SIGINT, 130) if isinstance(e, KeyboardInterrupt) else (signal.SIGTERM, 143)
+    for proc in running:
+        proc.send_signal(sig)
+    bar.write(f"{signal.Signals(sig).name}: waiting for fold(s) "
+              f"{', '.join(str(p.fold) for p in running)} to stop")
+    for proc in running:
+        proc.wait()
+        proc.logf.close()
+    bar.close()
+    folds = ", ".join(str(p.fold) for p in sorted(running, key=lambda p: p.fold))
+    raise Stopped(f"stopped by {signal.Signals(sig).name}" + (
+        f": fold(s) {folds} stopped, each with its last.ckpt (--resume continues them)"
+        if running else ""), code) from None
 
 
 def steps(argv) -> int:

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from arg import Config
-from conftest import TINY, refused
+from conftest import TINY, refusal, refused
 
 WINDOW_SAYS = "expected seconds, at least 0.01 (one STFT frame)"
 
@@ -125,6 +125,33 @@ def test_a_damaged_checkpoint_is_one_line_on_every_path(e2e, tmp_path, damage):
     assert "not a complete torch file" in refused(
         "train.py", "--work", work, *TINY, "-f", "0", "-g", "cpu", "--run", "student",
         "--teacher", "resnet18_32")
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short", "longer"])
+def test_a_damaged_cache_is_one_line_naming_the_file_and_the_rebuild(e2e, tmp_path, damage):
+    """train.py, pretrain.py and inference.py check WORK's cache before they start."""
+    work = tmp_path / "work"
+    shutil.copytree(e2e["work"], work, ignore=shutil.ignore_patterns("runs"))
+    shutil.copytree(e2e["work"] / "runs" / "resnet18_32" / "fold0",
+                    work / "runs" / "resnet18_32" / "fold0")
+    fix = f"rebuild the cache: python preprocess.py --data {e2e['data']} --work {work} --force"
+    for split, steps in (("train", [("train", ["train.py", *TINY, "-f", 0, "-g", "cpu"]),
+                                    ("pretrain", ["pretrain.py", "-e", 1, "-g", "cpu"])]),
+                         ("test", [("inference", ["inference.py", "-m", "resnet18", "-t", 32,
+                                                  "-f", 1, "-g", "cpu"])])):
+        wave = work / f"{split}_wave.npy"
+        keep = wave.read_bytes()
+        if damage == "missing":
+            wave.unlink()
+        else:
+            wave.write_bytes(keep[:len(keep) // 2] if damage == "cut short" else keep + keep[-64:])
+        for name, (script, *args) in steps:
+            said = refusal(script, "--work", work, *args)
+            assert said.startswith(f"{name}: {wave}") and said.endswith(fix), said
+            assert ("is missing" if damage == "missing" else "bytes where its header promises") \
+                in said
+        wave.write_bytes(keep)
+    assert not (work / "pretrain").exists()
 
 
 # ----------------------------------------------------------------------------- BirdCLEF files

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY, refused, run_script
+from conftest import TINY, refusal, refused, run_script
 from predictor import OPEN, Detector, Rule, decide
 from reject import (GRID, det_curve, detection_at, detections, fit_per_hour, fit_threshold, gates,
-                    outcomes, per_hour)
+                    keyword_outcomes, keyword_stream, outcomes, per_hour)
 
 CLASSES = ["_silence_", "_unknown_", "down", "go", "up"]
 
@@ -56,6 +56,22 @@ def test_the_det_curve_is_the_rule_at_every_threshold_and_the_table_s_points_are
         words = truth[~np.isin(truth, OPEN)]  # the words' rates average to all words'
         assert row["all words"] == pytest.approx(sum(
             row[w] * np.mean(words == w) for w in ("down", "go", "up")))
+
+
+def test_a_perfect_oof_draws_its_det_curve_without_a_warning():
+    import warnings
+
+    from results import DET_FLOOR, plot_det
+
+    truth = np.array(["down", "go", "up", "_unknown_", "_silence_"])
+    probs = np.eye(5)[[CLASSES.index(t) for t in truth]]
+    curve = det_curve(probs, truth, CLASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "no positive values" was a warning
+        fig = plot_det(curve, dict(oof_false_accepts=0.0, oof_detection=1.0, threshold=0.5))
+    (x, y), = [line.get_xydata()[0] for line in fig.axes[0].lines if line.get_marker() == "o"]
+    assert (x, y) == (DET_FLOOR, DET_FLOOR)
+    assert "0 is drawn at" in " ".join(t.get_text() for t in fig.axes[0].texts)
 
 
 def test_decide_takes_the_best_word_at_its_threshold_else_the_more_probable_other():
@@ -162,6 +178,28 @@ def test_the_per_hour_fit_meets_its_rate_on_what_it_was_fitted_on():
     assert fit_per_hour(gated, 0.5, CLASSES, rule, 0.0)[0] > 0.5  # none per hour: nearly mute
 
 
+def test_a_keyword_is_detected_inside_its_span_and_anything_else_is_a_false_accept():
+    probs, ends = score_stream(KNOWN), 1.0 + np.arange(len(KNOWN)) / 4
+    other = dict(probs=probs, silent=np.zeros(len(KNOWN), bool),
+                 first=np.arange(len(KNOWN)) == 0, end=ends)
+    truth = pd.DataFrame(dict(word=["a", "b"], start=[0.3, 1.6], end=[0.7, 1.9]))
+    rule = Rule(0.5, refractory=0)  # detections: a at 1.0, a at 1.75, b at 2.0, a at 2.75
+    gated = gates(other, WORDS, rule)[0]
+    assert keyword_outcomes(gated, truth, WORDS, rule, 0.5, 1.0) == (2, 2)  # a at 1.75: b's
+    early = truth.assign(start=[0.1, 1.6], end=[0.2, 1.9])  # a said well before 1.0 s
+    assert keyword_outcomes(gated, early, WORDS, rule, 0.5, 1.0) == (2, 2)  # its window holds it
+    assert keyword_outcomes(gated, early, WORDS, rule, 0.5, 0.2) == (1, 3)  # a shorter one not
+    bench = keyword_stream(gated, 0.5, truth, WORDS, rule, 1.0, rates=(1.0, 3.0), fitted=0.95)
+    assert bench["fitted"] == dict(threshold=0.95, miss=1.0, false_accepts_per_hour=0.0)
+    for row in bench["table"]:  # the lowest threshold that keeps the rate, read there
+        hit, fa = keyword_outcomes(gated, truth, WORDS, rule, row["threshold"], 1.0)
+        assert (row["miss"], row["false_accepts_per_hour"]) == (1 - hit / 2, fa / 0.5)
+        assert fa / 0.5 <= row["false accepts per hour <="]
+        lower = keyword_outcomes(gated, truth, WORDS, rule, row["threshold"] - 0.001, 1.0)[1]
+        assert row["threshold"] == 0 or lower / 0.5 > row["false accepts per hour <="]
+    assert [r["false_accepts_per_hour"] for r in bench["table"]] == [0.0, 2.0]
+
+
 def test_rules_out_of_range_are_named():
     assert "[0, 1]" in Rule(1.5).problem() and "[0, 1]" in Rule(float("nan")).problem()
     assert "--smooth 0" in Rule(0.5, smooth=0).problem()
@@ -221,6 +259,11 @@ def test_preprocess_refuses_bad_unknown_and_silence(demo_data, tmp_path):
         "preprocess.py", "--data", demo_data, "--work", work, "--unknown", tmp_path / "empty")
     assert "expected a number of clips" in refused(
         "preprocess.py", "--data", demo_data, "--work", work, "--silence", -3)
+    n = sum(1 for _ in (demo_data / "train").glob("*/*.wav")) - sum(  # the noise is no clip
+        1 for _ in (demo_data / "train" / "_background_noise_").glob("*.wav"))
+    assert refusal("preprocess.py", "--data", demo_data, "--work", work, "--silence",
+                   1000000).startswith(f"preprocess: --silence 1000000: at most {n}, as many as")
+    assert not (work / "silence").exists()
     quiet = tmp_path / "no_noise"
     shutil.copytree(demo_data / "train", quiet / "train",
                     ignore=lambda d, names: names[4:] if d != str(demo_data / "train") else [])
@@ -236,12 +279,17 @@ def test_a_folder_of_other_speech_joins_as_unknown(demo_data, tmp_path):
     other.mkdir()
     for i, p in enumerate(sorted((demo_data / "train" / labels_of(demo_data)[0]).glob("*"))[:6]):
         shutil.copy(p, other / f"x{i}.wav")
+    cut = (other / "x0.wav").read_bytes()  # a write cut short: its header promises more
+    (other / "cut.wav").write_bytes(cut[:44 + 256])
     work = tmp_path / "w"
     run_script("preprocess.py", "--data", demo_data, "--work", work, "--n-folds", 2,
                "--unknown", other)
     train = read_table(work / "train.csv")
     assert (train.label == "_unknown_").sum() == 6
     assert train[train.label == "_unknown_"].group.nunique() == 6
+    rejected = read_table(work / "rejected.csv").set_index("path")
+    assert rejected.loc[str(other / "cut.wav")].iloc[0].startswith("cut short (its header "
+                                                                    "promises")
 
 
 # ----------------------------------------------------------------------------- train -> export
@@ -257,13 +305,26 @@ def open_run(open_work, tmp_path_factory) -> dict:
              for p in sorted((data / "train" / w).glob("*.wav"))[:8]]
     sf.write(talk, np.concatenate([np.r_[c, np.zeros(4800, np.float32)] for c in clips]), 16000)
     (talk.parent / "broken.wav").write_bytes(b"RIFF\x00\x01not a wave")
+    # a stream of keywords (the words' test clips) each after an unknown word and quiet
+    sol = pd.read_csv(data / "solution.csv")
+    keys = sol[sol.label.isin(open_work["words"])].head(12)
+    parts, rows = [], []
+    for i, k in enumerate(keys.itertuples()):
+        parts += [clips[i], np.zeros(8000, np.float32)]
+        at = sum(map(len, parts))
+        y = sf.read(data / "test" / k.file_name, dtype="float32")[0]
+        rows.append(dict(word=k.label, start=at / 16000, end=(at + len(y)) / 16000))
+        parts += [y, np.zeros(8000, np.float32)]
+    keyword = talk.parent / "keywords.wav"
+    sf.write(keyword, np.concatenate(parts), 16000)
+    pd.DataFrame(rows).to_csv(keyword.with_suffix(".csv"), index=False)
     run_script("train.py", "--work", work, *TINY, "-e", 2, "-f", "all", "-g", "cpu,cpu",
                "--unknown-share", 0.1)
     run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32, "-f", 2, "-a", "n",
                "--false-accepts", 0.2, "--solution", data / "solution.csv",
                "--other-speech", talk, talk.parent / "broken.wav", "--refractory", 0.5,
-               "--false-accepts-per-hour", 30)
-    return dict(open_work, run=work / "runs" / "resnet18_32", talk=talk)
+               "--false-accepts-per-hour", 30, "--keyword-stream", keyword)
+    return dict(open_work, run=work / "runs" / "resnet18_32", talk=talk, keyword=keyword)
 
 
 def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
@@ -307,6 +368,18 @@ def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
     assert stream["target_per_hour"] == 30 and stream["fitted_per_hour"] <= 30
     assert (stream["smooth"], stream["patience"], stream["refractory"]) == (1, 1, 0.5)
     assert "Stream rule" in html and f"{stream['threshold']:.3f}" in html
+    # the keywords inside a stream: read at the stream rule's smoothing, patience and refractory
+    bench = rule["keyword_stream"]
+    assert bench["keywords"] == 12 and bench["file"] == str(open_run["keyword"])
+    assert bench["hours"] == pytest.approx(sf.info(open_run["keyword"]).duration / 3600)
+    assert bench["rule"] == {k: stream[k] for k in ("threshold", "smooth", "patience",
+                                                    "refractory")}
+    assert bench["fitted"]["threshold"] == stream["threshold"]
+    curve = pd.DataFrame(bench["curve"])
+    assert curve.miss.iloc[-1] == 1 and curve.miss.iloc[0] < 1  # 1.0 hears nothing, 0 some
+    for row in bench["table"]:
+        assert row["false_accepts_per_hour"] <= row["false accepts per hour <="]
+    assert "Keywords in a stream" in html and "DET curve over time" in html
     assert "Per hour of other speech" in html and f"{other['per_hour']:.1f} per hour" in html
 
 
@@ -328,8 +401,11 @@ def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_
     assert pred.threshold == pytest.approx(json.loads((run / "reject.json").read_text())[
         "threshold"])
     _, waves, _ = file_windows(files, pred.sr, pred.length)
-    said = ort.InferenceSession(str(out)).run(["said"], {"wave": waves.astype(np.float32)})[0]
+    got, said = ort.InferenceSession(str(out)).run(["probs", "said"],
+                                                   {"wave": waves.astype(np.float32)})
     graph = [classes[i] if i >= 0 else "_unknown_" for i in said]
+    assert graph == decide(got, classes, pred.threshold)  # the graph's rule is decide, every row
+    assert "_unknown_" in graph and len(set(graph)) > 2
     agree = np.mean(np.asarray(graph) == sub.label.to_numpy())
     assert agree >= 0.98, agree  # float32 graph vs inference's probabilities at the edge
     # the recording of other speech: predict.py lets in the detections inference.py counted,
@@ -343,6 +419,15 @@ def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_
         assert abs(heard - want) <= 1  # float32 graph vs torch at the threshold's edge
         assert heard == sum(bool(re.fullmatch(r".*talk\.wav: \S+ at [\d.]+ s \([\d.]+\)", line))
                             for line in proc.stdout.splitlines())
+    import onnx
+
+    proto = onnx.load(str(out))
+    for prop in proto.metadata_props:
+        if prop.key == "reject_threshold":
+            prop.value = "7"
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    assert "its reject rule is out of range (threshold 7.0" in refusal(
+        "predict.py", tmp_path / "bad.onnx", files[0])
     csv = tmp_path / "p.csv"
     run_script("predict.py", out, *files, "--csv", csv)
     got = pd.read_csv(csv)
@@ -364,6 +449,19 @@ def test_the_rule_is_refused_where_it_does_not_fit(open_run, tmp_path):
                                             "--false-accepts", 1.5)
     assert "use --ensemble soft" in refused("inference.py", *base, "-g", -1, "-f", 2,
                                             "--ensemble", "hard")
+    assert refused("inference.py", "--work", work, "--run", "resnet18_32", "-a", "y", "-g", -1,
+                   "-f", 2).endswith("fold(s) 0, 1 finished without test-time views (trained "
+                                     "without -a y), so there is no TTA OOF: use -a n here, or "
+                                     "train them again with -a y")
+    for flags, said in ((["--false-accepts-per-hour", 0], "--false-accepts-per-hour 0: expected "
+                                                          "a rate above 0"),
+                        (["--false-accepts-per-hour", "nan"], "--false-accepts-per-hour nan"),
+                        (["--false-accepts-per-hour", 2], "--false-accepts-per-hour is fitted "
+                                                          "on --other-speech"),
+                        (["--smooth", 0], "--smooth 0: expected a number of windows"),
+                        (["--patience", -2], "--patience -2: expected a number of windows"),
+                        (["--refractory", -1], "--refractory -1.0: expected seconds")):
+        assert said in refused("inference.py", *base, "-g", -1, "-f", 2, *flags)
     assert "was fitted for runs" in refused("export.py", *base, "-f", 1, "--out",
                                             tmp_path / "a.onnx")
     assert "was fitted for runs" in refused("export.py", *base, "-f", 2, "--weights", 2,
@@ -381,6 +479,16 @@ def test_the_rule_is_refused_where_it_does_not_fit(open_run, tmp_path):
         (run / "reject.json").write_text(keep[:40])
         assert "reject.json is damaged" in refused("export.py", *base, "-f", 2, "--out",
                                                    tmp_path / "b.onnx")
+        for bad in (7, float("nan"), -0.5):  # edited by hand, or a write that still parses
+            (run / "reject.json").write_text(json.dumps(dict(json.loads(keep), threshold=bad)))
+            assert refused("export.py", *base, "-f", 2, "--out", tmp_path / "b.onnx") == (
+                f"export: {run / 'reject.json'}: threshold {float(bad)}: expected a probability "
+                f"in [0, 1] - run inference.py on these runs again to fit it")
+        stream = dict(json.loads(keep)["stream"], smooth=0)
+        (run / "reject.json").write_text(json.dumps(dict(json.loads(keep), stream=stream)))
+        assert "--smooth 0: expected a number of windows" in refused(
+            "export.py", *base, "-f", 2, "--out", tmp_path / "b.onnx")
+        assert not (tmp_path / "b.onnx").exists()
     finally:
         (run / "reject.json").write_text(keep)
     assert "--unknown-share 1.0" in refused("train.py", "--work", work, *TINY, "-f", 0,
@@ -424,3 +532,22 @@ def test_bench_compares_the_reject_scores_and_its_probability_row_is_inference_s
     shutil.copytree(work, shut, ignore=shutil.ignore_patterns("*_wave.npy"))
     (shut / "classes.json").write_text(json.dumps(open_run["words"]))
     assert "no reject rule to compare" in refused("bench.py", "--work", shut, *base[2:])
+
+
+def test_an_open_set_run_records_its_unknown_and_silence(open_run):
+    """prep.json stores --unknown and --silence, so every record of the run says them."""
+    import yaml
+
+    from checkpoints import safe_load
+
+    work, run = open_run["work"], open_run["run"]
+    said = ",".join(open_run["unknown"])
+    prep = json.loads((work / "prep.json").read_text())
+    assert (prep["unknown"], prep["silence"]) == (said, 24)
+    cfg = yaml.safe_load((run / "fold0" / "config.yaml").read_text())
+    assert (cfg["unknown"], cfg["silence"]) == (said, 24)
+    ckpt = safe_load(run / "fold0" / "best.ckpt", RuntimeError, fix="")
+    held = ckpt["hyper_parameters"]["config"]
+    assert (held.unknown, held.silence) == (said, 24)
+    html = (run / "report.html").read_text()
+    assert said in html and "silence" in html

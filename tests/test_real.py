@@ -422,3 +422,70 @@ def test_the_table_reads_digits_speakers_and_the_cv(e2e, tmp_path):
     row = run_script("real.py", "table", "--work", work, "--runs", "resnet18_32").stdout
     groups = pd.read_csv(work / "train.csv").group.nunique()
     assert len(row.strip().splitlines()[-1].split(" | ")[4].split()) == 2 * groups
+
+
+# ----------------------------------------------------------------------------- the real stream
+@pytest.fixture(scope="module")
+def stream_sources(tmp_path_factory):
+    """FSDD-named clips of four speakers and four asterisk-like prompts with transcripts: two
+    say a digit or number word and must be left out."""
+    import gzip
+
+    root = tmp_path_factory.mktemp("streams")
+    fsdd = root / "fsdd"
+    fsdd.mkdir()
+    for d in range(10):
+        for s, speaker in enumerate(("ann", "bob", "cy", "dee")):
+            for i in range(2):
+                write_clip(fsdd / f"{d}_{speaker}_{i}.wav", 8000, 0.3, seed=100 * d + 10 * s + i)
+    prompts = root / "prompts"
+    (prompts / "digits").mkdir(parents=True)
+    said = {"hello": "Hello there.", "press-one": "Press one for sales.", "digits/5": "five",
+            "goodbye": "Goodbye, thanks for calling."}
+    for i, name in enumerate(said):
+        write_clip(prompts / f"{name}.wav", 8000, 1.0, seed=900 + i)
+    with gzip.open(root / "core-sounds-en.txt.gz", "wt") as f:
+        f.write("; prompts\n" + "".join(f"{k}: {v}\n" for k, v in said.items()))
+    return dict(root=root, fsdd=fsdd, prompts=prompts, transcripts=root / "core-sounds-en.txt.gz")
+
+
+def test_the_real_stream_holds_each_keyword_where_its_table_says(stream_sources, tmp_path):
+    from audio import read_audio
+
+    s = stream_sources
+    proc = run_script("stream.py", "data", "--fsdd", s["fsdd"], "--asterisk", s["prompts"],
+                      "--transcripts", s["transcripts"], "--fit-speakers", "ann,bob",
+                      "--out", tmp_path)
+    assert "(2 prompts kept)" in proc.stdout  # "press one" and "five" said a number
+    truth = pd.read_csv(tmp_path / "stream_test.csv")
+    assert len(truth) == 5 * 2 * 2 and set(truth.word) == set(DIGITS[:5])
+    assert set(truth.speaker) == {"cy", "dee"}  # the fit speakers' digits are not tested
+    y, sr = sf.read(tmp_path / "stream_test.wav", dtype="float32")
+    assert sr == 8000 and truth.start.is_monotonic_increasing
+    for row in truth.itertuples():
+        clip = read_audio(s["fsdd"] / row.file_name, 8000)
+        at = round(row.start * sr)
+        assert np.abs(y[at:at + len(clip)] - clip).max() < 1e-3  # no noise asked: the clip
+        assert row.end == pytest.approx(row.start + len(clip) / sr)
+    fit = sf.info(tmp_path / "stream_fit.wav").duration
+    assert 0.3 * 5 * 2 * 2 + 1.0 * 1 < fit < 0.3 * 20 + 1.0 + 0.8 * 21  # others + a prompt
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--asterisk", "nowhere"], "--asterisk nowhere: no such folder: apt-get install"),
+    (["--transcripts", "nowhere.gz"], "--transcripts nowhere.gz: no such file: apt-get install"),
+    (["--fit-speakers", "ann,zed"], "--fit-speakers ann,zed: some FSDD speakers, not all"),
+    (["--fit-speakers", "ann,bob,cy,dee"], "--fit-speakers ann,bob,cy,dee: some FSDD speakers"),
+    (["--known", "zero,ten"], "--known zero,ten: some of the ten digit words"),
+    (["--snr", "nan"], "--snr nan: expected dB"),
+])
+def test_stream_refuses_what_it_cannot_build_from(stream_sources, tmp_path, args, said):
+    from conftest import refusal
+
+    s = stream_sources
+    flags = {"--fsdd": s["fsdd"], "--asterisk": s["prompts"], "--transcripts": s["transcripts"],
+             "--fit-speakers": "ann,bob", **dict(zip(args[::2], args[1::2]))}
+    got = refusal("stream.py", "data", *[x for kv in flags.items() for x in kv],
+                  "--out", tmp_path / "out")
+    assert got.startswith(f"stream: {said}"), got
+    assert not (tmp_path / "out").exists()

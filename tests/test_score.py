@@ -150,7 +150,7 @@ def test_blend_cli_fits_weights_and_refuses_unlike_oof(work):
     (runs / "copy" / "fold1" / "oof.csv").unlink()
     proc = run_script("inference.py", "--work", work, "--runs", "resnet18_32", "copy", "-f", 2,
                       "--fit-weights", "--out", work / "never", check=False)
-    assert proc.returncode == 2 and "run copy has no finished oof.csv for fold(s) 1" in proc.stderr
+    assert proc.returncode == 2 and "run copy: fold(s) 1 have no oof.csv; train them" in proc.stderr
     assert "python train.py" in proc.stderr and not (work / "never").exists()
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -167,3 +168,40 @@ def test_a_signal_ends_training_with_the_shell_s_code_and_one_line(work, sig, co
     assert f"train: fold 0 stopped by {said}; its last.ckpt is where --resume continues" in err
     assert "Traceback" not in err and (fold / "last.ckpt").is_file()
     assert not (fold / "result.json").exists()
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_to_all_folds_stops_every_fold_process_first(work, sig, code):
+    """SIGTERM or ^C to `train.py -f all` goes on to its fold processes and waits for them:
+    each leaves its last.ckpt and no result.json, and none outlives the parent (they trained
+    on to their last epoch, orphaned, before)."""
+    import signal
+    import time
+
+    run = work / "runs" / f"all{code}"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--work", str(work), *TINY,
+                             "-e", "50", "-f", "all", "-g", "cpu,cpu", "--run", f"all{code}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=hears_interrupts)
+    deadline = time.time() + 300
+    while not all((run / f"fold{k}" / "last.ckpt").is_file() for k in (0, 1)) and \
+            time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, sig))
+    err = proc.communicate(timeout=180)[1]
+    assert proc.returncode == code, err[-2000:]
+    assert f"train: stopped by {sig}: fold(s) 0, 1 stopped, each with its last.ckpt" in err
+    for k in (0, 1):
+        fold = run / f"fold{k}"
+        assert (fold / "last.ckpt").is_file() and not (fold / "result.json").exists()
+        assert f"stopped by {sig if sig == 'SIGTERM' else 'SIGINT (^C)'}" in \
+            (fold / "train.log").read_text()
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                if f"all{code}".encode() in read_or_nothing(p)]  # none outlives the parent
+
+
+def read_or_nothing(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""

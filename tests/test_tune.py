@@ -53,6 +53,7 @@ def nothing_made(work, study: str) -> None:
 
 @pytest.mark.parametrize("text, said", [
     ("lrr: {float: [0.001, 0.01]}", "lrr: unknown setting (did you mean lr?)"),
+    ("nonsense_field: {float: [0, 1]}", "nonsense_field: unknown setting"),  # nothing close
     ("lr: {float: [0.01, 0.001]}", "lr: float: [0.01, 0.001]: expected [low, high], low < high"),
     ("lr: {float: [0, 0.01], log: true}", "lr: float: [0, 0.01]: expected [low, high], low < high, "
                                           "above 0 for log: true"),
@@ -69,6 +70,7 @@ def test_a_space_is_refused_before_a_study_is_made(work, tmp_path, text, said):
     path.write_text(text + "\n")
     err = refused("tune.py", "--work", work, "--study", "bad", "--space", path, *TINY)
     assert err.startswith(f"tune: --space {path}: {said}"), err
+    assert ("did you mean" in err) == ("did you mean" in said)
     nothing_made(work, "bad")
 
 
