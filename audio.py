@@ -236,9 +236,10 @@ class StreamError(ValueError):
     """A pipe that is not 16-bit PCM: raw (16 kHz mono) or a WAV header before it."""
 
 
-def pipe_blocks(fd: int, sr: int, block: int = 8000):
+def pipe_blocks(fd: int, sr: int, block: int = 64000):
     """Audio arriving on a pipe (file descriptor `fd`), yielded as it comes (whatever each read
-    brings, at most `block` bytes: a quarter second of 16 kHz 16-bit mono), as float32 mono at
+    brings, at most `block` bytes: 2 s of 16 kHz 16-bit mono; a live source gives less, at
+    once, so a window is heard as soon as its last sample arrives), as float32 mono at
     `sr`: raw 16-bit little-endian PCM, 16 kHz mono, or a WAV file (its header says the rate and
     channels; a header written before the length was known is fine). StreamError for another
     format."""

@@ -1,6 +1,7 @@
-"""Throughput and memory of today's pipeline, each figure beside the one it is compared with,
-measured in the same run. (Earlier designs' figures stay in docs/RESULTS.md with the commit
-that measured them; their code is not kept here.)
+"""Throughput and memory of today's pipeline, each figure beside its reference in one run.
+
+Each figure is measured beside the one it is compared with, in the same run. (Earlier designs'
+figures stay in docs/RESULTS.md with the commit that measured them; their code is not kept.)
 
     python bench.py --work WORK [-t 224] [--clips 512] [-g 0|-1]   # step, augment
     python bench.py --work WORK --sections augment,speech,ssl,codec

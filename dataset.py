@@ -224,7 +224,7 @@ class FoldData(L.LightningDataModule):
                 secondary="")), length, crop)
             extra.row_ids = -1 - extra.rows
             self.train_ds = JoinedDataset(self.train_ds, extra)
-            self.sampler = None  # --balance weighs the labelled rows only: refused in train.py
+            self.sampler = None  # --balance weighs the labelled rows only: refused in job.py
         self.val_ds = WaveDataset(clips, self.val_table.row, y(self.val_table), length, "start")
 
     def train_dataloader(self):

@@ -23,7 +23,6 @@ from transform import tta_views
 from util import UsageError
 
 
-# ----------------------------------------------------------------------------- members
 # ----------------------------------------------------------------------------- the exported graph
 class Ensemble(nn.Module):
     """float32 waveforms (B, L) -> probabilities (B, C): for each view, the front end of each
@@ -140,7 +139,7 @@ def check_compatible(ref: AudioClassifier, ref_path, other: AudioClassifier, pat
 
 
 def embed_waves(path: Path, waves, device: torch.device, batch: int) -> np.ndarray:
-    """(N, D) embeddings of `waves` (an array or dataset.Rows) by one checkpoint's network:
+    """(N, D) embeddings of `waves` (an array or cache.Rows) by one checkpoint's network:
     the pooled vector its classifier reads (AudioNet.embed), eval mode, no views."""
     model = load_checkpoint(path, device)
     out = []

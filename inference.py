@@ -24,12 +24,12 @@ import torch
 from tqdm import tqdm
 
 import audio
-from arg import Config, add_members, config_from_args, make_parser as config_parser
+from arg import Config, add_members, config_from_args, make_parser
 from audio import HOP, HOP_HELP, WINDOW_HELP, window_problem
 from cache import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, load_members, member_probs,
                       oof_for_blend, predict_waves, with_temperature)
-from predictor import (NEVER, OPEN, Rule, add_rule_flags, decide, file_loudest, read_windows,
+from predictor import (NEVER, OPEN, Rule, accepts, add_rule_flags, decide, file_loudest, read_windows,
                        rule_from)
 from reject import (PER_HOUR, detections, fit_per_hour, fit_threshold, gates, keyword_stream,
                     per_hour)
@@ -67,8 +67,8 @@ def predict_files(paths: list[Path], files: list[str], tta: bool, how: str, weig
 # ----------------------------------------------------------------------------- main
 
 
-def make_parser():
-    p = config_parser(__doc__.split("\n")[0], "inference")
+def inference_parser():
+    p = make_parser(__doc__.split("\n")[0], "inference")
     g = p.add_argument_group("members")
     add_members(g)
     g.add_argument("--fit-weights", action="store_true",
@@ -85,6 +85,10 @@ def make_parser():
                         "detections the rule over time lets in per hour go to reject.json and "
                         "report.html, with detection at %s per hour" % (
                             HOP, ", ".join(f"{r:g}" for r in PER_HOUR)))
+    g.add_argument("--mine", default=None, metavar="DIR",
+                   help="with --other-speech: write each window of it that the rule fires on "
+                        "(at the clip rule's threshold) as a WAV clip into DIR, with mined.csv: "
+                        "hard negatives for preprocess.py --unknown DIR, then train again")
     g.add_argument("--false-accepts-per-hour", type=float, default=None, metavar="RATE",
                    help="with --other-speech: fit the rule over time's threshold for at most "
                         "RATE detections per hour of it; reject.json's stream rule, which "
@@ -117,7 +121,7 @@ def make_parser():
 
 
 def steps(argv) -> int:
-    args = make_parser().parse_args(argv)
+    args = inference_parser().parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
     return run(cfg, args)
@@ -143,6 +147,11 @@ def check_request(cfg, args) -> list[str]:
                          f"[0, 1)")
     if args.keyword_stream:
         keyword_truth(args.keyword_stream)
+    if args.mine is not None and not args.other_speech:
+        raise UsageError("--mine keeps the windows of --other-speech the rule fires on: give "
+                         "recordings of speech without the words")
+    if args.mine is not None and Path(args.mine).exists() and any(Path(args.mine).iterdir()):
+        raise UsageError(f"--mine {args.mine}: not empty; give a new folder for each round")
     rate = args.false_accepts_per_hour
     if rate is not None and not rate > 0:  # NaN too
         raise UsageError(f"--false-accepts-per-hour {rate:g}: expected a rate above 0")
@@ -156,7 +165,7 @@ def check_request(cfg, args) -> list[str]:
 
 
 def test_windows(work: Path, prep: dict, args) -> tuple[object, pd.DataFrame, str]:
-    """The test set as windows (dataset.Rows over dataset.windows) and the row mode."""
+    """The test set as windows (cache.Rows over cache.windows) and the row mode."""
     sr, length = prep["sr"], Config(sr=prep["sr"], seconds=prep["seconds"]).clip_samples
     win = int(round(args.window * sr)) if args.window else length
     hop = int(round(args.hop * sr)) if args.hop else win
@@ -213,7 +222,7 @@ def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.nd
             done += seconds
     return dict({k: np.concatenate(v) for k, v in kept.items()},
                 hours=sum(lengths.values()) / 3600, files=list(lengths), skipped=skipped,
-                window=cfg.clip_samples / cfg.sr)
+                window=cfg.clip_samples / cfg.sr, sr=cfg.sr)
 
 
 def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classes: list[str],
@@ -273,6 +282,8 @@ def other_speech(got: dict, probs: np.ndarray, truth: np.ndarray, classes: list[
         table=per_hour(probs, truth, classes, got, over_time).to_dict("records")))
     log.info("other speech: %d detections let in over %.2f h of %d recording(s) (%.1f per "
              "hour)", n, got["hours"], len(got["files"]), n / got["hours"])
+    if args.mine is not None:
+        out["other_speech"]["mined"] = mine(got, gated, classes, threshold, Path(args.mine))
     rate = args.false_accepts_per_hour
     if rate is not None:
         t, at = fit_per_hour(gated, got["hours"], classes, over_time, rate)
@@ -282,6 +293,38 @@ def other_speech(got: dict, probs: np.ndarray, truth: np.ndarray, classes: list[
                  "on the other speech)%s", min(t, 1.0), rate, at,
                  "; no threshold reaches it: the model says nothing" if t > 1 else "")
     return out
+
+
+MINED = 5000  # windows --mine writes at most (the highest scored first)
+
+
+def mine(got: dict, gated: list[tuple], classes: list[str], threshold: float,
+         folder: Path) -> dict:
+    """Every window of the --other-speech recordings whose gate score (Detector.gate) reaches
+    `threshold`, the highest first (at most MINED), cut from its recording (window seconds
+    ending at its end) and written to `folder` as a WAV at the model's rate; mined.csv: file,
+    recording, start, end, word, score. Hard negatives: preprocess.py --unknown FOLDER."""
+    import soundfile as sf
+
+    rows = [dict(recording=path, start=max(0.0, float(e) - got["window"]), end=float(e),
+                 word=classes[w], score=float(s))
+            for path, (word, gate, end) in zip(got["files"], gated)
+            for w, s, e in zip(word, gate, end) if accepts(s, threshold)]
+    rows = sorted(rows, key=lambda r: -r["score"])[:MINED]
+    folder.mkdir(parents=True, exist_ok=True)
+    sr = got["sr"]
+    for k, r in enumerate(tqdm(rows, desc="--mine", unit="window", disable=None)):
+        info = sf.info(r["recording"])
+        y, _ = sf.read(r["recording"], start=int(r["start"] * info.samplerate),
+                       stop=int(r["end"] * info.samplerate), dtype="float32", always_2d=True)
+        r["file"] = f"mined_{k:05d}.wav"
+        sf.write(folder / r["file"], audio.resample(y.mean(1), info.samplerate, sr), sr,
+                 subtype="PCM_16")
+    pd.DataFrame(rows, columns=["file", "recording", "start", "end", "word", "score"]).to_csv(
+        folder / "mined.csv", index=False)
+    log.info("--mine: %d windows the rule fired on -> %s (preprocess.py --unknown %s, then "
+             "train again)", len(rows), folder, folder)
+    return dict(folder=str(folder), windows=len(rows), threshold=threshold)
 
 
 def keyword_truth(path: str) -> pd.DataFrame:
@@ -305,14 +348,14 @@ def keyword_truth(path: str) -> pd.DataFrame:
 
 def keyword_benchmark(got: dict, classes: list[str], rule: dict, args) -> dict:
     """The words of --keyword-stream missed at 0.1, 0.5 and 2 false accepts per hour of it
-    (reject.keyword_stream) under the rule over time: the stream rule where one was fitted
-    (and what its threshold gives here), else the flags' at the clip rule's threshold."""
+    (reject.keyword_stream) under the rule over time, and at its threshold (`fitted`): the
+    stream rule where one was fitted, else the flags' rule at the clip rule's threshold."""
     truth = keyword_truth(args.keyword_stream)
     stream = rule.get("stream")
     over_time = Rule(**{k: stream[k] for k in ("threshold", "smooth", "patience", "refractory")}) \
         if stream else rule_from(args, Rule(rule["threshold"]))
     got = keyword_stream(gates(got, classes, over_time)[0], got["hours"], truth, classes,
-                         over_time, got["window"], fitted=stream["threshold"] if stream else None)
+                         over_time, got["window"], fitted=over_time.threshold)
     for row in got["table"]:
         log.info("keyword stream: %.1f %% of %d keywords missed at %.2f false accepts per hour "
                  "(at most %g; threshold %.3f)", 100 * row["miss"], got["keywords"],

@@ -255,8 +255,33 @@ def label_rows(train: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return train
 
 
+# ----------------------------------------------------------------------------- the FSDD
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def fsdd_rows(recordings: Path) -> pd.DataFrame:
+    """path, label (the digit's word), speaker and file_name of every FSDD recording."""
+    if not recordings.is_dir():
+        raise UsageError(f"--fsdd {recordings}: no such folder (the FSDD's recordings/, "
+                         f"{{digit}}_{{speaker}}_{{index}}.wav)")
+    rows = []
+    for f in sorted(recordings.glob("*.wav")):
+        parts = f.stem.split("_")
+        if len(parts) != 3 or not parts[0].isdigit() or not 0 <= int(parts[0]) <= 9:
+            raise UsageError(f"{f}: not an FSDD name ({{digit}}_{{speaker}}_{{index}}.wav)")
+        rows.append(dict(path=str(f.resolve()), label=DIGITS[int(parts[0])], speaker=parts[1],
+                         file_name=f.name))
+    if not rows:
+        raise UsageError(f"--fsdd {recordings}: no .wav files")
+    return pd.DataFrame(rows)
+
+
+FSDD_SR = 8000  # the FSDD's recordings' rate (and the asterisk prompts')
+
+
 # ----------------------------------------------------------------------------- WORK
 UNKNOWN, SILENCE = OPEN  # the classes of what is not a word to say
+
 
 
 def open_set(cfg: Config, train: pd.DataFrame, test: pd.DataFrame):

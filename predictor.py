@@ -215,12 +215,11 @@ class Rule:
         """What is wrong with these values (None: nothing), in the flags' words."""
         if not (isinstance(self.threshold, (int, float)) and 0 <= self.threshold <= NEVER):
             return f"threshold {self.threshold}: expected a probability in [0, 1]"
-        if not isinstance(self.refractory, (int, float)):
-            return f"--refractory {self.refractory}: expected seconds, 0 or more"
         for name, n in (("smooth", self.smooth), ("patience", self.patience)):
             if not isinstance(n, (int, np.integer)) or n < 1:
                 return f"--{name} {n}: expected a number of windows, 1 or more"
-        if not math.isfinite(self.refractory) or self.refractory < 0:
+        if not (isinstance(self.refractory, (int, float)) and math.isfinite(self.refractory)
+                and self.refractory >= 0):
             return f"--refractory {self.refractory}: expected seconds, 0 or more"
         return None
 

@@ -30,15 +30,6 @@ from util import run_cli
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------- decoding
-
-
-# ---------------------------------------------------------------------------------- layouts
-
-
-# ---------------------------------------------------------------------------------- pipeline
-
-
 def steps(argv) -> int:
     p = make_parser(__doc__.split("\n")[0], "preprocess")
     p.add_argument("--force", action="store_true", help="rebuild WORK even if it is up to date")

@@ -40,30 +40,9 @@ from pathlib import Path
 import pandas as pd
 
 from arg import Parser
-from layouts import UNKNOWN
+from layouts import DIGITS, FSDD_SR, NOISE_DIR, UNKNOWN, fsdd_rows
 from runs import HISTORY, OOF, OOF_TTA, REJECT, RESULT, Run, Work
 from util import UsageError, read_table, run_cli, write_csv
-
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-NOISE_DIR = "_background_noise_"
-
-
-def fsdd_rows(recordings: Path) -> pd.DataFrame:
-    """path, label (the digit's word), speaker and file_name of every FSDD recording."""
-    if not recordings.is_dir():
-        raise UsageError(f"--fsdd {recordings}: no such folder (the FSDD's recordings/, "
-                         f"{{digit}}_{{speaker}}_{{index}}.wav)")
-    rows = []
-    for f in sorted(recordings.glob("*.wav")):
-        parts = f.stem.split("_")
-        if len(parts) != 3 or not parts[0].isdigit() or not 0 <= int(parts[0]) <= 9:
-            raise UsageError(f"{f}: not an FSDD name ({{digit}}_{{speaker}}_{{index}}.wav)")
-        rows.append(dict(path=str(f.resolve()), label=DIGITS[int(parts[0])], speaker=parts[1],
-                         file_name=f.name))
-    if not rows:
-        raise UsageError(f"--fsdd {recordings}: no .wav files")
-    return pd.DataFrame(rows)
-
 
 ENGINES = ("all", "espeak", "kokoro")
 
@@ -140,7 +119,6 @@ def write_benchmark(fsdd: Path, synth: Path, out: Path, real_speaker: str,
 
 
 OTHER_GAP = (0.2, 0.8)  # seconds of silence between two clips of openset_other.wav
-FSDD_SR = 8000
 
 
 def write_other_speech(real: pd.DataFrame, known: tuple, out: Path, seed: int = 0) -> dict:

@@ -418,7 +418,7 @@ def plot_stream_det(bench: dict, title: str = ""):
     if bench.get("fitted"):
         f = bench["fitted"]
         ax.plot([max(f["false_accepts_per_hour"], 1e-2)], [max(f["miss"], floor)], "o",
-                color="C3", label=f"stream rule, threshold {f['threshold']:.3f}")
+                color="C3", label=f"the rule's threshold, {f['threshold']:.3f}")
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -439,9 +439,10 @@ def html_keyword_stream(point: dict) -> str:
     rule = bench["rule"]
     fig = _figure_uri(plot_stream_det(bench, Path(bench["file"]).name))
     fitted = "" if not bench.get("fitted") else (
-        f"<p>At the stream rule fitted on other recordings (threshold "
-        f"{bench['fitted']['threshold']:.3f}): {100 * bench['fitted']['miss']:.1f} % missed, "
-        f"{bench['fitted']['false_accepts_per_hour']:.2f} false accepts per hour here.</p>")
+        f"<p>At the rule's own threshold ({bench['fitted']['threshold']:.3f}: the stream rule "
+        f"fitted on other recordings, else the clip rule's): {100 * bench['fitted']['miss']:.1f}"
+        f" % missed, {bench['fitted']['false_accepts_per_hour']:.2f} false accepts per hour "
+        f"here.</p>")
     return (f"<h3>Keywords in a stream</h3><p>{bench['keywords']} keywords inside "
             f"{bench['hours']:.2f} h of other speech ({Path(bench['file']).name}), read in "
             f"windows; a detection counts for a keyword whose span (+0.5 s) its window overlaps, "

