@@ -386,18 +386,5 @@ def per_file(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     return np.stack([values[owner == i].mean(0) for i in range(n)]) if n else values[:0]
 
 
-def predict_files(paths, sr: int, length: int, probs, classes: list[str], top_k: int = 3,
-                  errors=None):
-    """[(path, [(label, probability), ...])] for the readable files among `paths`, each read at
-    `sr`; a file longer than `length` samples is the mean of its `length`-sample windows
-    (file_windows), a shorter one is zero-padded. `probs` maps (N, length) float32 waveforms
-    to (N, classes) probabilities; (path, reason) of the others go to `errors` when given.
-    The one "label these files" path: Predictor here and `inference.py --predict` use it."""
-    good, waves, owner = file_windows(paths, sr, length, errors)
-    scores = per_file(probs(waves), owner, len(good)) if len(waves) else []
-    return [(p, [(classes[i], float(s[i])) for i in np.argsort(s)[::-1][:top_k]])
-            for p, s in zip(good, scores)]
-
-
 def top_line(path, top) -> str:
     return f"{path}: " + "  ".join(f"{label} {p:.3f}" for label, p in top)

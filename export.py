@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from arg import add_members, config_from_args, make_parser
-from ensemble import Ensemble, WithDecision, WithEmbedding, load_members
 from audio import HOP
-from predictor import OPEN, Rule
-from runs import BLEND, REJECT, Run, requested_folds
+from ensemble import Ensemble, WithDecision, WithEmbedding, load_members
+from predictor import OPEN
+from reject import stored_rule
+from runs import BLEND, Run, requested_folds
 from transform import N_VIEWS
 from util import UsageError, atomic_write, run_cli, setup_logging, write_text
 
@@ -173,39 +174,16 @@ def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) 
 
 def reject_meta(work: Path, runs: list[str], folds: list[int], tta: bool, weights: np.ndarray,
                 temperature: float) -> dict:
-    """The reject rule inference.py fitted for these runs, folds, views, weights and temperature
-    (reject.json), as the model's `reject_threshold` (the graph's `said` output; predict.py
-    applies it), and its rule over time fitted per hour where there is one (`stream_rule`:
-    predict.py's detections); {} without one. Refused: a rule fitted for another ensemble, a
-    threshold outside [0, 1] (NaN too)."""
-    path = Run.blend(work, runs).dir / REJECT
-    if not path.is_file():
+    """The reject rule inference.py fitted for this ensemble (reject.stored_rule) as the
+    model's `reject_threshold` (the graph's `said` output; predict.py applies it), and its rule
+    over time fitted per hour where there is one (`stream_rule`: predict.py's detections); {}
+    without one."""
+    rule = stored_rule(work, runs, folds, tta, weights, temperature)
+    if rule is None:
         return {}
-    try:
-        rule = json.loads(path.read_text())
-        fitted = (rule["runs"], rule["folds"], rule["tta"])
-        w = np.asarray(rule["weights"], float)
-        same = (w.shape == np.shape(weights) and np.allclose(w, weights)
-                and np.isclose(float(rule["temperature"]), temperature))
-        threshold = float(rule["threshold"])
-        stream = rule.get("stream")
-        over_time = None if stream is None else Rule(**{k: stream[k] for k in (
-            "threshold", "smooth", "patience", "refractory")})
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path} is damaged ({type(e).__name__}): run inference.py on these "
-                         f"runs again to fit it") from None
-    problem = (None if 0 <= threshold <= 1 else f"threshold {threshold}: expected a "
-               f"probability in [0, 1]") or (over_time and over_time.problem())
-    if problem:
-        raise UsageError(f"{path}: {problem} - run inference.py on these runs again to fit it")
-    if fitted != (runs, folds, tta) or not same:
-        raise UsageError(f"{path} was fitted for runs {rule['runs']}, folds {rule['folds']}, TTA "
-                         f"{rule['tta']}, weights {rule['weights']}, temperature "
-                         f"{rule['temperature']}: export that ensemble, or fit the rule for this "
-                         f"one (inference.py with the same -f, -a and weights)")
-    meta = dict(reject_threshold=threshold)
-    if over_time is not None:
-        meta["stream_rule"] = json.dumps(asdict(over_time))
+    meta = dict(reject_threshold=rule["threshold"])
+    if rule["stream"] is not None:
+        meta["stream_rule"] = json.dumps(asdict(rule["stream"]))
     return meta
 
 

@@ -29,10 +29,10 @@ from audio import HOP, HOP_HELP, WINDOW_HELP, window_problem
 from cache import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, load_members, member_probs,
                       oof_for_blend, predict_waves, with_temperature)
-from predictor import (NEVER, OPEN, Rule, accepts, add_rule_flags, decide, file_loudest, read_windows,
-                       rule_from)
+from predictor import (NEVER, OPEN, Rule, accepts, add_rule_flags, decide, file_loudest,
+                       label_files, read_windows, rule_from)
 from reject import (PER_HOUR, detections, fit_per_hour, fit_threshold, gates, keyword_stream,
-                    per_hour)
+                    per_hour, stored_rule)
 from results import cv_report, load_oof, write_html
 from runs import REJECT, RUN_RESULTS, Run, Work, oof_missing, requested_folds
 from submission import write_blend, write_embeddings, write_submission, write_windows
@@ -44,19 +44,23 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- predict
 def predict_files(paths: list[Path], files: list[str], tta: bool, how: str, weights: np.ndarray,
-                  device: torch.device, batch: int) -> int:
-    """Top-3 labels of each audio file (or folder's files) given, read as predict.py reads
-    them: the same code path as the exported bundle, with these checkpoints."""
+                  temperature: float, device: torch.device, batch: int,
+                  threshold: float | None) -> int:
+    """Top-3 labels of each audio file (or folder's files) given, and what the reject rule at
+    `threshold` says of it (the run's reject.json, where it has one), read as predict.py reads
+    them: the same code path as the exported bundle (predictor.label_files), with these
+    checkpoints."""
     ref = load_checkpoint(paths[0])
     cfg, errors = ref.cfg, []
 
-    def probs(waves):
-        return ensemble(predict_waves(paths, waves, tta, device, batch)[0], how, weights)[1]
+    def probs(waves):  # as the test set's: the blend's temperature too
+        score = ensemble(predict_waves(paths, waves, tta, device, batch)[0], how, weights)[1]
+        return with_temperature(score, temperature) if temperature != 1.0 else score
 
     found = audio.audio_files(files)
-    for path, top in audio.predict_files(found, cfg.sr, cfg.clip_samples, probs, ref.classes,
-                                         3, errors):
-        print(audio.top_line(path, top))
+    for path, said, top in label_files(found, cfg.sr, cfg.clip_samples, probs, ref.classes,
+                                       threshold, 3, errors):
+        print(audio.top_line(path, top) + ("" if threshold is None else f"  -> {said}"))
     for path, reason in errors:
         print(f"{path}: skipped - {reason}", file=sys.stderr)
     if len(errors) == len(found):
@@ -379,9 +383,11 @@ def run(cfg, args) -> int:
         weights = np.asarray(blend["weights"])
     member_weights = np.repeat(weights, len(folds))  # a run's weight spread over its folds
     batch = cfg.batch_size * 2
-    if args.predict:
-        return predict_files(paths, args.predict, tta, args.ensemble, member_weights, device,
-                             batch)
+    if args.predict:  # the reject rule fitted for this ensemble, where there is one
+        temperature = blend["temperature"] if blend else 1.0
+        rule = stored_rule(work, runs, folds, tta, weights, temperature)
+        return predict_files(paths, args.predict, tta, args.ensemble, member_weights,
+                             temperature, device, batch, rule and rule["threshold"])
     out = Path(args.out) if args.out else Run.blend(work, runs).dir
     if (args.other_speech or args.keyword_stream) and not set(OPEN) & set(classes):
         raise UsageError(f"{'--other-speech' if args.other_speech else '--keyword-stream'} counts "

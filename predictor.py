@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio import HOP, Windows, file_windows, per_file, predict_files, read_blocks
+from audio import HOP, Windows, file_windows, per_file, read_blocks
 
 
 OPEN = ("_unknown_", "_silence_")  # the classes of what is not a word (preprocess.py --unknown)
@@ -97,17 +97,12 @@ class Predictor:
     def predict_files(self, paths, top_k: int = 3, errors=None):
         """[(path, [(label, probability), ...])] for the readable files among `paths`;
         (path, reason) of the others go to the `errors` list when given."""
-        return predict_files(paths, self.sr, self.length, self.probs, self.classes, top_k, errors)
+        return [(p, top) for p, _, top in self.label_files(paths, top_k, errors)]
 
     def label_files(self, paths, top_k: int = 3, errors=None) -> list[tuple]:
-        """[(path, what the model says, [(label, probability), ...] top k)]: what it says is
-        the most probable class, or the model's reject rule where it has one (decide: the best
-        word at or above its threshold, else `_unknown_` or `_silence_`)."""
-        good, waves, owner = file_windows(paths, self.sr, self.length, errors)
-        probs = per_file(self.probs(waves), owner, len(good)) if len(good) else \
-            np.zeros((0, len(self.classes)))
-        return [(p, said, [(self.classes[i], float(r[i])) for i in np.argsort(r)[::-1][:top_k]])
-                for p, said, r in zip(good, decide(probs, self.classes, self.threshold), probs)]
+        """label_files with this model: [(path, what it says, top k)]."""
+        return label_files(paths, self.sr, self.length, self.probs, self.classes,
+                           self.threshold, top_k, errors)
 
     def read(self, blocks, window: float | None = None, hop: float = HOP,
              silence_db: float = 40.0, loudest: float | None = None):
@@ -147,6 +142,22 @@ class Predictor:
         return out
 
 
+
+
+def label_files(paths, sr: int, length: int, probs, classes: list[str],
+                threshold: float | None, top_k: int = 3, errors=None) -> list[tuple]:
+    """[(path, what the model says, [(label, probability), ...] top k)] for the readable files
+    among `paths`, each read at `sr`: a file longer than `length` samples is the mean of its
+    `length`-sample windows (file_windows), a shorter one is zero-padded; what it says is the
+    reject rule (decide at `threshold`; None: the most probable class). `probs` maps (N,
+    length) float32 waveforms to (N, classes) probabilities; (path, reason) of the unreadable
+    files go to `errors` when given. The one "label these files" path: Predictor (predict.py,
+    the bundle) and `inference.py --predict` use it."""
+    good, waves, owner = file_windows(paths, sr, length, errors)
+    scores = per_file(probs(waves), owner, len(good)) if len(good) else \
+        np.zeros((0, len(classes)))
+    return [(p, said, [(classes[i], float(r[i])) for i in np.argsort(r)[::-1][:top_k]])
+            for p, said, r in zip(good, decide(scores, classes, threshold), scores)]
 
 
 def read_windows(blocks, probs, sr: int, length: int, window: float | None = None,

@@ -12,6 +12,7 @@ export.py puts it in the model, where predict.py applies it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pandas as pd
 from scipy.special import logsumexp
 
 from predictor import NEVER, OPEN, Detector, Rule, best_word, decide
+from runs import REJECT, Run
 from util import UsageError
 
 
@@ -185,6 +187,42 @@ def per_hour(probs: np.ndarray, truth: np.ndarray, classes: list[str], other: di
         out.append({"false accepts per hour <=": rate, "per hour": got,
                     **words_detected(probs, truth, classes, t)})
     return pd.DataFrame(out)
+
+
+# ----------------------------------------------------------------------------- stored
+def stored_rule(work: Path, runs: list[str], folds: list[int], tta: bool, weights: np.ndarray,
+                temperature: float) -> dict | None:
+    """The reject rule inference.py fitted for these runs, folds, views, weights and temperature
+    (their reject.json): {threshold, stream: the rule over time fitted per hour, or None};
+    None without one. UsageError naming the file: a rule fitted for another ensemble, a
+    threshold outside [0, 1] (NaN too), a damaged file. export.py and `inference.py --predict`
+    read it so."""
+    path = Run.blend(work, runs).dir / REJECT
+    if not path.is_file():
+        return None
+    try:
+        rule = json.loads(path.read_text())
+        fitted = (rule["runs"], rule["folds"], rule["tta"])
+        w = np.asarray(rule["weights"], float)
+        same = (w.shape == np.shape(weights) and np.allclose(w, weights)
+                and np.isclose(float(rule["temperature"]), temperature))
+        threshold = float(rule["threshold"])
+        stream = rule.get("stream")
+        over_time = None if stream is None else Rule(**{k: stream[k] for k in (
+            "threshold", "smooth", "patience", "refractory")})
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is damaged ({type(e).__name__}): run inference.py on these "
+                         f"runs again to fit it") from None
+    problem = (None if 0 <= threshold <= 1 else f"threshold {threshold}: expected a "
+               f"probability in [0, 1]") or (over_time and over_time.problem())
+    if problem:
+        raise UsageError(f"{path}: {problem} - run inference.py on these runs again to fit it")
+    if fitted != (runs, folds, tta) or not same:
+        raise UsageError(f"{path} was fitted for runs {rule['runs']}, folds {rule['folds']}, TTA "
+                         f"{rule['tta']}, weights {rule['weights']}, temperature "
+                         f"{rule['temperature']}: export that ensemble, or fit the rule for this "
+                         f"one (inference.py with the same -f, -a and weights)")
+    return dict(threshold=threshold, stream=over_time)
 
 
 # ----------------------------------------------------------------------------- which score

@@ -226,9 +226,9 @@ def test_a_stream_ends_with_one_line_on_a_signal_a_closed_pipe_or_bad_audio(thre
         "predict: the output was closed; stopped", err
     # what is not 16-bit PCM is refused in one line
     proc = start_stream(three_words, tmp_path)
-    _, err = proc.communicate(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x03\x00\x01\x00"
-                              b"\x80\x3e\x00\x00\x00\xfa\x00\x00\x04\x00\x20\x00data\x00\x00\x00\x00",
-                              timeout=60)
+    fmt = b"fmt \x10\x00\x00\x00\x03\x00\x01\x00\x80\x3e\x00\x00\x00\xfa\x00\x00\x04\x00\x20\x00"
+    _, err = proc.communicate(b"RIFF\x24\x00\x00\x00WAVE" + fmt + b"data\x00\x00\x00\x00",
+                              timeout=60)  # 32-bit float
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "format 3, 32 bits" in lines[0], err
 

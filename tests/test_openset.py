@@ -434,6 +434,11 @@ def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_
     run_script("predict.py", out, *files, "--csv", csv)
     got = pd.read_csv(csv)
     assert list(got.said) == graph
+    # inference.py --predict applies the run's rule too: the bundle's path with the checkpoints
+    proc = run_script("inference.py", "--work", work, "--run", "resnet18_32", "-f", 2, "-a", "n",
+                      "-g", -1, "--predict", *files[:6])
+    said = [line.rsplit("-> ", 1)[1] for line in proc.stdout.splitlines() if "-> " in line]
+    assert len(said) == 6 and np.mean(np.asarray(said) == got.said[:6].to_numpy()) >= 5 / 6
     # windows apply the rule too: where it overrules the most probable class, a file read as
     # one window says what the graph says
     top = [classes[i] for i in pred.probs(waves).argmax(1)]
