@@ -62,20 +62,6 @@ def window_starts(n: int, win: int, hop: int) -> list[int]:
     return starts
 
 
-def recording_windows(y: np.ndarray, sr: int, length: int, window: float | None = None,
-                      hop: float = HOP, silence_db: float = 40.0):
-    """A recording held in memory read window by window (a short file; a long one or a stream
-    goes through `Windows` in blocks): (start samples, windows (N, length) float32 each of
-    `window` seconds (default: the clip length) cut or padded to the clip length, every `hop`
-    seconds (window_starts), silent (N,): the windows more than `silence_db` below the loudest
-    one), and the window in samples."""
-    cut = Windows(sr, length, window, hop, silence_db)
-    cut = Windows(sr, length, window, hop, silence_db, cut.loudest_of([y]))
-    got = [*cut.feed(y), *cut.finish()]
-    return ([int(s) for s, _, _ in got], np.stack([f for _, f, _ in got]),
-            np.asarray([q for _, _, q in got], bool), cut.win)
-
-
 def level_db(frames: np.ndarray) -> np.ndarray:
     """Each window's power in dB (a window padded to the clip length counts its zeros)."""
     return 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=-1) + 1e-20)
@@ -180,18 +166,13 @@ def read_audio(path: str | Path, sr: int, info: dict | None = None) -> np.ndarra
 BLOCK_SECONDS = 30.0  # how much of a recording is read at once (the memory a long one takes)
 
 
-def read_blocks(path: str | Path, sr: int, info: dict | None = None,
-                seconds: float = BLOCK_SECONDS):
+def read_blocks(path: str | Path, sr: int, seconds: float = BLOCK_SECONDS):
     """A recording read in blocks of `seconds`: float32 mono at `sr` (channels averaged,
     resampled by soxr as it streams), in constant memory whatever its length; AudioError as
-    read_audio gives, before the first block. `info` gets orig_sr, orig_channels and
-    orig_seconds."""
+    read_audio gives, before the first block."""
     import soxr
 
     f = _open(path)
-    if info is not None:
-        info.update(orig_sr=f.samplerate, orig_channels=f.channels,
-                    orig_seconds=f.frames / f.samplerate)
     return _blocks(f, sr, max(1, int(seconds * f.samplerate)), soxr)
 
 

@@ -29,8 +29,8 @@ from audio import HOP, HOP_HELP, WINDOW_HELP, window_problem
 from cache import Clips, Rows, windows
 from ensemble import (ensemble, fit_blend, load_checkpoint, load_members, member_probs,
                       oof_for_blend, predict_waves, with_temperature)
-from predictor import (NEVER, OPEN, Rule, accepts, add_rule_flags, decide, file_loudest,
-                       label_files, read_windows, rule_from)
+from predictor import (NEVER, OPEN, Rule, accepts, add_rule_flags, decide, label_files,
+                       read_file_windows, rule_from)
 from reject import (PER_HOUR, detections, fit_per_hour, fit_threshold, gates, keyword_stream,
                     per_hour, stored_rule)
 from results import cv_report, load_oof, write_html
@@ -183,7 +183,7 @@ def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.nd
                   blend: dict | None, device: torch.device, batch: int,
                   flag: str = "--other-speech") -> dict:
     """The recordings of `flag` window by window as predict.py reads them (in blocks:
-    clip-length windows every HOP s, the quiet ones silent; predictor.read_windows) with the
+    clip-length windows every HOP s, the quiet ones silent; predictor.read_file_windows) with the
     ensemble's probabilities: probs, silent, first (each recording's first window), end (s),
     hours, files, skipped (path: reason). Memory: the members, one block's windows, and each
     window's probabilities (40 bytes a window for 10 classes: 6 MB for 10 hours).
@@ -214,10 +214,8 @@ def other_windows(files: list[str], paths: list[Path], tta: bool, weights: np.nd
     with tqdm(total=round(sum(lengths.values()), 2), unit="s", desc=f"{flag} (audio)",
               disable=None) as bar:
         for path, seconds in lengths.items():
-            loudest = file_loudest(path, cfg.sr, cfg.clip_samples)
-            for i, (_, end, p, quiet) in enumerate(read_windows(
-                    audio.read_blocks(path, cfg.sr), probs, cfg.sr, cfg.clip_samples,
-                    loudest=loudest)):
+            for i, (_, end, p, quiet) in enumerate(read_file_windows(
+                    path, probs, cfg.sr, cfg.clip_samples)):
                 kept["probs"].append(p.astype(np.float32))
                 kept["silent"].append(quiet)
                 kept["first"].append(np.arange(len(p)) == (0 if i == 0 else -1))
@@ -356,8 +354,7 @@ def keyword_benchmark(got: dict, classes: list[str], rule: dict, args) -> dict:
     stream rule where one was fitted, else the flags' rule at the clip rule's threshold."""
     truth = keyword_truth(args.keyword_stream)
     stream = rule.get("stream")
-    over_time = Rule(**{k: stream[k] for k in ("threshold", "smooth", "patience", "refractory")}) \
-        if stream else rule_from(args, Rule(rule["threshold"]))
+    over_time = Rule.of(stream) if stream else rule_from(args, Rule(rule["threshold"]))
     got = keyword_stream(gates(got, classes, over_time)[0], got["hours"], truth, classes,
                          over_time, got["window"], fitted=over_time.threshold)
     for row in got["table"]:

@@ -55,9 +55,9 @@ class Predictor:
         self.outputs = {o.name for o in self.session.get_outputs()}
         self.batch = batch
         try:  # the rule over time inference.py fitted per hour, where it did (reject.json)
-            self.rule = Rule(**json.loads(meta["stream_rule"])) if "stream_rule" in meta else \
+            self.rule = Rule.of(json.loads(meta["stream_rule"])) if "stream_rule" in meta else \
                 Rule(0.5 if self.threshold is None else self.threshold)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, KeyError) as e:
             raise ModelError(f"{model}: its stream_rule metadata is damaged ({e}); export the "
                              f"run again with export.py") from None
         problem = self.rule.problem() or (None if self.threshold is None or 0 <= self.threshold
@@ -121,10 +121,9 @@ class Predictor:
 
     def file_blocks(self, path, window: float | None = None, hop: float = HOP,
                     silence_db: float = 40.0):
-        """A file's windows as `read` yields them, judged silent against its loudest window
-        (a first pass over its blocks); AudioError before anything is read."""
-        loudest = file_loudest(path, self.sr, self.length, window, hop, silence_db)
-        return self.read(read_blocks(path, self.sr), window, hop, silence_db, loudest)
+        """A file's windows with this model (read_file_windows)."""
+        return read_file_windows(path, self.probs, self.sr, self.length, window, hop,
+                                 silence_db)
 
     def windows(self, path, window: float | None = None, hop: float = HOP, notes=None,
                 silence_db: float = 40.0):
@@ -176,11 +175,14 @@ def read_windows(blocks, probs, sr: int, length: int, window: float | None = Non
                    np.asarray([q for _, _, q in got], bool))
 
 
-def file_loudest(path, sr: int, length: int, window: float | None = None, hop: float = HOP,
-                 silence_db: float = 40.0) -> float:
-    """The level of a file's loudest window (a first pass over its blocks, so that a file's
-    windows are judged silent against the whole file); AudioError where it cannot be read."""
-    return Windows(sr, length, window, hop, silence_db).loudest_of(read_blocks(path, sr))
+def read_file_windows(path, probs, sr: int, length: int, window: float | None = None,
+                      hop: float = HOP, silence_db: float = 40.0):
+    """A file's windows as read_windows yields them, read in blocks and judged silent against
+    the file's loudest window (a first pass over its blocks, so that a file is judged whole);
+    AudioError before anything is read. predict.py's files and inference.py's recordings."""
+    loudest = Windows(sr, length, window, hop, silence_db).loudest_of(read_blocks(path, sr))
+    return read_windows(read_blocks(path, sr), probs, sr, length, window, hop, silence_db,
+                        loudest)
 
 
 def best_word(probs: np.ndarray, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -221,6 +223,12 @@ class Rule:
     smooth: int = 1
     patience: int = 1
     refractory: float = 1.0
+
+    @classmethod
+    def of(cls, stored: dict) -> "Rule":
+        """The rule a dict holds (reject.json's `stream`, the model's `stream_rule`), its other
+        keys left aside; KeyError or TypeError where one of its four is missing or odd."""
+        return cls(**{k: stored[k] for k in ("threshold", "smooth", "patience", "refractory")})
 
     def problem(self) -> str | None:
         """What is wrong with these values (None: nothing), in the flags' words."""

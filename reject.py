@@ -208,8 +208,7 @@ def stored_rule(work: Path, runs: list[str], folds: list[int], tta: bool, weight
                 and np.isclose(float(rule["temperature"]), temperature))
         threshold = float(rule["threshold"])
         stream = rule.get("stream")
-        over_time = None if stream is None else Rule(**{k: stream[k] for k in (
-            "threshold", "smooth", "patience", "refractory")})
+        over_time = None if stream is None else Rule.of(stream)
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path} is damaged ({type(e).__name__}): run inference.py on these "
                          f"runs again to fit it") from None
