@@ -61,9 +61,10 @@ class Config:
     noise: str = opt("", "folder of background-noise recordings for --p-bg and pretraining "
                      "(default: _background_noise_/ in DATA or DATA/train, or beside --manifest)",
                      "data")
-    unknown: str = opt("", "words to reject: comma-separated labels of the data learnt as one "
-                       "class, _unknown_ (their word kept in train.csv), or a folder of other "
-                       "speech whose clips join as _unknown_", "data")
+    unknown: str = opt("", "what to reject, comma-separated: labels of the data learnt as one "
+                       "class, _unknown_ (their word kept in train.csv), and folders of other "
+                       "speech (near misses, mined windows, long recordings: each read as the "
+                       "windows it holds) whose files join as _unknown_", "data")
     silence: int = opt(0, "noise-only clips cut from the background noise, learnt as _silence_",
                        "data")
     n_folds: int = opt(5, "number of cross-validation folds preprocess.py makes", "data")
@@ -141,6 +142,11 @@ class Config:
                         "loader: opus costs ~60 ms a clip, the others 0.5-10 ms)", "augmentation",
                         nargs="+", type=str, choices=tuple(CODECS), jobs=("train",))
     p_codec: float = opt(0.0, "codec round-trip probability", "augmentation", jobs=("train",))
+    p_cut: float = opt(0.0, "share of the word clips read as a stream's window catches a word "
+                       "going by: moved so that a random share of the word lies beyond one edge "
+                       "(needs an _unknown_ class); 0 = off", "augmentation", jobs=("train",))
+    cut_share: float = opt(0.25, "a word cut by more than this share of its sound (--p-cut) is "
+                           "learnt as _unknown_", "augmentation", jobs=("train",))
     mixup: float = opt(0.2, "mixup Beta(alpha, alpha); 0 = off", "augmentation", jobs=("train",))
     p_mixup: float = opt(0.0, "mixup probability per batch", "augmentation", jobs=("train",))
 
@@ -225,8 +231,8 @@ class Config:
                     "run", ("-g", "--gpus"), jobs=("train", "pretrain", "inference", "bench"))
     precision: str = opt("16", "16 (mixed), bf16 (mixed) or 32", "run", ("-p", "--precision"),
                          choices=("16", "bf16", "32"))
-    tta: str = opt("n", "test-time augmentation: the clip + 4 views (shift +-10%, gain +-5 dB) "
-                   "averaged; train.py: for an extra out-of-fold file, inference.py and "
+    tta: str = opt("n", "test-time augmentation: the clip and its views (shifted +-10%, gain +-5 "
+                   "dB) averaged; train.py: for an extra out-of-fold file, inference.py and "
                    "export.py: for the test predictions, bench.py: --sections reject's",
                    "run", ("-a", "--tta"), choices=("y", "n"),
                    jobs=("train", "inference", "export", "bench"))

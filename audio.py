@@ -332,6 +332,19 @@ def codec(y: np.ndarray, sr: int, name: str) -> np.ndarray:
     return fit(resample(z, rate, sr) if rate else z, len(y)).astype(np.float32)
 
 
+def word_span(wave: np.ndarray, frame: int = 160, within_db: float = 30.0) -> tuple[int, int]:
+    """[start, end) in samples of the sound of a clip: from the first to the last 10 ms frame
+    (at 16 kHz) within `within_db` of its loudest frame; the whole clip when it is silent."""
+    n = len(wave) // frame * frame
+    if n == 0:
+        return 0, len(wave)
+    power = (wave[:n].astype(np.float64).reshape(-1, frame) ** 2).mean(1)
+    if power.max() <= 0:
+        return 0, len(wave)
+    loud = np.flatnonzero(power >= power.max() * 10 ** (-within_db / 10))
+    return int(loud[0] * frame), int((loud[-1] + 1) * frame)
+
+
 def audio_files(paths) -> list[Path]:
     """The files given, and the audio files (AUDIO_EXTS) inside the folders given, sorted."""
     files = []

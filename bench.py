@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import soundfile as sf
 import torch
 import torch.nn.functional as F
@@ -49,14 +50,17 @@ import torch.nn.functional as F
 from arg import Config, config_from_args, make_parser
 from audio import CODECS, HOP
 from byol import BYOL
-from cache import Clips, training_clips
+from cache import Clips, Rows, training_clips
 from dataset import WaveDataset, load_noise
-from ensemble import Ensemble, load_members
+from ensemble import Ensemble, fit_blend, load_members, predict_waves
 from metrics import monitored
 from model import AudioClassifier
-from runs import HISTORY, Run, Work
+from predictor import OPEN
+from reject import compare_scores
+from runs import BEST, HISTORY, OOF, Run, Work
 from search import PRUNERS, replay
-from transform import N_VIEWS
+from submission import test_truth
+from transform import N_VIEWS, tta_views
 from util import UsageError, read_table, run_cli, setup_logging, torch_device
 
 HERE = Path(__file__).resolve().parent
@@ -386,10 +390,47 @@ def pruners_section(args) -> None:
               f"best trial {'kept' if got['best_kept'] else 'PRUNED'}")
 
 
-def reject_section(args, device) -> None:
-    """Which score the reject rule should threshold, on RUN: ensemble.compare_run."""
-    from ensemble import compare_run
+def compare_run(work, run: str, solution: str, tta: bool, device) -> tuple[pd.DataFrame, str]:
+    """reject.compare_scores on a run (classes with _unknown_ or _silence_): each fold's OOF
+    rows and the test set (`solution`, else test.csv's labels) through its best.ckpt, the logits
+    averaged (`tta`: the TTA views), the folds' averaged on the test set; the temperature is
+    the OOF log-loss's. Returns the table and a line saying what was read."""
+    classes = Work(work).classes()
+    if not set(OPEN) & set(classes):
+        raise UsageError(f"--sections reject: the classes of {Work(work).classes_json} hold no "
+                         f"{' or '.join(OPEN)}: no reject rule to compare")
+    test = read_table(Work(work).test_csv)
+    truth, _ = test_truth(test, solution, classes)
+    if truth is None:
+        raise UsageError("--sections reject reads the test set's true labels: give --solution "
+                         "CSV (file_name,label)")
+    folds = [d for d in Run(work, run).folds().values() if (d / OOF).is_file()]
+    if not folds:
+        raise UsageError(f"--sections reject: run {run} has no fold with its {OOF}")
+    prep = Work(work).prep()
+    length = Config(sr=prep["sr"], seconds=prep["seconds"]).clip_samples
 
+    def logits_probs(path: Path, split: str, rows) -> tuple[np.ndarray, np.ndarray]:
+        probs, _, logits = predict_waves([path], Rows(Clips.of(work, split), rows, length), tta,
+                                         device, 128, f"{path.parent.name} {split}", True)
+        return logits[0], probs[0]
+
+    oofs = [read_table(d / OOF) for d in folds]
+    got = [logits_probs(d / BEST, "train", o.row) for d, o in zip(folds, oofs)]
+    tests = [logits_probs(d / BEST, "test", np.arange(len(test))) for d in folds]
+    oof = dict(logits=np.concatenate([g[0] for g in got]), probs=np.concatenate(
+        [g[1] for g in got]), truth=np.concatenate([o.label.to_numpy() for o in oofs]))
+    t = fit_blend(oof["probs"][None], np.asarray([classes.index(c) for c in oof["truth"]]))[
+        "temperature"]
+    table = compare_scores(oof, dict(logits=np.mean([x[0] for x in tests], 0),
+                                     probs=np.mean([x[1] for x in tests], 0), truth=truth),
+                           classes, t)
+    return table, (f"{run}, {len(folds)} fold(s), {len(tta_views(tta))} view(s); OOF {len(oof['truth'])} "
+                   f"clips, test {len(test)}; temperature {t:.2f} (OOF log-loss)")
+
+
+def reject_section(args, device) -> None:
+    """Which score the reject rule should threshold, on RUN: compare_run."""
     if not args.run:
         raise UsageError("--sections reject needs --run RUN (a run with _unknown_/_silence_)")
     table, said = compare_run(Path(args.work), args.run, args.solution, args.tta == "y", device)

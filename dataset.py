@@ -14,7 +14,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from audio import codec
+from arg import Config
+from audio import codec, word_span
 from cache import Clips
 from layouts import SILENCE, UNKNOWN
 from runs import Work, validation_folds
@@ -34,6 +35,21 @@ class WaveDataset(Dataset):
         self.length = int(length or clips.lengths.max(initial=1))
         self.targets = np.full(len(self.rows), -1) if targets is None else np.asarray(targets)
         self.row_ids = self.rows  # what a batch reports as its rows
+        self.p_cut, self.cut_share, self.words, self.unknown = 0.0, 0.0, None, -1
+
+    def cut_words(self, p_cut: float, cut_share: float, classes: list[str]) -> None:
+        """--p-cut: that share of the word rows is read as a stream's window catches a word
+        going by: the word (its sound, word_span) moved so that a uniform random share of it
+        falls outside the window, at the start or the end; cut by more than `cut_share`, it
+        is learnt as _unknown_. Rows of _unknown_ and _silence_ are read as they are."""
+        if UNKNOWN not in classes:
+            raise UsageError(f"--p-cut {p_cut}: a word cut beyond --cut-share is learnt as "
+                             f"{UNKNOWN}, and the classes hold none (preprocess.py --unknown "
+                             f"LABELS|DIR)")
+        is_open = np.isin(self.targets, [classes.index(c) for c in (UNKNOWN, SILENCE)
+                                         if c in classes])
+        self.p_cut, self.cut_share, self.words = p_cut, cut_share, ~is_open
+        self.unknown = classes.index(UNKNOWN)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -47,10 +63,35 @@ class WaveDataset(Dataset):
         rows = self.rows[idx]
         starts = self.clips.random_starts(rows, self.length) if self.crop == "random" else None
         waves = self.clips.read(rows, self.length, starts)
+        targets = self.targets[idx]
+        if self.p_cut > 0:
+            waves, targets = self.cut(waves, targets, self.words[idx])
         if self.p_codec > 0 and self.codecs:
             self.through_codecs(waves)
-        return (torch.from_numpy(waves), torch.from_numpy(self.targets[idx]),
+        return (torch.from_numpy(waves), torch.from_numpy(targets),
                 torch.from_numpy(self.row_ids[idx]))
+
+    def cut(self, waves: np.ndarray, targets: np.ndarray, words: np.ndarray):
+        """The --p-cut of a batch (int16 [B, L], class indices [B]): new arrays, each chosen
+        word row shifted so that a uniform share of its word_span lies beyond one edge of the
+        window (zeros where the clip has no samples), _unknown_ beyond --cut-share. Torch's
+        generator draws, as random_starts does (seeded by Lightning, one stream per worker)."""
+        waves, targets = waves.copy(), targets.copy()
+        draw = torch.rand(len(waves), 3, dtype=torch.float64).numpy()
+        n = waves.shape[1]
+        for i in np.flatnonzero(words & (draw[:, 0] < self.p_cut)):
+            a, b = word_span(waves[i])
+            share = draw[i, 1]
+            gone = int(round(share * (b - a)))
+            # the window's sample t reads the clip's sample t + shift
+            shift = a + gone if draw[i, 2] < 0.5 else a + (b - a) - gone - n
+            out = np.zeros(n, waves.dtype)
+            lo, hi = max(0, -shift), min(n, n - shift)
+            out[lo:hi] = waves[i, lo + shift:hi + shift]
+            waves[i] = out
+            if share > self.cut_share:
+                targets[i] = self.unknown
+        return waves, targets
 
 
     def through_codecs(self, waves: np.ndarray) -> None:
@@ -90,6 +131,19 @@ class JoinedDataset(Dataset):
         return torch.cat(waves)[back], torch.cat(ys)[back], torch.cat(rows)[back]
 
 
+def long_negatives(train: pd.DataFrame, clips: Clips, length: int,
+                   classes: list[str]) -> pd.DataFrame:
+    """The training rows, each _unknown_ recording longer than the window repeated as many
+    times as it holds windows (rounded up): an epoch reads that many windows of it, each at
+    a fresh random start (crop random), rather than one (preprocess.py --unknown DIR of long
+    recordings: other speech as the detector reads it)."""
+    if UNKNOWN not in classes or not len(train):
+        return train
+    n = clips.lengths[train.row.to_numpy()]
+    times = np.where(train.y.to_numpy() == classes.index(UNKNOWN), -(-n // max(1, length)), 1)
+    return train.loc[train.index.repeat(np.maximum(times, 1))]
+
+
 def _batch(x):  # __getitems__ already returns the collated batch
     return x
 
@@ -120,7 +174,7 @@ def targets(table: pd.DataFrame, classes: list[str], multilabel: bool,
     return out
 
 
-def weighted_sampler(y: np.ndarray, classes: list[str], power: float, open_share: float,
+def weighted_sampler(y: np.ndarray, classes: list[str], power: float, unknown_share: float,
                      seed: int):
     """Each row's draw weight (with replacement, as many draws an epoch as rows), None when
     nothing asks for one: --balance P, count(its class)^-P (0: as the data is, 1: every class
@@ -128,16 +182,16 @@ def weighted_sampler(y: np.ndarray, classes: list[str], power: float, open_share
     draws."""
     from torch.utils.data import WeightedRandomSampler
 
-    if power <= 0 and open_share <= 0:
+    if power <= 0 and unknown_share <= 0:
         return None
     w = np.bincount(y)[y].astype(np.float64) ** -power
-    if open_share > 0:
+    if unknown_share > 0:
         other = np.isin(y, [classes.index(c) for c in (UNKNOWN, SILENCE) if c in classes])
         if other.all() or not other.any():
-            raise UsageError(f"--unknown-share {open_share}: the training rows need both "
+            raise UsageError(f"--unknown-share {unknown_share}: the training rows need both "
                              f"words and {UNKNOWN} or {SILENCE} clips (preprocess.py --unknown, "
                              f"--silence)")
-        w[other] *= open_share / (1 - open_share) * w[~other].sum() / w[other].sum()
+        w[other] *= unknown_share / (1 - unknown_share) * w[~other].sum() / w[other].sum()
     return WeightedRandomSampler(torch.from_numpy(w), len(y), replacement=True,
                                  generator=torch.Generator().manual_seed(seed))
 
@@ -165,15 +219,15 @@ def pseudo_labels(work: str | Path, test_probs: str | Path, threshold: float,
                          "y": p.argmax(1)[keep], "p": p.max(1)[keep]})
 
 
-def labelled_share(train: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
-    """The stratified, seeded `share` of `train`'s rows (at least one per class): the rows a
+def labelled_share(train: pd.DataFrame, labels: float, seed: int) -> pd.DataFrame:
+    """The stratified, seeded share `labels` of `train`'s rows (at least one per class): the rows a
     label-efficiency run (--labels) keeps. A class with a single row cannot be split: it is
     kept, one row of every class is, and the rest of the share is drawn stratified (said)."""
     from sklearn.model_selection import train_test_split
 
-    if share >= 1.0:
+    if labels >= 1.0:
         return train
-    n = max(int(round(share * len(train))), train.y.nunique())
+    n = max(int(round(labels * len(train))), train.y.nunique())
     counts = train.y.value_counts()
     if counts.min() >= 2:
         try:
@@ -184,7 +238,7 @@ def labelled_share(train: pd.DataFrame, share: float, seed: int) -> pd.DataFrame
     logging.getLogger(__name__).warning(
         "--labels %g: the share cannot be drawn stratified (%d class(es) with a single training "
         "row): every class keeps at least one row, the rest of the share is drawn at random",
-        share, int((counts < 2).sum()))
+        labels, int((counts < 2).sum()))
     first = train.groupby("y", group_keys=False).sample(1, random_state=seed)
     rest = train.drop(first.index).sample(frac=1.0, random_state=seed).head(n - len(first))
     return pd.concat([first, rest]).sort_values("row")
@@ -196,32 +250,35 @@ class FoldData(L.LightningDataModule):
     its beginning), validation the beginning. Pseudo-labelled rows carry row ids -1 - test
     row, so nothing mistakes them for training rows, and they never enter validation."""
 
-    def __init__(self, work: str | Path, fold: int, batch_size: int, workers: int,
-                 pseudo: pd.DataFrame | None = None, label_share: float = 1.0, seed: int = 0,
-                 length: int | None = None, crop: str = "random", multilabel: bool = False,
-                 secondary_weight: float = 0.5, balance: float = 0.0, codecs: tuple = (),
-                 p_codec: float = 0.0, sr: int = 16000, open_share: float = 0.0):
+    def __init__(self, cfg: Config, fold: int, work: Work | None = None, workers: int = 0,
+                 pseudo: pd.DataFrame | None = None):
         super().__init__()
-        self.work, self.fold, self.batch_size, self.workers = Path(work), fold, batch_size, workers
-        self.classes = Work(work).classes()
-        self.table = read_table(Work(work).train_csv)
+        work = work or Work(cfg.work)
+        self.work, self.fold, self.batch_size, self.workers = work.dir, fold, cfg.batch_size, workers
+        self.classes = work.classes()
+        self.table = read_table(work.train_csv)
         folds = validation_folds(self.table)
         if fold not in folds:
-            raise UsageError(f"fold {fold} is not in {Work(work).train_csv} (folds "
+            raise UsageError(f"fold {fold} is not in {work.train_csv} (folds "
                              f"{', '.join(map(str, folds))})")
         self.val_table = self.table[self.table.fold == fold]
-        train = labelled_share(self.table[self.table.fold != fold], label_share, seed)
-        clips = Clips.of(self.work, "train")
-        length = length or int(clips.lengths.max(initial=1))
+        train = labelled_share(self.table[self.table.fold != fold], cfg.labels, cfg.seed)
+        clips = Clips.of(work.dir, "train")
+        length = cfg.clip_samples or int(clips.lengths.max(initial=1))
+        train = long_negatives(train, clips, length, self.classes)
 
         def y(t):
-            return targets(t, self.classes, multilabel, secondary_weight)
+            return targets(t, self.classes, cfg.multilabel, cfg.secondary_weight)
 
-        self.train_ds = WaveDataset(clips, train.row, y(train), length, crop, codecs, p_codec, sr)
-        self.sampler = weighted_sampler(train.y.to_numpy(), self.classes, balance, open_share, seed)
+        self.train_ds = WaveDataset(clips, train.row, y(train), length, cfg.crop, cfg.codecs,
+                                    cfg.p_codec, cfg.sr)
+        if cfg.p_cut > 0:
+            self.train_ds.cut_words(cfg.p_cut, cfg.cut_share, self.classes)
+        self.sampler = weighted_sampler(train.y.to_numpy(), self.classes, cfg.balance,
+                                        cfg.unknown_share, cfg.seed)
         if pseudo is not None and len(pseudo):
-            extra = WaveDataset(Clips.of(self.work, "test"), pseudo.row, y(pseudo.assign(
-                secondary="")), length, crop)
+            extra = WaveDataset(Clips.of(work.dir, "test"), pseudo.row, y(pseudo.assign(
+                secondary="")), length, cfg.crop)
             extra.row_ids = -1 - extra.rows
             self.train_ds = JoinedDataset(self.train_ds, extra)
             self.sampler = None  # --balance weighs the labelled rows only: refused in job.py

@@ -9,6 +9,7 @@ pipeline runs anywhere, nothing downloaded.
     python demo.py --preset soundscape --out data/soundscape   # recordings, several labels
     python demo.py --out data/yesno --words yes,no --speakers 40
     python demo.py --out data/mine --words "alexa,smart mirror" --kokoro 54 --clip-seconds 1.5
+    python demo.py --out data/wake --words "hey uac" --near-miss 20   # + OUT/near_miss/
 
 What each preset speaks and how it degrades the clips, and the layouts written: synth.py.
 """
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from arg import Parser
 from soundscapes import make_soundscapes
-from synth import PRESETS, WORDS, label_of, make_dataset
+from synth import PRESETS, WORD_LIST, WORDS, label_of, make_dataset, near_misses, read_word_list
 from util import run_cli
 from voices import Espeak
 
@@ -68,6 +70,14 @@ def steps(argv) -> int:
     p.add_argument("--cache", default="data/tts_cache",
                    help="where Kokoro's clips are kept: a second run (or a killed one) says only "
                         "what is missing")
+    p.add_argument("--near-miss", type=int, default=0, metavar="N",
+                   help="also say, by every espeak-ng training speaker, the N words of --word-list "
+                        "nearest to each of --words in espeak-ng's phonemes, and the first and "
+                        "last half of each keyword, under OUT/near_miss/ (preprocess.py --unknown "
+                        "OUT/near_miss learns them as _unknown_); 0 = none")
+    p.add_argument("--word-list", default=WORD_LIST,
+                   help="the words near misses are drawn from, one a line (default: Debian's "
+                        "wamerican list)")
     p.add_argument("--seed", type=int, default=0, help="same seed -> same dataset")
     p.add_argument("--jobs", type=int, default=None,
                    help="processes at work at once (default: all cores)")
@@ -86,6 +96,20 @@ def steps(argv) -> int:
         p.error(f"--kokoro {args.kokoro}: expected 0 or more speakers")
     if args.clip_seconds is not None and not 0.1 <= args.clip_seconds <= 60:
         p.error(f"--clip-seconds {args.clip_seconds:g}: expected 0.1 to 60")
+    if args.near_miss < 0:
+        p.error(f"--near-miss {args.near_miss}: expected 0 or more words")
+    table = None
+    if args.near_miss:
+        if args.preset == "soundscape":
+            p.error("--near-miss: the soundscape preset says no keywords")
+        if not Path(args.word_list).is_file():
+            p.error(f"--word-list {args.word_list}: no such file (apt-get install wamerican, or "
+                    f"give --word-list FILE with one word a line)")
+        table = near_misses(words, read_word_list(args.word_list), args.near_miss)
+        short = [w for w in words if (table.keyword == label_of(w)).sum() < args.near_miss]
+        if short:
+            p.error(f"--near-miss {args.near_miss}: {args.word_list} holds fewer words near "
+                    f"{short[0]!r} than that")
     if args.preset == "soundscape":
         counts = make_soundscapes(args.out, args.seed, args.jobs)
         log.info("soundscape dataset in %s: %d training recordings, %d test soundscapes",
@@ -95,9 +119,14 @@ def steps(argv) -> int:
         PRESETS[args.preset], accents=accents)
     counts = make_dataset(args.out, args.speakers, args.seed, workers=args.jobs, preset=preset,
                           words=words, kokoro=args.kokoro, seconds=args.clip_seconds,
-                          cache=args.cache)
+                          cache=args.cache, near_miss=table)
     log.info("%s dataset in %s: %d train clips, %d test clips, %d speakers", args.preset,
              args.out, counts["train"], counts["test"], counts["speakers"])
+    if table is not None:
+        log.info("near misses: %d clips under %s (%s); preprocess.py --unknown %s learns them "
+                 "as _unknown_", counts["near_miss"], Path(args.out) / "near_miss",
+                 ", ".join(f"{k}: {', '.join(g.near_miss)}" for k, g in table.groupby("keyword")),
+                 Path(args.out) / "near_miss")
     return 0
 
 

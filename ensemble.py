@@ -8,14 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, safe_load, upgrade_keys
 from metrics import calibration_error, log_loss
-from predictor import OPEN
 from model import AudioClassifier, AudioNet, to_probs
 from results import label_index, load_oof
 from runs import Run, oof_missing
@@ -258,48 +256,3 @@ def oof_for_blend(work: Path, runs: list[str], folds: list[int], name: str,
             raise UsageError(f"--fit-weights: the OOF of {runs[0]} and {r} cover different rows "
                              f"(other folds or another WORK); blend runs of the same WORK")
     return np.stack(probs), label_index(tables[0].label, classes)
-
-
-def compare_run(work, run: str, solution: str, tta: bool, device) -> tuple[pd.DataFrame, str]:
-    """reject.compare_scores on a run (classes with _unknown_ or _silence_): each fold's OOF
-    rows and the test set (`solution`, else test.csv's labels) through its best.ckpt, the logits
-    averaged (`tta`: the TTA views), the folds' averaged on the test set; the temperature is
-    the OOF log-loss's. Returns the table and a line saying what was read."""
-    from arg import Config
-    from cache import Clips, Rows
-    from reject import compare_scores, test_truth
-    from runs import BEST, OOF, Work
-    from util import read_table
-
-    classes = Work(work).classes()
-    if not set(OPEN) & set(classes):
-        raise UsageError(f"--sections reject: the classes of {Work(work).classes_json} hold no "
-                         f"{' or '.join(OPEN)}: no reject rule to compare")
-    test = read_table(Work(work).test_csv)
-    truth, _ = test_truth(test, solution, classes)
-    if truth is None:
-        raise UsageError("--sections reject reads the test set's true labels: give --solution "
-                         "CSV (file_name,label)")
-    folds = [d for d in Run(work, run).folds().values() if (d / OOF).is_file()]
-    if not folds:
-        raise UsageError(f"--sections reject: run {run} has no fold with its {OOF}")
-    prep = Work(work).prep()
-    length = Config(sr=prep["sr"], seconds=prep["seconds"]).clip_samples
-
-    def logits_probs(path: Path, split: str, rows) -> tuple[np.ndarray, np.ndarray]:
-        probs, _, logits = predict_waves([path], Rows(Clips.of(work, split), rows, length), tta,
-                                         device, 128, f"{path.parent.name} {split}", True)
-        return logits[0], probs[0]
-
-    oofs = [read_table(d / OOF) for d in folds]
-    got = [logits_probs(d / BEST, "train", o.row) for d, o in zip(folds, oofs)]
-    tests = [logits_probs(d / BEST, "test", np.arange(len(test))) for d in folds]
-    oof = dict(logits=np.concatenate([g[0] for g in got]), probs=np.concatenate(
-        [g[1] for g in got]), truth=np.concatenate([o.label.to_numpy() for o in oofs]))
-    t = fit_blend(oof["probs"][None], np.asarray([classes.index(c) for c in oof["truth"]]))[
-        "temperature"]
-    table = compare_scores(oof, dict(logits=np.mean([x[0] for x in tests], 0),
-                                     probs=np.mean([x[1] for x in tests], 0), truth=truth),
-                           classes, t)
-    return table, (f"{run}, {len(folds)} fold(s), {len(tta_views(tta))} view(s); OOF {len(oof['truth'])} "
-                   f"clips, test {len(test)}; temperature {t:.2f} (OOF log-loss)")

@@ -47,7 +47,7 @@ class Fold:
         return self.run.fold(self.k)
 
 
-def load_pseudo(cfg: Config, run: Run):
+def load_pseudo(cfg: Config, work: Work):
     """The pseudo-labelled test rows of --pseudo RUN, or None."""
     if not cfg.pseudo:
         return None
@@ -55,11 +55,10 @@ def load_pseudo(cfg: Config, run: Run):
     if not source.test_probs.is_file():
         raise UsageError(f"--pseudo {cfg.pseudo}: {source.test_probs} not found; make it with: "
                          f"python inference.py --work {cfg.work} --run {cfg.pseudo} -f 5 -a y")
-    return pseudo_labels(cfg.work, source.test_probs, cfg.pseudo_threshold,
-                         Work(cfg.work).classes())
+    return pseudo_labels(work.dir, source.test_probs, cfg.pseudo_threshold, work.classes())
 
 
-def load_teacher(cfg: Config, k: int, classes: list[str]):
+def load_teacher(cfg: Config, k: int, work: Work, classes: list[str]):
     """(teacher model, its checkpoint) for --teacher RUN: its fold k, which never saw fold k's
     clips; (None, '') without --teacher."""
     if not cfg.teacher:
@@ -72,7 +71,7 @@ def load_teacher(cfg: Config, k: int, classes: list[str]):
     teacher = load_checkpoint(path)
     if teacher.classes != classes:
         raise UsageError(f"--teacher {cfg.teacher}: {path} was trained on other classes than "
-                         f"{Work(cfg.work).classes_json}")
+                         f"{work.classes_json}")
     if (teacher.cfg.sr, teacher.cfg.seconds) != (cfg.sr, cfg.seconds):
         raise UsageError(f"--teacher {cfg.teacher}: {path} hears {teacher.cfg.sr} Hz x "
                          f"{teacher.cfg.seconds} s clips, this run {cfg.sr} Hz x {cfg.seconds} s")
@@ -84,19 +83,17 @@ def plan_fold(cfg: Config, k: int) -> Fold:
     import lightning as L
 
     check_model(cfg.model)
-    run = Run(cfg.work, cfg.run_name)
+    work, run = Work(cfg.work), Run(cfg.work, cfg.run_name)
     accelerator, devices = pick_device(cfg.gpus, cfg.devices)
     last = run.fold(k) / LAST
     resume_from = str(last) if cfg.resume and last.is_file() else None
     if resume_from:
         check_resume(cfg, run.fold(k), "delete it to train the fold from the start, or train "
                                        "under another --run")
-    pseudo = load_pseudo(cfg, run)
+    pseudo = load_pseudo(cfg, work)
     workers = loader_workers(cfg, accelerator)
-    data = FoldData(cfg.work, k, cfg.batch_size, workers, pseudo, cfg.labels, cfg.seed,
-                    cfg.clip_samples, cfg.crop, cfg.multilabel, cfg.secondary_weight, cfg.balance,
-                    cfg.codecs, cfg.p_codec, cfg.sr, cfg.unknown_share)
-    teacher, teacher_path = load_teacher(cfg, k, data.classes)
+    data = FoldData(cfg, k, work, workers, pseudo)
+    teacher, teacher_path = load_teacher(cfg, k, work, data.classes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = AudioClassifier(cfg.part(*LEARNT), data.classes)  # what the checkpoint holds
     model.net.set_noise(load_noise(cfg.work))
@@ -178,9 +175,9 @@ def train_fold(cfg: Config, k: int, progress: bool = True, extra_callbacks=()) -
     # a fresh fold starts without its earlier records, and its run without the results made
     # from the earlier folds (the leaderboard would pair the old test score with the new CV,
     # --pseudo would read the old test_probs.csv)
-    job = Job(cfg, fold.dir, fold.model, dict(datamodule=fold.data), "train.py", fold.accelerator,
-              fold.devices, f"fold {k}", k, fold.resume_from,
-              tuple(fold.dir / n for n in FOLD_RECORDS) + tuple(fold.run.results()))
+    job = Job(cfg, fold.dir, fold.model, dict(datamodule=fold.data), "train.py", f"fold {k}",
+              fold=k, resume_from=fold.resume_from,
+              stale=tuple(fold.dir / n for n in FOLD_RECORDS) + tuple(fold.run.results()))
     t0 = time.time()
     return run_job(job, fold_callbacks(fold) + list(extra_callbacks), progress,
                    lambda trainer: finish_fold(fold, trainer, t0),

@@ -24,7 +24,8 @@ from arg import RESUME_SAFE, WORK_FIXED, Config, write_yaml
 from checkpoints import CheckpointError, safe_load
 from runs import COMMAND, CONFIG, LAST, VERSIONS, Work, read_config
 import speech
-from util import FoldLock, Stopped, UsageError, launched_rank_zero, write_json, write_text
+from util import (FoldLock, Stopped, UsageError, launched_rank_zero, pick_device, write_json,
+                  write_text)
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -75,7 +76,13 @@ def check_options(cfg: Config) -> None:
              (cfg.unknown_share > 0 and (cfg.multilabel or cfg.pseudo),
               "--unknown-share weighs single-label rows: not with multilabel data or --pseudo"),
              (not 0 < cfg.labels <= 1, f"--labels {cfg.labels}: a share of the training rows "
-                                       f"in (0, 1]")]
+                                       f"in (0, 1]"),
+             (not 0 <= cfg.p_cut <= 1, f"--p-cut {cfg.p_cut}: a share of the word clips in "
+                                       f"[0, 1]"),
+             (not 0 <= cfg.cut_share < 1, f"--cut-share {cfg.cut_share}: a share of a word in "
+                                          f"[0, 1)"),
+             (cfg.p_cut > 0 and cfg.multilabel, "--p-cut relabels a cut word as _unknown_: not "
+                                                "with multilabel data")]
     for bad, why in clash:
         if bad:
             raise UsageError(why)
@@ -121,18 +128,22 @@ def check_resume(cfg: Config, folder: Path, fix: str) -> None:
 class Job:
     """One training process's work, every check done and nothing written yet: the module and
     what it fits on (`fit_args`: datamodule= or train_dataloaders=), its folder, what a fresh
-    start clears there (`stale`), the script command.txt replays, and where it runs."""
+    start clears there (`stale`), the script command.txt replays; where it runs is the
+    Config's (-g, --devices)."""
     cfg: Config
     folder: Path
     module: object  # a LightningModule
     fit_args: dict
     script: str  # train.py, pretrain.py
-    accelerator: str
-    devices: list[int] | int
     name: str  # for messages: "fold 0", "run byol"
     fold: int | None = None
     resume_from: str | None = None
     stale: tuple = ()
+
+    @property
+    def place(self) -> tuple[str, list[int] | int]:
+        """(accelerator, devices) of -g and --devices."""
+        return pick_device(self.cfg.gpus, self.cfg.devices)
 
 
 def run_job(job: Job, callbacks: list, progress: bool, finish, logger=False):
@@ -146,8 +157,7 @@ def run_job(job: Job, callbacks: list, progress: bool, finish, logger=False):
     with owned(job.folder):
         if launched_rank_zero():
             start_records(job)
-        trainer = make_trainer(job.cfg, job.accelerator, job.devices, job.folder, callbacks,
-                               progress, logger)
+        trainer = make_trainer(job.cfg, *job.place, job.folder, callbacks, progress, logger)
         try:
             trainer.fit(job.module, ckpt_path=job.resume_from, weights_only=True,
                         **job.fit_args)

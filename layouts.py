@@ -285,29 +285,33 @@ UNKNOWN, SILENCE = OPEN  # the classes of what is not a word to say
 
 
 def open_set(cfg: Config, train: pd.DataFrame, test: pd.DataFrame):
-    """--unknown: the labels it names become _unknown_ in train and test (each row's word kept
-    in `word`), or the audio of the folder it names joins training as _unknown_ rows (each
-    file its own group). Refused: a label the data does not have, a folder without audio, and
-    an --unknown that would leave no other class."""
+    """--unknown, a comma-separated list of labels and folders: the labels become _unknown_ in
+    train and test (each row's word kept in `word`); the audio of each folder (its subfolders
+    too: near misses, mined windows, long recordings of other speech) joins training as
+    _unknown_ rows, each file its own group. Refused: a name that is neither a label of the
+    data nor a folder, a folder without audio, and labels that would leave no other class."""
     if not cfg.unknown:
         return train, test
-    if Path(cfg.unknown).is_dir():
-        files = audio_files([cfg.unknown])
-        if not files:
-            raise DataLayoutError(f"--unknown {cfg.unknown}: a folder without audio files")
-        extra = pd.DataFrame({"path": [str(f) for f in files], "label": UNKNOWN,
-                              "group": [f"unknown/{f.stem}" for f in files]})
-        return pd.concat([train, extra], ignore_index=True), test
-    words = [w.strip() for w in cfg.unknown.split(",") if w.strip()]
+    names = [w.strip() for w in cfg.unknown.split(",") if w.strip()]
+    folders = [n for n in names if Path(n).is_dir()]
+    words = [n for n in names if n not in folders]
     missing = sorted(set(words) - set(train.label))
     if missing:
         raise DataLayoutError(f"--unknown: no training clips labelled {', '.join(missing)} (and "
-                              f"no folder {cfg.unknown}): name labels of the data, or a folder")
-    if set(train.label) <= set(words):
+                              f"no folder {missing[0]}): name labels of the data, or folders")
+    if words and set(train.label) <= set(words):
         raise DataLayoutError(f"--unknown {cfg.unknown}: every label would be unknown")
     relabel = {w: UNKNOWN for w in words}
-    return (train.assign(word=train.label, label=train.label.replace(relabel)),
-            test.assign(label=test.label.replace(relabel)))
+    train = train.assign(word=train.label, label=train.label.replace(relabel)) if words else train
+    test = test.assign(label=test.label.replace(relabel)) if words else test
+    for folder in folders:
+        files = audio_files([folder])
+        if not files:
+            raise DataLayoutError(f"--unknown {folder}: a folder without audio files")
+        extra = pd.DataFrame({"path": [str(f) for f in files], "label": UNKNOWN,
+                              "group": [f"unknown/{f.parent.name}/{f.stem}" for f in files]})
+        train = pd.concat([train, extra], ignore_index=True)
+    return train, test
 
 
 def check_silence(cfg: Config, noise: list[str], clips: int) -> None:

@@ -15,11 +15,31 @@ import torch
 from ensemble import embed_waves
 from metrics import multilabel_scores, padded_cmap
 from predictor import OPEN
-from reject import test_truth
 from runs import BLEND, EMBEDDINGS, EMBEDDINGS_CSV, SUBMISSION, TEST_PROBS, TEST_SCORE, Work
 from util import UsageError, atomic_write, probs_frame, read_table, write_csv, write_json
 
 log = logging.getLogger(__name__)
+
+
+def test_truth(test: pd.DataFrame, solution: str | None, classes: list[str]):
+    """(each test row's true label, {solution column: its values}) from --solution (or
+    test.csv's labels); (None, {}) where a row has none. Where the classes hold _unknown_, a
+    word the model was not taught is _unknown_: one it should reject."""
+    truth, groups = None, {}
+    if solution:
+        if not Path(solution).is_file():
+            raise UsageError(f"--solution {solution}: no such file")
+        sol = pd.read_csv(solution, dtype=str, keep_default_na=False).set_index("file_name")
+        truth = test.file_name.map(sol.label)
+        groups = {c: test.file_name.map(sol[c]) for c in sol.columns if c != "label"}
+    elif "label" in test and (test.label != "").all():
+        truth = test.label
+    if truth is None or truth.isna().any():
+        return None, {}
+    truth = truth.to_numpy()
+    if set(OPEN) & set(classes):
+        truth = np.where(np.isin(truth, classes), truth, OPEN[0])
+    return truth, groups
 
 
 def score_test(test: pd.DataFrame, score: np.ndarray, classes: list[str], solution: str | None,

@@ -302,6 +302,7 @@ def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
         else:
             start = int(rng.integers(0, max(1, length - len(wav) + 1)))
         lo, hi = max(0, start), min(length, start + len(wav))
+        meta["word_start"], meta["word_end"] = lo / SR, hi / SR  # the word's part of the clip
         if hi > lo:
             clip[lo:hi] = wav[lo - start:hi - start]
         meta["gain_db"] = uniform(rng, p.gain_db)
@@ -323,14 +324,102 @@ def speak_speaker(job: tuple) -> list[tuple[str, np.ndarray, dict]]:
     return out
 
 
+WORD_LIST = "/usr/share/dict/american-english"  # Debian's wamerican
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the insertions, deletions and substitutions from a to b."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def read_word_list(path: str | Path) -> list[str]:
+    """The lower-case words of a word list (one a line; names and possessives left out)."""
+    words = {w.strip() for w in Path(path).read_text(errors="replace").splitlines()}
+    return sorted(w for w in words if w.isalpha() and w.islower())
+
+
+def near_misses(phrases: list[str], words: list[str], n: int,
+                espeak: Espeak | None = None) -> pd.DataFrame:
+    """For each phrase, the `n` entries nearest to it in espeak-ng's phonemes (edit distance
+    over IPA, stress left out): single words for a word; for a phrase, the phrase with one
+    word swapped for one near it. Never a phrase itself, another phrase, anything that sounds
+    the same as one (a homophone: distance 0) or holds one whole (zeros, for zero: a window of
+    it holds the keyword); of words that sound alike, the first. Columns keyword (the label),
+    near_miss, distance, phonemes."""
+    espeak = espeak or Espeak()
+    own = {espeak.phonemes(p).replace(" ", "") for p in phrases}
+    lowered = {p.lower() for p in phrases}
+
+    def holds_one(ph: str) -> bool:
+        return any(o in ph.replace(" ", "") for o in own)
+
+    said, heard = {}, set()  # one word for each way of sounding: the first in the list
+    for w in words:
+        ph = espeak.phonemes(w)
+        if ph not in heard and not holds_one(ph):
+            said[w] = ph
+            heard.add(ph)
+
+    def nearest(target: str, k: int) -> list[tuple[int, str]]:
+        near = [(edit_distance(target, ph), w) for w, ph in said.items()
+                if abs(len(ph) - len(target)) <= 2 and w not in lowered]
+        return sorted(near)[:k]
+
+    rows = []
+    for phrase in phrases:
+        parts = phrase.split()
+        target = espeak.phonemes(phrase)
+        if len(parts) == 1:
+            found = nearest(target, 4 * n + len(phrases))
+        else:  # one word of the phrase swapped for a word that sounds near it
+            swaps = {" ".join(parts[:i] + [w] + parts[i + 1:])
+                     for i, p in enumerate(parts) for _, w in nearest(espeak.phonemes(p), n)}
+            found = sorted((edit_distance(target, espeak.phonemes(c)), c) for c in swaps)
+        kept = []
+        for d, c in found:
+            ph = said.get(c) or espeak.phonemes(c)
+            if d > 0 and not holds_one(ph) and c.lower() not in lowered:
+                kept.append(dict(keyword=label_of(phrase), near_miss=c, distance=d, phonemes=ph))
+            if len(kept) == n:
+                break
+        rows += kept
+    return pd.DataFrame(rows, columns=["keyword", "near_miss", "distance", "phonemes"])
+
+
+def write_halves(out: Path, label: str, speaker: str, clip: np.ndarray, meta: dict) -> list:
+    """The first and the last half of a keyword's clip (the other half of the word muted):
+    pieces of the keyword, which a detector must not take for it. Returns meta rows."""
+    lo, hi = int(meta["word_start"] * SR), int(meta["word_end"] * SR)
+    mid, rows = (lo + hi) // 2, []
+    for half, mute in (("first_half", slice(mid, hi)), ("last_half", slice(lo, mid))):
+        piece = clip.copy()
+        piece[mute] = 0
+        path = Path(NEAR_MISS) / label / f"{half}_{speaker}.wav"
+        sf.write(out / path, piece, SR, subtype="PCM_16")
+        rows.append(dict(path=str(path), speaker=speaker, word=f"{label}:{half}", **meta))
+    return rows
+
+
+NEAR_MISS = "near_miss"  # OUT/near_miss/<keyword>/: preprocess.py --unknown OUT/near_miss
+
+
 def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
                  test_share: float | None = None, workers: int | None = None,
                  progress: bool = True, preset: str | Preset = "demo",
                  words: tuple | list = WORDS, kokoro: int | None = None,
-                 seconds: float | None = None, cache: str | Path = "data/tts_cache") -> dict:
+                 seconds: float | None = None, cache: str | Path = "data/tts_cache",
+                 near_miss: pd.DataFrame | None = None) -> dict:
     """Write a dataset under `out` with the `preset`'s voices and degradations (speakers,
     test_share, kokoro and seconds override it); returns counts. `words` are phrases, each
-    said whole and labelled label_of(phrase); Kokoro's clips are cached under `cache`."""
+    said whole and labelled label_of(phrase); Kokoro's clips are cached under `cache`.
+    `near_miss` (near_misses' table): its words said by every espeak-ng training speaker, and
+    the halves of each keyword clip of theirs, under OUT/near_miss/<keyword>/ (near_miss.csv
+    says what each holds)."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     p = dataclasses.replace(p, speakers=speakers or p.speakers,
                             test_share=p.test_share if test_share is None else test_share,
@@ -391,6 +480,12 @@ def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
                     solution.append((name, label, "shift" if n_in <= idx < p.speakers else "in"))
                 sf.write(out / path, clip, SR, subtype="PCM_16")
                 metas.append(dict(path=str(path), speaker=speaker, word=label, **meta))
+                if near_miss is not None and in_train[idx] and idx < p.speakers:
+                    (out / NEAR_MISS / label).mkdir(parents=True, exist_ok=True)
+                    metas += write_halves(out, label, speaker, clip, meta)
+        if near_miss is not None:
+            metas += say_near_misses(out, near_miss, [j for j in jobs[:p.speakers]
+                                                      if in_train[j[1]]], pool, progress)
     solution = pd.DataFrame(solution, columns=["file_name", "label", "domain"])
     if p.shifted is None:  # a domain column only where test speakers differ in kind
         solution = solution.drop(columns="domain")
@@ -402,6 +497,29 @@ def make_dataset(out: str | Path, speakers: int | None = None, seed: int = 0,
         train=train_voices, test_only=sorted(held_out),
         kokoro=[dataclasses.asdict(v) | dict(train=j < n_kokoro_train)
                 for j, v in enumerate(kokoro_voices)]), indent=1))
-    return {"train": sum(in_train) * len(words), "test": len(solution), "speakers": len(jobs)}
+    counts = {"train": sum(in_train) * len(words), "test": len(solution), "speakers": len(jobs)}
+    if near_miss is not None:
+        near_miss.to_csv(out / f"{NEAR_MISS}.csv", index=False)
+        counts["near_miss"] = sum(str(m["path"]).startswith(NEAR_MISS) for m in metas)
+    return counts
+
+
+def say_near_misses(out: Path, table: pd.DataFrame, jobs: list, pool, progress: bool) -> list:
+    """The near-miss words of `table` said by the speakers of `jobs` (speak_speaker's: the
+    same voice and manner as their keywords), written under OUT/near_miss/<keyword>/."""
+    said = tuple(dict.fromkeys(table.near_miss))
+    keyword = dict(zip(table.near_miss, table.keyword))
+    jobs = [(seed, idx, p, said, variants, None, cache)
+            for seed, idx, p, _, variants, _, cache in jobs]
+    metas = []
+    for (seed, idx, *_), clips in tqdm(zip(jobs, pool.map(speak_speaker, jobs, chunksize=4)),
+                                       total=len(jobs), desc="near misses", disable=not progress):
+        speaker = hashlib.sha1(f"{seed}-{idx}".encode()).hexdigest()[:8]
+        for word, clip, meta in clips:
+            path = Path(NEAR_MISS) / keyword[word] / f"{label_of(word)}_{speaker}.wav"
+            (out / path.parent).mkdir(parents=True, exist_ok=True)
+            sf.write(out / path, clip, SR, subtype="PCM_16")
+            metas.append(dict(path=str(path), speaker=speaker, word=label_of(word), **meta))
+    return metas
 
 

@@ -35,6 +35,7 @@ SR = 16000  # every voice is resampled to it
 # --------------------------------------------------------------------------------- espeak-ng
 # espeak-ng C API constants (speak_lib.h)
 _SYNCHRONOUS, _POS_CHARACTER, _RATE, _PITCH, _RANGE = 2, 1, 1, 3, 4
+_IPA = 0x02  # espeak_TextToPhonemes: phonemes in IPA
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
                              ctypes.c_void_p)
 
@@ -74,6 +75,23 @@ class Espeak:
 
         folder = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
         return tuple(sorted(p.name for p in folder.iterdir() if " " not in p.name))
+
+    def phonemes(self, text: str, voice: str = "en-us") -> str:
+        """espeak-ng's IPA phonemes of `text` read by `voice`, stress marks left out (one
+        character a phoneme, mostly): what near-miss words are measured by."""
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {voice!r}")
+        self.lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        self.lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p),
+                                                   ctypes.c_int, ctypes.c_int]
+        text_p = ctypes.pointer(ctypes.c_char_p(text.encode()))
+        out = []
+        while text_p.contents.value:  # one clause a call; the pointer moves on
+            got = self.lib.espeak_TextToPhonemes(text_p, 0, _IPA)
+            if not got:
+                break
+            out.append(got.decode())
+        return " ".join(out).translate({ord("ˈ"): None, ord("ˌ"): None})
 
     def say(self, text: str, voice: str, pitch: int, prange: int, rate: int) -> np.ndarray:
         """float32 waveform at `self.sr` of `text` spoken by `voice` ("accent+variant")."""

@@ -30,14 +30,75 @@ def hears_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_script(script: str, *args: str, check: bool = True, timeout: int = 600):
-    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def run_script(script: str, *args: str, check: bool = True, timeout: int = 600,
+               process: bool = False):
+    """Run one of the repo's scripts as a user would: its `main(argv)` in this process (as
+    `python SCRIPT ARGS` runs it, stdout, stderr and the log captured; a script's
+    exception is its traceback and exit code 1), or with `process` in a new interpreter,
+    where the process itself is what a test is about. Returns a CompletedProcess."""
+    if process:
+        proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = in_process(script, [str(a) for a in args])
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def in_process(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGV` without a new interpreter: the script's main(argv) run by runpy in
+    ROOT, what it prints and logs captured (a log handler of its own on the root logger, at
+    INFO as setup_logging sets it), the logging, signal and thread state put back after."""
+    import contextlib
+    import gc
+    import io
+    import logging
+    import runpy
+    import traceback
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, cwd = root.level, os.getcwd()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch_threads()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = runpy.run_path(str(ROOT / script))["main"](argv)
+            except SystemExit as e:  # argparse's refusals and --help
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # a bug: its traceback, as the interpreter prints it
+                traceback.print_exc()
+                code = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        os.chdir(cwd)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        torch_threads(threads)
+        gc.collect()
+    return subprocess.CompletedProcess([script, *argv], code or 0, out.getvalue(),
+                                       err.getvalue())
+
+
+def torch_threads(n: int | None = None) -> int | None:
+    """torch's thread count (set to `n` when given), None where torch is not imported yet."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def refused(script: str, *args) -> str:
@@ -48,23 +109,14 @@ def refused(script: str, *args) -> str:
 
 
 def refusal(script: str, *args) -> str:
-    """A script's `main(argv)` run in this process (runpy: the file as a user runs it, without
-    its `__main__` block), expecting a refusal: exit code 2 and one line on stderr; returns
-    that line. For refusals that need no process of their own: no new interpreter, no imports
-    paid again."""
-    import contextlib
-    import io
-    import runpy
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = runpy.run_path(str(ROOT / script))["main"]([str(a) for a in args])
-        except SystemExit as e:  # argparse's own refusals
-            code = e.code
-    lines = [x for x in err.getvalue().splitlines() if x.strip()]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err.getvalue(), \
-        (code, err.getvalue()[-3000:])
+    """A script's `main(argv)` run in this process (in_process: the file as a user runs it),
+    expecting a refusal: exit code 2 and one line on stderr, no traceback; returns that line.
+    For refusals that need no process of their own: no new interpreter, no imports paid
+    again."""
+    proc = in_process(script, [str(a) for a in args])
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, \
+        (proc.returncode, proc.stderr[-3000:])
     return lines[0]
 
 

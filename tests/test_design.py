@@ -251,9 +251,18 @@ def test_flags_mean_one_thing_in_every_script():
 
 
 def test_the_number_of_tta_views_has_one_definition():
+    """-a y averages N_VIEWS distinct views of a batch (the identity first), and no module
+    writes a view count of its own ("5 views", "x5 views", "1 + 4 * ...")."""
+    import torch
+
     from transform import N_VIEWS, TTA_VIEWS, tta_views
 
     assert N_VIEWS == len(TTA_VIEWS) == len(tta_views(True)) and len(tta_views(False)) == 1
-    hard = [p.name for p in ROOT.glob("*.py") if "x5 views" in p.read_text()
-            or "1 + 4 * tta" in p.read_text() or "5 test-time views" in p.read_text()]
+    x = torch.randn(3, 16000)
+    seen = [view(x.clone()) for view in tta_views(True).values()]
+    assert torch.equal(seen[0], x)  # the clip itself
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    count = re.compile(r"\b[2-9]\s*(?:test-time\s+)?views\b|\bx\s*[2-9]\s+views|\b1 \+ 4\b")
+    hard = [f"{p.name}: {m.group(0)}" for p in ROOT.glob("*.py")
+            for m in count.finditer(p.read_text())]
     assert hard == []

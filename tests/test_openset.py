@@ -273,24 +273,171 @@ def test_preprocess_refuses_bad_unknown_and_silence(demo_data, tmp_path):
     assert not work.exists() or not (work / "prep.json").exists()
 
 
-def test_a_folder_of_other_speech_joins_as_unknown(demo_data, tmp_path):
+def test_a_folder_of_other_speech_joins_as_unknown_and_a_long_one_is_read_as_many_windows(
+        demo_data, tmp_path):
+    """--unknown DIR: each file an _unknown_ row; a recording longer than the window is read
+    as many windows an epoch as it holds, each at a fresh random start."""
+    import soundfile as sf
+    import torch
+
+    from arg import Config
+    from dataset import FoldData
     from util import read_table
 
     other = tmp_path / "other"
     other.mkdir()
-    for i, p in enumerate(sorted((demo_data / "train" / labels_of(demo_data)[0]).glob("*"))[:6]):
+    clips = sorted((demo_data / "train" / labels_of(demo_data)[0]).glob("*"))[:6]
+    for i, p in enumerate(clips):
         shutil.copy(p, other / f"x{i}.wav")
+    talk = np.concatenate([sf.read(p, dtype="int16")[0] for p in clips] * 2)[:int(5.3 * 16000)]
+    (other / "long").mkdir()
+    sf.write(other / "long" / "talk.wav", talk, 16000, subtype="PCM_16")
     cut = (other / "x0.wav").read_bytes()  # a write cut short: its header promises more
     (other / "cut.wav").write_bytes(cut[:44 + 256])
     work = tmp_path / "w"
+    last = labels_of(demo_data)[-1]  # a label and a folder in one --unknown
     run_script("preprocess.py", "--data", demo_data, "--work", work, "--n-folds", 2,
-               "--unknown", other)
+               "--unknown", f"{last},{other}")
     train = read_table(work / "train.csv")
-    assert (train.label == "_unknown_").sum() == 6
-    assert train[train.label == "_unknown_"].group.nunique() == 6
+    from_folder = train.path.str.startswith(str(other))
+    assert from_folder.sum() == 7 and (train.label[from_folder] == "_unknown_").all()
+    assert train[from_folder].group.nunique() == 7
+    assert (train.label[train.word == last] == "_unknown_").all() and (train.word == last).any()
     rejected = read_table(work / "rejected.csv").set_index("path")
     assert rejected.loc[str(other / "cut.wav")].iloc[0].startswith("cut short (its header "
                                                                     "promises")
+    long_row = int(train.row[train.path.str.endswith("talk.wav")].iloc[0])
+    fold = 1 - int(train.fold[train.row == long_row].iloc[0])  # a fold that trains on it
+    data = FoldData(Config(work=str(work), batch_size=8), fold)
+    ds = data.train_ds
+    at = np.flatnonzero(ds.rows == long_row)
+    assert len(at) == 6  # 5.3 s in 1-s windows: 6 windows an epoch
+    assert (np.bincount(ds.rows)[np.setdiff1d(ds.rows, long_row)] == 1).all()  # others once
+    starts = []
+    for epoch in range(2):
+        torch.manual_seed(epoch)
+        waves = ds.__getitems__(list(at))[0].numpy()
+        for w in waves:  # each window is a piece of the recording, at its own start
+            hit = [s for s in range(0, len(talk) - 16000 + 1) if w[0] == talk[s]
+                   and np.array_equal(w[:64], talk[s:s + 64])]
+            assert any(np.array_equal(w, talk[s:s + 16000]) for s in hit)
+            starts.append(next(s for s in hit if np.array_equal(w, talk[s:s + 16000])))
+    assert len(set(starts)) >= 10  # fresh offsets, not fixed clips
+
+
+def burst_clips(n: int) -> np.ndarray:
+    """n 1-s clips of zeros, each with a word-like tone burst at samples 4000-12000."""
+    waves = np.zeros((n, 16000), np.int16)
+    waves[:, 4000:12000] = (8000 * np.sin(np.arange(8000) / 5)).astype(np.int16) | 1
+    return waves
+
+
+def test_a_word_cut_beyond_the_share_is_learnt_as_unknown():
+    """--p-cut: a word moved so that a uniform share of it lies beyond one edge of the window;
+    cut by more than --cut-share, its row is _unknown_; open rows are never cut."""
+    import torch
+
+    from dataset import WaveDataset
+
+    classes = ["_silence_", "_unknown_", "down", "go"]
+    n = 400
+    targets = np.r_[np.full(n - 40, 2), np.full(20, 1), np.full(20, 0)]
+    ds = WaveDataset(None, rows=np.arange(n), targets=targets, length=16000)
+    ds.cut_words(0.5, 0.25, classes)
+    torch.manual_seed(0)
+    waves, got = ds.cut(burst_clips(n), targets, ds.words)
+    kept = (waves != 0).sum(1)
+    share = 1 - kept / 8000  # how much of the word fell outside
+    moved = kept != 8000
+    assert 0.35 < moved[:n - 40].mean() < 0.65 and not moved[n - 40:].any()
+    assert (got[n - 40:] == targets[n - 40:]).all()
+    for w, k in zip(waves[moved], kept[moved]):  # the kept part sits at one edge, whole
+        lit = np.flatnonzero(w)
+        assert (lit[0] == 0 or lit[-1] == 15999) and lit[-1] - lit[0] + 1 == k
+    assert {0, 15999} <= {int(np.flatnonzero(w)[0]) for w in waves[moved]} | {
+        int(np.flatnonzero(w)[-1]) for w in waves[moved]}
+    clear = np.abs(share - 0.25) > 1e-3
+    assert (got[moved & clear & (share > 0.25)] == 1).all()
+    assert (got[moved & clear & (share <= 0.25)] == 2).all()
+    assert (got[~moved] == targets[~moved]).all()
+    assert (share[moved] > 0.25).sum() > 50 and (share[moved] <= 0.25).sum() > 10
+    from util import UsageError
+
+    with pytest.raises(UsageError, match="the classes hold none"):  # no class for a cut word
+        WaveDataset(None, rows=np.arange(3), targets=np.zeros(3, int), length=16000
+                    ).cut_words(0.5, 0.25, ["down", "go"])
+
+
+def test_cut_words_reach_the_fold_s_batches_and_bad_cuts_are_refused(open_work):
+    import torch
+
+    from arg import Config
+    from dataset import FoldData
+
+    work = open_work["work"]
+    classes = json.loads((work / "classes.json").read_text())
+    plain = FoldData(Config(work=str(work), batch_size=8), 0).train_ds
+    cut = FoldData(Config(work=str(work), batch_size=8, p_cut=1.0, cut_share=0.0), 0).train_ds
+    everything = list(range(len(cut)))
+    torch.manual_seed(0)
+    _, y_plain, _ = plain.__getitems__(everything)
+    torch.manual_seed(0)
+    _, y_cut, _ = cut.__getitems__(everything)
+    unknown, silence = classes.index("_unknown_"), classes.index("_silence_")
+    assert (y_cut[y_plain == silence] == silence).all()
+    assert (y_cut[y_plain != silence] == unknown).all()  # every word cut, and beyond 0
+    for argv, said in ((["--p-cut", 1.5], "--p-cut 1.5: a share"),
+                       (["--cut-share", 1], "--cut-share 1.0: a share")):
+        assert said in refused("train.py", "--work", work, *TINY, "-f", 0, "-g", "cpu", *argv)
+
+
+def test_near_miss_words_sound_like_the_keyword_and_never_are_it():
+    from synth import near_misses
+
+    words = ["hero", "zero", "zeros", "won", "bun", "xerox", "banana", "cat", "arrow", "one",
+             "gun", "sheila"]
+    table = near_misses(["zero", "one"], words, 2)
+    got = {k: list(g.near_miss) for k, g in table.groupby("keyword")}
+    assert got["zero"][0] == "hero" and got["one"][:2] == ["bun", "gun"]
+    assert set(table.near_miss).isdisjoint({"zero", "one", "won", "zeros"})  # nor a homophone,
+    assert table.distance.is_monotonic_increasing or all(  # nor one holding the keyword
+        g.distance.is_monotonic_increasing for _, g in table.groupby("keyword"))
+    assert (table.distance > 0).all()
+
+
+def test_demo_says_near_misses_and_the_keyword_s_halves(tmp_path):
+    import soundfile as sf
+
+    words = tmp_path / "words.txt"
+    words.write_text("hero\nbun\ngun\nnone\nbanana\nzeros\nWon\n")
+    out = tmp_path / "d"
+    run_script("demo.py", "--out", out, "--words", "zero,one", "--speakers", 3, "--near-miss", 2,
+               "--word-list", words)
+    table = pd.read_csv(out / "near_miss.csv")
+    assert {k: list(g.near_miss) for k, g in table.groupby("keyword")} == {
+        "zero": ["hero", "banana"], "one": ["bun", "gun"]}  # nearest first; Won is a name
+    meta = pd.read_csv(out / "meta.csv").set_index("path")
+    trainers = {p.stem.split("_")[0] for p in (out / "train" / "zero").glob("*.wav")}
+    assert len(trainers) == 2
+    for keyword, group in table.groupby("keyword"):
+        folder = out / "near_miss" / keyword
+        for word in group.near_miss:
+            assert {p.stem.split("_")[-1] for p in folder.glob(f"{word}_*.wav")} == trainers
+        for speaker in trainers:  # each half: the keyword's clip with the other half muted
+            clip = f"train/{keyword}/{speaker}_nohash_0.wav"
+            whole = sf.read(out / clip, dtype="int16")[0]
+            lo, hi = (int(meta.loc[clip, c] * 16000) for c in ("word_start", "word_end"))
+            mid = (lo + hi) // 2
+            for half, muted in (("first_half", slice(mid, hi)), ("last_half", slice(lo, mid))):
+                piece = sf.read(folder / f"{half}_{speaker}.wav", dtype="int16")[0]
+                want = whole.copy()
+                want[muted] = 0
+                assert np.array_equal(piece, want) and np.abs(whole[muted]).max() > 0
+    for argv, said in ((["--near-miss", -1], "--near-miss -1: expected 0 or more"),
+                       (["--near-miss", 2, "--word-list", tmp_path / "none.txt"], "no such file"),
+                       (["--near-miss", 9, "--word-list", words], "holds fewer words near")):
+        assert said in refused("demo.py", "--out", tmp_path / "x", "--words", "zero,one",
+                               "--speakers", 2, *argv)
 
 
 # ----------------------------------------------------------------------------- train -> export

@@ -177,7 +177,7 @@ def test_manifest_folds_given_drawn_and_train_only(tmp_path):
 
     from dataset import FoldData
 
-    data = FoldData(work, 0, 4, 0)
+    data = FoldData(Config(work=str(work), batch_size=4), 0)
     assert not data.val_table.path.str.contains("/ext/").any()
     assert set(train.row[ext]) <= set(np.asarray(data.train_ds.rows).tolist())
 

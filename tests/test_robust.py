@@ -45,7 +45,8 @@ def test_cpu_ddp_two_processes_writes_what_one_process_writes(work, e2e):
     counts every validation row once (DistributedSampler pads with repeats), and EMA starts
     at the warm-up's end in the optimizer steps each process takes."""
     run_script("train.py", "--work", work, *TINY, "-f", "0", "-g", "cpu", "--devices", 2,
-               "--run", "ddp", "--no-progress", "-a", "y", "-b", 8, "-e", 2, "--ema", 0.9)
+               "--run", "ddp", "--no-progress", "-a", "y", "-b", 8, "-e", 2, "--ema", 0.9,
+               process=True)  # DDP starts its second rank from the process's command line
     fold = work / "runs" / "ddp" / "fold0"
     single = e2e["run"] / "fold0"
     assert fold_files(fold) == fold_files(single)

@@ -64,6 +64,7 @@ def test_ema_weights_are_validated_and_saved_in_best(work):
 
 
 def test_pseudo_labels_train_but_never_validate(work):
+    from arg import Config
     from dataset import FoldData, pseudo_labels
     from runs import Work
 
@@ -75,7 +76,7 @@ def test_pseudo_labels_train_but_never_validate(work):
     top = pd.read_csv(probs)[classes].to_numpy().max(1)
     strict = pseudo_labels(work, probs, float(np.median(top)), classes)
     assert 0 < len(strict) < len(test) and (strict.p >= np.median(top)).all()
-    data = FoldData(work, 0, 32, 0, chosen)
+    data = FoldData(Config(work=str(work), batch_size=32), 0, pseudo=chosen)
     _, _, rows = data.train_ds.__getitems__(list(range(len(data.train_ds))))
     assert (rows < 0).sum() == len(test)  # every pseudo row is in training...
     assert set(-1 - rows[rows < 0].numpy()) == set(test.row)
