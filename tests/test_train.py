@@ -90,7 +90,7 @@ def test_resume_after_kill_matches_uninterrupted_count(work):
     steps_per_epoch = len(pd.read_csv(work / "train.csv").query("fold != 0")) // batch
     done = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert steps_per_epoch <= done < epochs * steps_per_epoch
-    subprocess.run(cmd + ["--resume"], cwd=ROOT, check=True, capture_output=True)
+    run_script("train.py", *cmd[2:], "--resume")
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     hist = pd.read_csv(last.parent / "history.csv")
     assert list(hist.epoch) == list(range(epochs))
