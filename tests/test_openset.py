@@ -435,7 +435,8 @@ def test_demo_says_near_misses_and_the_keyword_s_halves(tmp_path):
                 assert np.array_equal(piece, want) and np.abs(whole[muted]).max() > 0
     for argv, said in ((["--near-miss", -1], "--near-miss -1: expected 0 or more"),
                        (["--near-miss", 2, "--word-list", tmp_path / "none.txt"], "no such file"),
-                       (["--near-miss", 9, "--word-list", words], "holds fewer words near")):
+                       (["--near-miss", 9, "--word-list", words], "holds fewer words near"),
+                       (["--near-miss", 2, "--preset", "soundscape"], "says no keywords")):
         assert said in refused("demo.py", "--out", tmp_path / "x", "--words", "zero,one",
                                "--speakers", 2, *argv)
 
