@@ -425,8 +425,9 @@ def compare_run(work, run: str, solution: str, tta: bool, device) -> tuple[pd.Da
     table = compare_scores(oof, dict(logits=np.mean([x[0] for x in tests], 0),
                                      probs=np.mean([x[1] for x in tests], 0), truth=truth),
                            classes, t)
-    return table, (f"{run}, {len(folds)} fold(s), {len(tta_views(tta))} view(s); OOF {len(oof['truth'])} "
-                   f"clips, test {len(test)}; temperature {t:.2f} (OOF log-loss)")
+    return table, (f"{run}, {len(folds)} fold(s), {len(tta_views(tta))} view(s); OOF "
+                   f"{len(oof['truth'])} clips, test {len(test)}; temperature {t:.2f} (OOF "
+                   f"log-loss)")
 
 
 def reject_section(args, device) -> None:

@@ -254,7 +254,8 @@ class FoldData(L.LightningDataModule):
                  pseudo: pd.DataFrame | None = None):
         super().__init__()
         work = work or Work(cfg.work)
-        self.work, self.fold, self.batch_size, self.workers = work.dir, fold, cfg.batch_size, workers
+        self.work, self.fold = work.dir, fold
+        self.batch_size, self.workers = cfg.batch_size, workers
         self.classes = work.classes()
         self.table = read_table(work.train_csv)
         folds = validation_folds(self.table)

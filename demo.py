@@ -10,6 +10,7 @@ pipeline runs anywhere, nothing downloaded.
     python demo.py --out data/yesno --words yes,no --speakers 40
     python demo.py --out data/mine --words "alexa,smart mirror" --kokoro 54 --clip-seconds 1.5
     python demo.py --out data/wake --words "hey uac" --near-miss 20   # + OUT/near_miss/
+    python demo.py --out data/wake --words "hey uac" --talk-minutes 60  # + OUT/other_speech/
 
 What each preset speaks and how it degrades the clips, and the layouts written: synth.py.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from arg import Parser
 from soundscapes import make_soundscapes
-from synth import PRESETS, WORD_LIST, WORDS, label_of, make_dataset, near_misses, read_word_list
+from synth import (PRESETS, WORD_LIST, WORDS, label_of, make_dataset, make_other_speech,
+                   near_misses, read_word_list)
 from util import run_cli
 from voices import Espeak
 
@@ -76,8 +78,14 @@ def steps(argv) -> int:
                         "last half of each keyword, under OUT/near_miss/ (preprocess.py --unknown "
                         "OUT/near_miss learns them as _unknown_); 0 = none")
     p.add_argument("--word-list", default=WORD_LIST,
-                   help="the words near misses are drawn from, one a line (default: Debian's "
-                        "wamerican list)")
+                   help="the words near misses and other talk are drawn from, one a line "
+                        "(default: Debian's wamerican list)")
+    p.add_argument("--talk-minutes", type=int, default=0, metavar="MINUTES",
+                   help="also write MINUTES one-minute recordings of other speech under "
+                        "OUT/other_speech/: espeak-ng voices of 14 languages saying words of "
+                        "--word-list that are none of --words, through a telephone band or a "
+                        "codec (preprocess.py --unknown OUT/other_speech reads each as the "
+                        "windows it holds); 0 = none")
     p.add_argument("--seed", type=int, default=0, help="same seed -> same dataset")
     p.add_argument("--jobs", type=int, default=None,
                    help="processes at work at once (default: all cores)")
@@ -98,13 +106,15 @@ def steps(argv) -> int:
         p.error(f"--clip-seconds {args.clip_seconds:g}: expected 0.1 to 60")
     if args.near_miss < 0:
         p.error(f"--near-miss {args.near_miss}: expected 0 or more words")
+    if args.talk_minutes < 0:
+        p.error(f"--talk-minutes {args.talk_minutes}: expected 0 or more minutes")
+    if (args.near_miss or args.talk_minutes) and not Path(args.word_list).is_file():
+        p.error(f"--word-list {args.word_list}: no such file (apt-get install wamerican, or "
+                f"give --word-list FILE with one word a line)")
     table = None
     if args.near_miss:
         if args.preset == "soundscape":
             p.error("--near-miss: the soundscape preset says no keywords")
-        if not Path(args.word_list).is_file():
-            p.error(f"--word-list {args.word_list}: no such file (apt-get install wamerican, or "
-                    f"give --word-list FILE with one word a line)")
         table = near_misses(words, read_word_list(args.word_list), args.near_miss)
         short = [w for w in words if (table.keyword == label_of(w)).sum() < args.near_miss]
         if short:
@@ -122,6 +132,11 @@ def steps(argv) -> int:
                           cache=args.cache, near_miss=table)
     log.info("%s dataset in %s: %d train clips, %d test clips, %d speakers", args.preset,
              args.out, counts["train"], counts["test"], counts["speakers"])
+    if args.talk_minutes:
+        talk = make_other_speech(args.out, words, read_word_list(args.word_list),
+                                 args.talk_minutes, args.seed)
+        log.info("other speech: %d min under %s (%s)", len(talk), Path(args.out) / "other_speech",
+                 ", ".join(f"{n} {c}" for c, n in talk.channel.value_counts().items()))
     if table is not None:
         log.info("near misses: %d clips under %s (%s); preprocess.py --unknown %s learns them "
                  "as _unknown_", counts["near_miss"], Path(args.out) / "near_miss",

@@ -405,6 +405,61 @@ def write_halves(out: Path, label: str, speaker: str, clip: np.ndarray, meta: di
     return rows
 
 
+OTHER_SPEECH = "other_speech"  # OUT/other_speech/: long recordings without the keywords
+OTHER_LANGUAGES = ("en-us", "en-gb-x-rp", "de", "fr", "es", "it", "nl", "pl", "pt", "ru", "sv",
+                   "tr", "hi", "cmn")
+OTHER_CHANNELS = ("clean", "phone", "gsm", "ulaw", "mp3", "vorbis")
+
+
+def without_keywords(phrases: list[str], words: list[str], espeak: Espeak) -> list[str]:
+    """The words of a list that neither are one of the phrases' words nor hold one's sound
+    whole (zeros for zero): what other speech may say."""
+    own = {espeak.phonemes(w).replace(" ", "") for p in phrases for w in p.split()}
+    banned = {w.lower() for p in phrases for w in p.split()}
+    return [w for w in words if w not in banned
+            and not any(o in espeak.phonemes(w).replace(" ", "") for o in own)]
+
+
+def make_other_speech(out: str | Path, phrases: list[str], words: list[str], minutes: int,
+                      seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """OUT/other_speech/: `minutes` one-minute recordings of other speech, each an espeak-ng
+    voice of one of OTHER_LANGUAGES (English words read in that language's sounds) saying
+    words of `words` that are not a keyword (without_keywords) with 0.05-0.4 s between them,
+    through one of OTHER_CHANNELS (a telephone band with mu-law, or a codec: audio.codec);
+    other_speech.csv says each one's voice, channel and words. Learnt as _unknown_
+    (preprocess.py --unknown OUT/other_speech), each is read as the windows it holds."""
+    from audio import codec
+
+    espeak = Espeak()
+    allowed = without_keywords(phrases, words, espeak)
+    folder = Path(out) / OTHER_SPEECH
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, rows = np.random.default_rng([seed, 7]), []
+    for i in tqdm(range(minutes), desc="other speech", unit="min", disable=not progress):
+        voice = f"{rng.choice(OTHER_LANGUAGES)}+{rng.choice(VARIANTS)}"
+        prosody = dict(pitch=int(rng.integers(20, 80)), prange=int(rng.integers(20, 80)),
+                       rate=int(rng.integers(130, 260)))
+        parts, said, n = [], [], 60 * SR
+        while sum(map(len, parts)) < n:
+            word = str(rng.choice(allowed))
+            parts += [espeak_at_sr(espeak, word, voice, rng, **prosody),
+                      np.zeros(int(rng.uniform(0.05, 0.4) * SR), np.float32)]
+            said.append(word)
+        talk = np.concatenate(parts)[:n]
+        talk = 0.5 * talk / (np.abs(talk).max() + 1e-9) * 10 ** (rng.uniform(-20, 0) / 20)
+        channel = str(rng.choice(OTHER_CHANNELS))
+        if channel == "phone":
+            talk = degrade(talk, "phone", rng)
+        elif channel != "clean":
+            talk = codec(talk, SR, channel)
+        name = f"talk_{i:04d}_{voice.replace('+', '_')}_{channel}.wav"
+        sf.write(folder / name, np.clip(talk, -1, 1), SR, subtype="PCM_16")
+        rows.append(dict(file=name, voice=voice, channel=channel, words=" ".join(said), **prosody))
+    table = pd.DataFrame(rows)
+    table.to_csv(Path(out) / f"{OTHER_SPEECH}.csv", index=False)
+    return table
+
+
 NEAR_MISS = "near_miss"  # OUT/near_miss/<keyword>/: preprocess.py --unknown OUT/near_miss
 
 

@@ -391,6 +391,28 @@ def test_cut_words_reach_the_fold_s_batches_and_bad_cuts_are_refused(open_work):
         assert said in refused("train.py", "--work", work, *TINY, "-f", 0, "-g", "cpu", *argv)
 
 
+def test_demo_writes_other_speech_without_the_keywords_through_channels(tmp_path):
+    import soundfile as sf
+
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(["zero", "zeros", "one", "hero", "banana", "cat", "table",
+                                 "window", "garden"]) + "\n")
+    out = tmp_path / "d"
+    run_script("demo.py", "--out", out, "--words", "zero,one", "--speakers", 2,
+               "--talk-minutes", 3, "--word-list", words)
+    table = pd.read_csv(out / "other_speech.csv")
+    assert len(table) == 3 and set(table.channel) <= {"clean", "phone", "gsm", "ulaw", "mp3",
+                                                       "vorbis"}
+    said = {w for line in table.words for w in line.split()}
+    assert said and said <= {"hero", "banana", "cat", "table", "window", "garden"}
+    for name in table.file:  # a minute each, at 16 kHz, not silent
+        wave, sr = sf.read(out / "other_speech" / name)
+        assert sr == 16000 and len(wave) == 60 * 16000 and np.abs(wave).max() > 0.001
+    assert "--talk-minutes -2: expected 0 or more" in refused(
+        "demo.py", "--out", tmp_path / "x", "--words", "zero", "--speakers", 2,
+        "--talk-minutes", -2)
+
+
 def test_near_miss_words_sound_like_the_keyword_and_never_are_it():
     from synth import near_misses
 
