@@ -111,11 +111,12 @@ def steps(argv) -> int:
     if (args.near_miss or args.talk_minutes) and not Path(args.word_list).is_file():
         p.error(f"--word-list {args.word_list}: no such file (apt-get install wamerican, or "
                 f"give --word-list FILE with one word a line)")
+    word_list = read_word_list(args.word_list) if args.near_miss or args.talk_minutes else []
     table = None
     if args.near_miss:
         if args.preset == "soundscape":
             p.error("--near-miss: the soundscape preset says no keywords")
-        table = near_misses(words, read_word_list(args.word_list), args.near_miss)
+        table = near_misses(words, word_list, args.near_miss)
         short = [w for w in words if (table.keyword == label_of(w)).sum() < args.near_miss]
         if short:
             p.error(f"--near-miss {args.near_miss}: {args.word_list} holds fewer words near "
@@ -133,8 +134,7 @@ def steps(argv) -> int:
     log.info("%s dataset in %s: %d train clips, %d test clips, %d speakers", args.preset,
              args.out, counts["train"], counts["test"], counts["speakers"])
     if args.talk_minutes:
-        talk = make_other_speech(args.out, words, read_word_list(args.word_list),
-                                 args.talk_minutes, args.seed)
+        talk = make_other_speech(args.out, words, word_list, args.talk_minutes, args.seed)
         log.info("other speech: %d min under %s (%s)", len(talk), Path(args.out) / "other_speech",
                  ", ".join(f"{n} {c}" for c, n in talk.channel.value_counts().items()))
     if table is not None:

@@ -176,7 +176,7 @@ def train_fold(cfg: Config, k: int, progress: bool = True, extra_callbacks=()) -
     # from the earlier folds (the leaderboard would pair the old test score with the new CV,
     # --pseudo would read the old test_probs.csv)
     job = Job(cfg, fold.dir, fold.model, dict(datamodule=fold.data), "train.py", f"fold {k}",
-              fold=k, resume_from=fold.resume_from,
+              (fold.accelerator, fold.devices), fold=k, resume_from=fold.resume_from,
               stale=tuple(fold.dir / n for n in FOLD_RECORDS) + tuple(fold.run.results()))
     t0 = time.time()
     return run_job(job, fold_callbacks(fold) + list(extra_callbacks), progress,

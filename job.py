@@ -24,8 +24,7 @@ from arg import RESUME_SAFE, WORK_FIXED, Config, write_yaml
 from checkpoints import CheckpointError, safe_load
 from runs import COMMAND, CONFIG, LAST, VERSIONS, Work, read_config
 import speech
-from util import (FoldLock, Stopped, UsageError, launched_rank_zero, pick_device, write_json,
-                  write_text)
+from util import FoldLock, Stopped, UsageError, launched_rank_zero, write_json, write_text
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -128,22 +127,19 @@ def check_resume(cfg: Config, folder: Path, fix: str) -> None:
 class Job:
     """One training process's work, every check done and nothing written yet: the module and
     what it fits on (`fit_args`: datamodule= or train_dataloaders=), its folder, what a fresh
-    start clears there (`stale`), the script command.txt replays; where it runs is the
-    Config's (-g, --devices)."""
+    start clears there (`stale`), the script command.txt replays, and where it runs
+    (`place`: util.pick_device's (accelerator, devices) of -g and --devices, read once by the
+    caller's checks)."""
     cfg: Config
     folder: Path
     module: object  # a LightningModule
     fit_args: dict
     script: str  # train.py, pretrain.py
     name: str  # for messages: "fold 0", "run byol"
+    place: tuple  # (accelerator, devices)
     fold: int | None = None
     resume_from: str | None = None
     stale: tuple = ()
-
-    @property
-    def place(self) -> tuple[str, list[int] | int]:
-        """(accelerator, devices) of -g and --devices."""
-        return pick_device(self.cfg.gpus, self.cfg.devices)
 
 
 def run_job(job: Job, callbacks: list, progress: bool, finish, logger=False):

@@ -56,7 +56,8 @@ def pretrain(cfg: Config, progress: bool = True, force: bool = False) -> Path:
     cfg = work_settings(cfg)
     check_model(cfg.model)
     out = Work(cfg.work).pretrain(cfg.run_name)
-    accelerator = pick_device(cfg.gpus, cfg.devices)[0]
+    place = pick_device(cfg.gpus, cfg.devices)
+    accelerator = place[0]
     data = unlabelled_data(cfg)
     resume = check_start(cfg, out, force)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -64,7 +65,7 @@ def pretrain(cfg: Config, progress: bool = True, force: bool = False) -> Path:
     batches = loader(data, cfg.batch_size, True, loader_workers(cfg, accelerator),
                      drop_last=len(data) > cfg.batch_size)
     job = Job(cfg, out, module, dict(train_dataloaders=batches), "pretrain.py",
-              f"run {cfg.run_name}", resume_from=resume,
+              f"run {cfg.run_name}", place, resume_from=resume,
               stale=tuple(out / n for n in RECORDS))  # a fresh start (or --force) clears them
     callbacks = [Probe(Path(cfg.work), cfg.probe_every, cfg.batch_size * 2),
                  History(out, f"{cfg.run_name}: BYOL-A pretraining",

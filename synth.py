@@ -356,7 +356,7 @@ def near_misses(phrases: list[str], words: list[str], n: int,
     lowered = {p.lower() for p in phrases}
 
     def holds_one(ph: str) -> bool:
-        return any(o in ph.replace(" ", "") for o in own)
+        return holds_any(ph, own)
 
     said, heard = {}, set()  # one word for each way of sounding: the first in the list
     for w in words:
@@ -416,8 +416,12 @@ def without_keywords(phrases: list[str], words: list[str], espeak: Espeak) -> li
     whole (zeros for zero): what other speech may say."""
     own = {espeak.phonemes(w).replace(" ", "") for p in phrases for w in p.split()}
     banned = {w.lower() for p in phrases for w in p.split()}
-    return [w for w in words if w not in banned
-            and not any(o in espeak.phonemes(w).replace(" ", "") for o in own)]
+    return [w for w in words if w not in banned and not holds_any(espeak.phonemes(w), own)]
+
+
+def holds_any(phonemes: str, sounds: set[str]) -> bool:
+    """Whether `phonemes` (word breaks aside) hold one of `sounds` whole."""
+    return any(s in phonemes.replace(" ", "") for s in sounds)
 
 
 def make_other_speech(out: str | Path, phrases: list[str], words: list[str], minutes: int,
