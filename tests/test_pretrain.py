@@ -192,7 +192,7 @@ def test_sigterm_stops_pretraining_with_a_non_zero_code(two_kinds):
 
     out = two_kinds / "pretrain" / "halt"
     cmd = [sys.executable, str(ROOT / "pretrain.py"), "--work", str(two_kinds), "-m", "resnet18",
-           "-t", "128", "-b", "4", "-e", "20", "-g", "cpu", "--run", "halt", "--no-progress"]
+           "-t", "64", "-b", "4", "-e", "20", "-g", "cpu", "--run", "halt", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300

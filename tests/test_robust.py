@@ -140,7 +140,7 @@ def test_second_process_on_a_locked_fold_is_refused(work):
         while not (lock.is_file() and lock.read_text()) and time.time() < deadline:
             time.sleep(0.05)
         assert lock.read_text() == str(first.pid)
-        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        second = run_script("train.py", *cmd[2:], check=False)  # refused: needs no process
         assert first.poll() is None, "the first run ended before the second could try"
         assert second.returncode == 2
         assert f"being trained by pid {first.pid}" in second.stderr

@@ -118,25 +118,21 @@ def test_the_family_trains_predicts_and_exports(e2e, tmp_path):
     run_script("inference.py", "--work", work, "--run", "speech", "-f", 1, "-g", "cpu")
     sub = (work / "runs" / "speech" / "submission.csv").read_text().splitlines()
     assert len(sub) == len((work / "test.csv").read_text().splitlines())  # every test row
-    out = tmp_path / "speech.onnx"
-    run_script("export.py", "--work", work, "--run", "speech", "-f", 1, "--out", out)
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    waves = (np.random.default_rng(1).standard_normal((3, 16000)) * 0.1).astype(np.float32)
-    got = session.run(None, {"wave": waves})[0]
-    with torch.no_grad():
-        want = Ensemble([model.net], False).eval()(torch.from_numpy(waves)).numpy()
-    assert np.abs(got - want).max() < BOUND
-    meta = session.get_modelmeta().custom_metadata_map
-    assert json.loads(meta["classes"]) == model.classes
-    # blended with the timm run in one graph: two front ends, the same parity
+    # exported blended with the timm run in one graph (with TTA): two front ends, and the
+    # graph's probabilities are the PyTorch ensemble's
     both = tmp_path / "both.onnx"
     run_script("export.py", "--work", work, "--runs", "resnet18_32", "speech", "-f", 1, "-a", "y",
                "--out", both)
-    got = ort.InferenceSession(str(both)).run(None, {"wave": waves})[0]
+    session = ort.InferenceSession(str(both), providers=["CPUExecutionProvider"])
+    waves = (np.random.default_rng(1).standard_normal((3, 16000)) * 0.1).astype(np.float32)
+    got = session.run(None, {"wave": waves})[0]
+    assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == model.classes
     nets = [load_checkpoint(e2e["run"] / "fold0" / "best.ckpt").net,
             load_checkpoint(fold / "best.ckpt").net]
     with torch.no_grad():
         want = Ensemble(nets, True).eval()(torch.from_numpy(waves)).numpy()
+        alone = Ensemble([model.net], True).eval()(torch.from_numpy(waves)).numpy()
+    assert np.abs(alone - want).max() > 1e-3  # the speech member alone is not the blend
     assert np.abs(got - want).max() < BOUND and len(Ensemble(nets, True).front) == 2
     assert sorted(set(Ensemble(nets, True).front)) == [0, 1]  # a front end for each family
 

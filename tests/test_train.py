@@ -75,11 +75,11 @@ def test_cv_covers_every_training_clip_and_is_printed(e2e):
 
 def test_resume_after_kill_matches_uninterrupted_count(work):
     """Kill the process once epoch 0 is saved, resume, and end where an uninterrupted run ends."""
-    epochs, batch = 3, 4  # small batches at t=128: an epoch lasts seconds, time to kill it
+    epochs, batch = 3, 4  # small batches: an epoch lasts seconds, time to kill it
     cmd = [sys.executable, str(ROOT / "train.py"), "--work", str(work), "-m", "resnet18",
-           "-t", "128", "-b", str(batch), "-e", str(epochs), "-f", "0", "-g", "-1", "--no-progress",
+           "-t", "64", "-b", str(batch), "-e", str(epochs), "-f", "0", "-g", "-1", "--no-progress",
            "--aug", "none"]
-    last = work / "runs" / "resnet18_128" / "fold0" / "last.ckpt"
+    last = work / "runs" / "resnet18_64" / "fold0" / "last.ckpt"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not last.is_file() and time.time() < deadline and proc.poll() is None:

@@ -196,7 +196,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_earlier_files(w
 
     fold = work / "runs" / "full" / "fold0"
     cmd = [sys.executable, str(ROOT / "train.py"), "--work", str(work), "-m", "resnet18",
-           "-t", "128", "-b", "4", "-e", "3", "-f", "0", "-g", "cpu", "--run", "full",
+           "-t", "64", "-b", "4", "-e", "3", "-f", "0", "-g", "cpu", "--run", "full",
            "--no-progress", "--aug", "none"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, preexec_fn=no_room_after(resource.RLIM_INFINITY))
