@@ -139,12 +139,13 @@ def stream_note(meta: dict) -> str:
     if "stream_rule" not in meta:
         return ""
     rule = json.loads(meta["stream_rule"])
-    return (f"\nIn a recording or a stream (predict.py with --window/--hop, or `-`), a word is "
+    return (f"\nIn a recording or a stream (predict.py with --window/--hop, or `-`), read in "
+            f"windows every {rule.get('hop', HOP):g} s, a word is "
             f"heard where its probability, averaged over {rule['smooth']} window(s), reaches "
             f"{rule['threshold']:.3f} in {rule['patience']} window(s) in a row, at most once "
             f"per {rule['refractory']:g} s: the rule fitted on long recordings of other speech "
-            f"for a number of false accepts per hour (--min-prob, --smooth, --patience and "
-            f"--refractory change it).\n")
+            f"for a number of false accepts per hour (--min-prob, --smooth, --patience, "
+            f"--refractory and --hop change it).\n")
 
 
 def run_weights(work: Path, runs: list[str], folds: list[int], tta: bool, args) -> tuple:

@@ -31,8 +31,8 @@ from ensemble import (ensemble, fit_blend, load_checkpoint, load_members, member
                       oof_for_blend, predict_waves, with_temperature)
 from predictor import (NEVER, OPEN, Rule, accepts, add_rule_flags, decide, label_files,
                        read_file_windows, rule_from)
-from reject import (PER_HOUR, detections, fit_per_hour, fit_threshold, gates, keyword_stream,
-                    per_hour, stored_rule)
+from reject import (HOPS, PER_HOUR, WINDOWS, choose_rule, detections, every, fit_per_hour,
+                    fit_threshold, gates, keyword_stream, per_hour, stored_rule)
 from results import cv_report, load_oof, write_html
 from runs import REJECT, RUN_RESULTS, Run, Work, oof_missing, requested_folds
 from submission import write_blend, write_embeddings, write_submission, write_windows
@@ -97,6 +97,14 @@ def inference_parser():
                    help="with --other-speech: fit the rule over time's threshold for at most "
                         "RATE detections per hour of it; reject.json's stream rule, which "
                         "export.py puts in the model for predict.py")
+    g.add_argument("--fit-keywords", default=None, metavar="FILE",
+                   help="with --false-accepts-per-hour: a held-out recording of the words, their "
+                        "word,start,end (s) in FILE's .csv beside it (stream.py data's "
+                        "stream_fit_keys.wav), on which the stream rule's smoothing and patience "
+                        "(%s windows) and hop (%s s) are chosen: each gets the threshold that "
+                        "keeps --other-speech and FILE at RATE false accepts per hour, and the "
+                        "one that detects most of FILE's words is kept" % (
+                            ", ".join(map(str, WINDOWS)), ", ".join(f"{h * HOP:g}" for h in HOPS)))
     add_rule_flags(g)
     g.add_argument("--keyword-stream", default=None, metavar="FILE",
                    help="a long recording with the words inside other speech, its keywords' "
@@ -149,14 +157,23 @@ def check_request(cfg, args) -> list[str]:
     if not 0 <= args.false_accepts < 1:
         raise UsageError(f"--false-accepts {args.false_accepts}: a share of the other clips in "
                          f"[0, 1)")
+    rate = args.false_accepts_per_hour
     if args.keyword_stream:
         keyword_truth(args.keyword_stream)
+    if args.fit_keywords:
+        if rate is None:
+            raise UsageError("--fit-keywords chooses the rule fitted for --false-accepts-per-hour: "
+                             "give a rate (and --other-speech)")
+        given = [f"--{k}" for k in ("smooth", "patience") if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"--fit-keywords chooses {' and '.join(given)}: drop "
+                             f"{'them' if len(given) > 1 else 'it'}")
+        keyword_truth(args.fit_keywords, "--fit-keywords")
     if args.mine is not None and not args.other_speech:
         raise UsageError("--mine keeps the windows of --other-speech the rule fires on: give "
                          "recordings of speech without the words")
     if args.mine is not None and Path(args.mine).exists() and any(Path(args.mine).iterdir()):
         raise UsageError(f"--mine {args.mine}: not empty; give a new folder for each round")
-    rate = args.false_accepts_per_hour
     if rate is not None and not rate > 0:  # NaN too
         raise UsageError(f"--false-accepts-per-hour {rate:g}: expected a rate above 0")
     if rate is not None and not args.other_speech:
@@ -253,9 +270,15 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
         probs = with_temperature(probs, blend["temperature"])
     truth = table.label.to_numpy()
     rule = fit_threshold(probs, truth, classes, target)
+    if args.fit_keywords:
+        odd = sorted(set(keyword_truth(args.fit_keywords, "--fit-keywords").word) - set(classes))
+        if odd:
+            raise UsageError(f"--fit-keywords {args.fit_keywords}: {', '.join(odd)} not among the "
+                             f"run's words ({', '.join(c for c in classes if c not in OPEN)})")
     if args.other_speech:
+        keys = read([args.fit_keywords], "--fit-keywords") if args.fit_keywords else None
         rule.update(other_speech(read(args.other_speech, "--other-speech"), probs, truth,
-                                 classes, rule["threshold"], args))
+                                 classes, rule["threshold"], args, keys))
     if args.keyword_stream:
         rule["keyword_stream"] = keyword_benchmark(
             read([args.keyword_stream], "--keyword-stream"), classes, rule, args)
@@ -269,11 +292,13 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
 
 
 def other_speech(got: dict, probs: np.ndarray, truth: np.ndarray, classes: list[str],
-                 threshold: float, args) -> dict:
+                 threshold: float, args, keys: dict | None = None) -> dict:
     """What the --other-speech recordings (other_windows) say of the rule over time (the flags'
     smoothing, patience and refractory time): its detections per hour at the clip rule's
     threshold, detection at PER_HOUR per hour, and with --false-accepts-per-hour the stream
-    rule fitted there (reject.json's `stream`, which export.py puts in the model)."""
+    rule fitted there (reject.json's `stream`, which export.py puts in the model): its
+    threshold for the flags' rule, or with `keys` (the --fit-keywords recording read) its
+    smoothing, patience, hop and threshold chosen (reject.choose_rule)."""
     over_time = rule_from(args, Rule(threshold))
     gated = gates(got, classes, over_time)
     n = detections(gated, classes, over_time, threshold)
@@ -287,10 +312,24 @@ def other_speech(got: dict, probs: np.ndarray, truth: np.ndarray, classes: list[
     if args.mine is not None:
         out["other_speech"]["mined"] = mine(got, gated, classes, threshold, Path(args.mine))
     rate = args.false_accepts_per_hour
-    if rate is not None:
+    if rate is not None and keys is not None:
+        words = keyword_truth(args.fit_keywords, "--fit-keywords")
+        chosen, table = choose_rule(got, keys, words, classes, over_time, rate)
+        row = next(r for r in table if (r["hop"], r["smooth"], r["patience"]) == (
+            chosen.hop, chosen.smooth, chosen.patience))
+        out["stream"] = dict(asdict(chosen), target_per_hour=rate,
+                             fitted_per_hour=row["per_hour"], fit_keywords=dict(
+                                 file=str(args.fit_keywords), keywords=len(words),
+                                 hours=keys["hours"], detected=row["detected"],
+                                 candidates=table))
+        log.info("stream rule: smoothing %d, patience %d, hop %g s, threshold %.3f: %.1f %% of "
+                 "the %d words of --fit-keywords detected at %.2f false accepts per hour (at most "
+                 "%g)", chosen.smooth, chosen.patience, chosen.hop, min(chosen.threshold, 1.0),
+                 100 * row["detected"], len(words), row["per_hour"], rate)
+    elif rate is not None:
         t, at = fit_per_hour(gated, got["hours"], classes, over_time, rate)
         out["stream"] = dict(asdict(replace(over_time, threshold=min(t, NEVER))),
-                             target_per_hour=rate, fitted_per_hour=at, hop=HOP)
+                             target_per_hour=rate, fitted_per_hour=at)
         log.info("stream rule: threshold %.3f for at most %g detections per hour (%.2f per hour "
                  "on the other speech)%s", min(t, 1.0), rate, at,
                  "; no threshold reaches it: the model says nothing" if t > 1 else "")
@@ -329,21 +368,21 @@ def mine(got: dict, gated: list[tuple], classes: list[str], threshold: float,
     return dict(folder=str(folder), windows=len(rows), threshold=threshold)
 
 
-def keyword_truth(path: str) -> pd.DataFrame:
-    """--keyword-stream FILE's keywords: FILE's .csv beside it (word, start, end in seconds),
-    in order; UsageError naming what is missing."""
+def keyword_truth(path: str, flag: str = "--keyword-stream") -> pd.DataFrame:
+    """The keywords of `flag` FILE (--keyword-stream, --fit-keywords): FILE's .csv beside it
+    (word, start, end in seconds), in order; UsageError naming what is missing."""
     table = Path(path).with_suffix(".csv")
     if not Path(path).is_file():
-        raise UsageError(f"--keyword-stream {path}: no such file")
+        raise UsageError(f"{flag} {path}: no such file")
     try:
         truth = pd.read_csv(table, keep_default_na=False)[["word", "start", "end"]]
         ok = len(truth) and (truth.end >= truth.start).all() and truth.start.is_monotonic_increasing
     except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:
-        raise UsageError(f"--keyword-stream {path}: its keywords {table} cannot be read "
+        raise UsageError(f"{flag} {path}: its keywords {table} cannot be read "
                          f"({type(e).__name__}): a CSV of word,start,end (s), as stream.py data "
                          f"writes") from None
     if not ok:
-        raise UsageError(f"--keyword-stream {path}: {table} holds no keyword, or spans that end "
+        raise UsageError(f"{flag} {path}: {table} holds no keyword, or spans that end "
                          f"before they start or come out of order")
     return truth
 
@@ -355,6 +394,7 @@ def keyword_benchmark(got: dict, classes: list[str], rule: dict, args) -> dict:
     truth = keyword_truth(args.keyword_stream)
     stream = rule.get("stream")
     over_time = Rule.of(stream) if stream else rule_from(args, Rule(rule["threshold"]))
+    got = every(got, round(over_time.hop / HOP))  # read at the rule's hop
     got = keyword_stream(gates(got, classes, over_time)[0], got["hours"], truth, classes,
                          over_time, got["window"], fitted=over_time.threshold)
     for row in got["table"]:

@@ -44,8 +44,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--window", type=float, default=None, metavar="SECONDS",
                     help=f"{WINDOW_HELP} (default: the clip length)")
     ap.add_argument("--hop", type=float, default=None, metavar="SECONDS",
-                    help=f"{HOP_HELP} (default: {HOP:g} with --window or -; --hop alone also "
-                         f"labels by window)")
+                    help=f"{HOP_HELP} (default: with --window or -, the hop the model's stream "
+                         f"rule was fitted at, {HOP:g} without one; --hop alone also labels by "
+                         f"window)")
     ap.add_argument("--min-prob", type=float, default=None,
                     help="the threshold a word's probability must reach to be heard (default: "
                          "the model's fitted rule where it has one, else 0.5)")
@@ -79,9 +80,9 @@ def listen(pred: Predictor, paths: list, args, rule, errors: list, write) -> tup
         try:
             if str(path) == "-":
                 got = pred.read(pipe_blocks(sys.stdin.fileno(), pred.sr), args.window,
-                                args.hop or HOP, args.silence_db)
+                                args.hop or rule.hop, args.silence_db)
             else:
-                got = pred.file_blocks(path, args.window, args.hop or HOP, args.silence_db)
+                got = pred.file_blocks(path, args.window, args.hop or rule.hop, args.silence_db)
             detector = Detector(pred.classes, rule)
             for start, ends, probs, silent in got:
                 for s, e, label, p in pred.rows(start, ends, probs, silent):

@@ -217,18 +217,22 @@ class Rule:
     """The reject rule over time, as a stream is read: each window's word probabilities
     averaged over the last `smooth` windows; a word fires where that mean reaches `threshold`
     in `patience` windows in a row; a detection is the first window of a firing run (a run
-    counts once), unless it falls within `refractory` seconds of the last detection.
+    counts once), unless it falls within `refractory` seconds of the last detection. The
+    windows are read every `hop` seconds (smoothing and patience count windows at that hop).
     smooth = patience = 1, refractory 0: each run of windows that decide takes for one word."""
     threshold: float
     smooth: int = 1
     patience: int = 1
     refractory: float = 1.0
+    hop: float = HOP
 
     @classmethod
     def of(cls, stored: dict) -> "Rule":
         """The rule a dict holds (reject.json's `stream`, the model's `stream_rule`), its other
-        keys left aside; KeyError or TypeError where one of its four is missing or odd."""
-        return cls(**{k: stored[k] for k in ("threshold", "smooth", "patience", "refractory")})
+        keys left aside; KeyError or TypeError where one of its four is missing or odd. A rule
+        stored without a hop (exported before the hop was fitted) was fitted at HOP."""
+        return cls(**{k: stored[k] for k in ("threshold", "smooth", "patience", "refractory")},
+                   hop=stored.get("hop", HOP))
 
     def problem(self) -> str | None:
         """What is wrong with these values (None: nothing), in the flags' words."""
@@ -240,6 +244,8 @@ class Rule:
         if not (isinstance(self.refractory, (int, float)) and math.isfinite(self.refractory)
                 and self.refractory >= 0):
             return f"--refractory {self.refractory}: expected seconds, 0 or more"
+        if not (isinstance(self.hop, (int, float)) and math.isfinite(self.hop) and self.hop > 0):
+            return f"hop {self.hop}: expected seconds above 0"
         return None
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import logsumexp
 
+from audio import HOP
 from predictor import NEVER, OPEN, Detector, Rule, best_word, decide
 from runs import REJECT, Run
 from util import UsageError
@@ -129,6 +130,58 @@ def lowest_under(per_hour_at, rate: float) -> tuple[float, float]:
             return (float(GRID[k + 1]), got) if k + 1 < len(GRID) else (NEVER, 0.0)
         got = now
     return 0.0, got
+
+
+def every(other: dict, step: int) -> dict:
+    """`other` (recordings read in windows every HOP s: other_windows) as read every
+    `step` * HOP s: each recording's windows that start at a multiple of it, and its last one
+    (which ends at its end), as predict.py reads at that hop (its silence judged as at HOP)."""
+    if step == 1:
+        return other
+    start = (np.asarray(other["end"], float) - other["window"]) / (step * HOP)
+    keep = np.isclose(start, np.round(start), atol=1e-6)
+    first = np.flatnonzero(other["first"])
+    keep[np.r_[first[1:], len(keep)] - 1] = True
+    return dict(other, **{k: np.asarray(other[k])[keep] for k in ("probs", "silent", "first",
+                                                                   "end")})
+
+
+HOPS = (1, 2)  # the hops the rule over time is chosen from, in steps of HOP: 0.25 and 0.5 s
+WINDOWS = (1, 2, 3)  # the smoothing and the patience it is chosen from, in windows
+
+
+def choose_rule(other: dict, keys: dict, truth: pd.DataFrame, classes: list[str], base: Rule,
+                rate: float) -> tuple[Rule, list[dict]]:
+    """The rule over time for at most `rate` false accepts per hour, chosen on held-out
+    recordings: for each hop of HOPS and each smoothing and patience of WINDOWS, the lowest
+    threshold (of GRID) whose false accepts per hour of `other` (speech without the words) and
+    `keys` (a recording of the words, `truth`: word, start, end) together stay at or under
+    `rate`, and the share of those keywords it detects there. The rule that detects the most
+    (on a tie: the longer hop, which reads fewer windows; then the fewer windows to wait for),
+    `base`'s refractory time kept; and every candidate's row."""
+    rows, rules = [], []
+    hours = other["hours"] + keys["hours"]
+    for step in HOPS:
+        o, k = every(other, step), every(keys, step)
+        for smooth in WINDOWS:
+            for patience in WINDOWS:
+                rule = replace(base, smooth=smooth, patience=patience, hop=step * HOP)
+                gated_o, gated_k = gates(o, classes, rule), gates(k, classes, rule)[0]
+
+                def per_hour_at(t, rule=rule, gated_o=gated_o, gated_k=gated_k):
+                    wrong = keyword_outcomes(gated_k, truth, classes, rule, t, k["window"])[1]
+                    return (detections(gated_o, classes, rule, t) + wrong) / hours
+
+                t, at = lowest_under(per_hour_at, rate)
+                t = min(t, NEVER)
+                hit = keyword_outcomes(gated_k, truth, classes, rule, t, k["window"])[0]
+                rules.append(replace(rule, threshold=t))
+                rows.append(dict(hop=rule.hop, smooth=smooth, patience=patience, threshold=t,
+                                 per_hour=at, detected=hit / len(truth)))
+    best = max(range(len(rows)), key=lambda i: (rows[i]["detected"], rows[i]["hop"],
+                                                -rows[i]["smooth"] - rows[i]["patience"],
+                                                -rows[i]["smooth"]))
+    return rules[best], rows
 
 
 # ----------------------------------------------------------------------------- keywords in a stream

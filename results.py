@@ -391,10 +391,18 @@ def html_per_hour(point: dict) -> str:
     stream = point.get("stream")
     fitted = "" if not stream else (
         f"<p>Stream rule (inference.py --false-accepts-per-hour {stream['target_per_hour']:g}; "
-        f"export.py puts it in the model, predict.py applies it): a word needs its probability, "
+        f"export.py puts it in the model, predict.py applies it): windows every "
+        f"{stream.get('hop', other['hop']):g} s, a word needs its probability, "
         f"averaged over {stream['smooth']} window(s), &ge; {stream['threshold']:.3f} in "
         f"{stream['patience']} window(s) in a row, {stream['refractory']:g} s apart: "
-        f"{stream['fitted_per_hour']:.2f} per hour on the other speech.</p>")
+        f"{stream['fitted_per_hour']:.2f} per hour on the other speech"
+        f"{' and the --fit-keywords recording' if 'fit_keywords' in stream else ''}.</p>")
+    chosen = stream and stream.get("fit_keywords")
+    if chosen:
+        fitted += (f"<p>Chosen on {Path(chosen['file']).name} ({chosen['keywords']} words, "
+                   f"{60 * chosen['hours']:.1f} min; inference.py --fit-keywords): the rule "
+                   f"that detects most of them at that rate, {100 * chosen['detected']:.1f} "
+                   f"%, of these:</p>{_table(pd.DataFrame(chosen['candidates']))}")
     return (f"<h3>Per hour of other speech</h3><p>{other['detections']} detections let in over "
             f"{other['hours']:.2f} h of {len(other['files'])} recording(s) read in windows every "
             f"{other['hop']:g} s (inference.py --other-speech): {other['per_hour']:.1f} per hour "

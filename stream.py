@@ -9,6 +9,9 @@ writes under OUT, at 8 kHz (the recordings' own rate):
   stream_fit.wav   speech without the keywords, for inference.py --other-speech and
                    --false-accepts-per-hour (the rule over time is fitted on it): the FSDD clips
                    of the other digits by the --fit-speakers, and half of the asterisk prompts
+  stream_fit_keys.wav  the --fit-speakers' keyword utterances, each between quiet, with the
+                   test stream's noise; stream_fit_keys.csv as stream_test.csv: for inference.py
+                   --fit-keywords (the rule's smoothing, patience and hop are chosen on it)
   stream_test.wav  the keyword utterances (FSDD clips of --known by the other speakers), each
                    between stretches of other real speech (their other digits, the other half of
                    the prompts) and quiet, with background noise over the whole at --snr dB
@@ -74,7 +77,8 @@ def gap(rng, lo: float, hi: float) -> np.ndarray:
 
 def write_streams(fsdd: Path, asterisk: Path, transcripts: Path, noise: Path | None, out: Path,
                   known: tuple, fit_speakers: tuple, snr: float, seed: int = 0) -> dict:
-    """OUT/stream_fit.wav and OUT/stream_test.wav (+ stream_test.csv); their seconds."""
+    """OUT/stream_fit.wav, OUT/stream_fit_keys.wav (+ .csv) and OUT/stream_test.wav (+ .csv);
+    their seconds."""
     import soundfile as sf
 
     rng = np.random.default_rng(seed)
@@ -96,9 +100,26 @@ def write_streams(fsdd: Path, asterisk: Path, transcripts: Path, noise: Path | N
     sf.write(out / "stream_fit.wav", np.concatenate(parts), FSDD_SR, subtype="PCM_16")
     # the test stream: each keyword after a stretch of other speech (its share of the other
     # clips) and quiet, so that a keyword is never glued to another word
-    chunks = np.array_split(np.asarray(test_other, dtype=object), len(keys))
-    parts, rows, at = [], [], 0
-    for (_, k), chunk in zip(keys.iterrows(), chunks):
+    y, rows = keyword_recording(keys, np.array_split(np.asarray(test_other, dtype=object),
+                                                     len(keys)), noise, snr, rng)
+    write_recording((y, rows), out / "stream_test.wav")
+    fit_keys = real[real.label.isin(known) & real.speaker.isin(fit_speakers)].sample(
+        frac=1.0, random_state=seed)  # its own draws: the two streams stay as they were
+    held = keyword_recording(fit_keys, [[]] * len(fit_keys), noise, snr,
+                             np.random.default_rng(seed + 1))
+    write_recording(held, out / "stream_fit_keys.wav")
+    return dict(fit=sf.info(out / "stream_fit.wav").duration, test=len(y) / FSDD_SR,
+                keywords=len(rows), prompts=len(said), fit_keys=len(held[1]),
+                fit_keys_seconds=len(held[0]) / FSDD_SR)
+
+
+def keyword_recording(keys: pd.DataFrame, before: list, noise: Path | None, snr: float,
+                      rng) -> tuple[np.ndarray, list[dict]]:
+    """The FSDD clips of `keys` one after another, each after the clips of its `before` (other
+    speech, 0.2-0.8 s apart) and 0.3-1 s of quiet, and before 0.3-1 s of quiet, with `noise`
+    over the whole at `snr` dB; and each keyword's word, speaker, file_name, start and end."""
+    parts, rows = [], []
+    for (_, k), chunk in zip(keys.iterrows(), before):
         for p in chunk:
             parts += [read_audio(p, FSDD_SR), gap(rng, 0.2, 0.8)]
         parts.append(gap(rng, 0.3, 1.0))
@@ -108,12 +129,15 @@ def write_streams(fsdd: Path, asterisk: Path, transcripts: Path, noise: Path | N
                          start=at / FSDD_SR, end=(at + len(y)) / FSDD_SR))
         parts += [y, gap(rng, 0.3, 1.0)]
     y = np.concatenate(parts)
-    if noise is not None:
-        y = with_noise(y, noise, snr, rng)
-    sf.write(out / "stream_test.wav", y, FSDD_SR, subtype="PCM_16")
-    write_csv(pd.DataFrame(rows), out / "stream_test.csv")
-    return dict(fit=sf.info(out / "stream_fit.wav").duration, test=len(y) / FSDD_SR,
-                keywords=len(rows), prompts=len(said))
+    return (y if noise is None else with_noise(y, noise, snr, rng)), rows
+
+
+def write_recording(got: tuple, path: Path) -> None:
+    """A keyword_recording as PATH (16-bit WAV at the FSDD's rate) and PATH's .csv."""
+    import soundfile as sf
+
+    sf.write(path, got[0], FSDD_SR, subtype="PCM_16")
+    write_csv(pd.DataFrame(got[1]), path.with_suffix(".csv"))
 
 
 def with_noise(y: np.ndarray, folder: Path, snr: float, rng) -> np.ndarray:
@@ -157,6 +181,8 @@ def steps(argv) -> int:
                         tuple(s.strip() for s in args.fit_speakers.split(",")), args.snr)
     print(f"{Path(args.out) / 'stream_fit.wav'}: {got['fit'] / 60:.1f} min of speech without "
           f"the keywords ({got['prompts']} prompts kept)")
+    print(f"{Path(args.out) / 'stream_fit_keys.wav'}: {got['fit_keys_seconds'] / 60:.1f} min, "
+          f"{got['fit_keys']} keywords of the fit speakers (stream_fit_keys.csv)")
     print(f"{Path(args.out) / 'stream_test.wav'}: {got['test'] / 60:.1f} min, "
           f"{got['keywords']} keywords (stream_test.csv)")
     return 0

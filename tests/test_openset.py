@@ -15,8 +15,8 @@ import pytest
 
 from conftest import TINY, refusal, refused, run_script
 from predictor import OPEN, Detector, Rule, decide
-from reject import (GRID, det_curve, detection_at, detections, fit_per_hour, fit_threshold, gates,
-                    keyword_outcomes, keyword_stream, outcomes, per_hour)
+from reject import (GRID, choose_rule, det_curve, detection_at, detections, every, fit_per_hour,
+                    fit_threshold, gates, keyword_outcomes, keyword_stream, outcomes, per_hour)
 
 CLASSES = ["_silence_", "_unknown_", "down", "go", "up"]
 
@@ -177,6 +177,55 @@ def test_the_per_hour_fit_meets_its_rate_on_what_it_was_fitted_on():
              for a, b in ((0, 1000), (1000, 2000))]
     assert detections(gated, CLASSES, rule, 0.6) == sum(alone) and min(alone) > 0
     assert fit_per_hour(gated, 0.5, CLASSES, rule, 0.0)[0] > 0.5  # none per hour: nearly mute
+
+
+def held_out(said, hours=None) -> dict:
+    """One recording's windows (every 0.25 s, 1 s long, the first ending at 1 s) as
+    other_windows reads them, from (word, probability) pairs."""
+    ends = 1.0 + np.arange(len(said)) / 4
+    return dict(probs=score_stream(said), silent=np.zeros(len(said), bool),
+                first=np.arange(len(said)) == 0, end=ends, window=1.0,
+                hours=hours or float(ends[-1]) / 3600)
+
+
+def test_the_rule_over_time_is_chosen_where_it_hears_the_most_keywords_at_the_rate():
+    """choose_rule on held-out recordings made by hand: other speech whose word spikes last
+    one window (b at 0.95, every 10 s), keywords that last three windows (at 0.8). Read
+    window by window, no threshold below the spikes keeps 1 false accept per hour, so every
+    keyword is lost; two windows in a row (or averaged) keep the spikes out and hear them all,
+    at 0.25 s, where 0.5 s windows catch a keyword begun at an odd window only once."""
+    other = held_out([("b", .95) if i % 40 == 20 else ("a", .05) for i in range(4000)])
+    said, spans = [("a", .05)] * 4, []
+    for j in range(20):  # a keyword every 13 windows: it begins at even and odd windows
+        first = len(said)
+        said += [("ab"[j % 2], .8)] * 3 + [("a", .05)] * 10
+        at = 1.0 + first / 4  # the end of its first window
+        spans.append(dict(word="ab"[j % 2], start=at - 0.6, end=at - 0.3))
+    keys, truth = held_out(said), pd.DataFrame(spans)
+    chosen, table = choose_rule(other, keys, truth, WORDS, Rule(0.5, refractory=0), 1.0)
+    rows = pd.DataFrame(table).set_index(["hop", "smooth", "patience"])
+    assert len(rows) == 18 and (rows.per_hour <= 1.0).all()
+    assert rows.loc[(0.25, 1, 1)].detected == 0 and rows.loc[(0.25, 1, 1)].threshold > 0.95
+    assert rows.loc[(0.25, 1, 2)].detected == rows.loc[(0.25, 2, 1)].detected == 1.0
+    assert rows.xs(0.5).detected.max() == 0.5
+    # the most detected; among those the fewest windows, then the least smoothing
+    assert (chosen.hop, chosen.smooth, chosen.patience, chosen.refractory) == (0.25, 1, 2, 0)
+    t = chosen.threshold
+    assert t == rows.loc[(0.25, 1, 2)].threshold
+
+    def per_hour_at(x):  # what the fit counts: both recordings' false accepts over their hours
+        wrong = keyword_outcomes(gates(keys, WORDS, chosen)[0], truth, WORDS, chosen, x, 1.0)[1]
+        return (detections(gates(other, WORDS, chosen), WORDS, chosen, x) + wrong) / (
+            other["hours"] + keys["hours"])
+
+    assert per_hour_at(t) <= 1.0 < per_hour_at(t - 0.001)  # the lowest that keeps the rate
+    # a hop of 0.5 s: the windows predict.py reads at 0.5 s, the last one ending at the end
+    from audio import window_starts
+
+    half = every(held_out([("a", .05)] * 11), 2)
+    starts = window_starts(int(3.5 * 16000), 16000, 8000)  # 11 windows at 0.25 s: 3.5 s
+    assert list(half["end"]) == [s / 16000 + 1 for s in starts] == [1, 1.5, 2, 2.5, 3, 3.5]
+    assert list(every(held_out([("a", .05)] * 10), 2)["end"]) == [1, 1.5, 2, 2.5, 3, 3.25]
 
 
 def test_a_keyword_is_detected_inside_its_span_and_anything_else_is_a_false_accept():
@@ -534,7 +583,7 @@ def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
     assert other["windows"] == len(window_starts(n, 16000, 4000))
     assert other["per_hour"] == pytest.approx(other["detections"] / other["hours"])
     assert other["rule"] == dict(threshold=rule["threshold"], smooth=1, patience=1,
-                                 refractory=0.5)
+                                 refractory=0.5, hop=0.25)
     for row in other["table"]:
         assert row["per hour"] <= row["false accepts per hour <="]
     stream = rule["stream"]  # fitted per hour: at most its rate on the recording it was fitted on
@@ -546,7 +595,7 @@ def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
     assert bench["keywords"] == 12 and bench["file"] == str(open_run["keyword"])
     assert bench["hours"] == pytest.approx(sf.info(open_run["keyword"]).duration / 3600)
     assert bench["rule"] == {k: stream[k] for k in ("threshold", "smooth", "patience",
-                                                    "refractory")}
+                                                    "refractory", "hop")}
     assert bench["fitted"]["threshold"] == stream["threshold"]
     curve = pd.DataFrame(bench["curve"])
     assert curve.miss.iloc[-1] == 1 and curve.miss.iloc[0] < 1  # 1.0 hears nothing, 0 some
@@ -554,6 +603,40 @@ def test_inference_fits_the_rule_on_the_oof_and_applies_it(open_run):
         assert row["false_accepts_per_hour"] <= row["false accepts per hour <="]
     assert "Keywords in a stream" in html and "DET curve over time" in html
     assert "Per hour of other speech" in html and f"{other['per_hour']:.1f} per hour" in html
+
+
+def test_the_rule_s_windows_are_chosen_on_held_out_keywords_and_the_stream_reads_them(
+        open_run, tmp_path):
+    """inference.py --fit-keywords: the stream rule's smoothing, patience and hop are the
+    candidate that hears most of the held-out recording's words at the rate per hour, and the
+    keyword stream is read at that hop; report.html's section shows every candidate."""
+    work = open_run["work"]
+    run_script("inference.py", "--work", work, "--run", "resnet18_32", "-f", 2, "-a", "n",
+               "-g", -1, "--other-speech", open_run["talk"], "--false-accepts-per-hour", 30,
+               "--fit-keywords", open_run["keyword"], "--keyword-stream", open_run["keyword"],
+               "--refractory", 0.5, "--out", tmp_path)
+    rule = json.loads((tmp_path / "reject.json").read_text())
+    stream, fit = rule["stream"], rule["stream"]["fit_keywords"]
+    table = pd.DataFrame(fit["candidates"])
+    assert len(table) == 18 and set(table.hop) == {0.25, 0.5} and fit["keywords"] == 12
+    # the most detected; then the longer hop, the fewest windows, the least smoothing
+    best = table.assign(n=table.smooth + table.patience).sort_values(
+        ["detected", "hop", "n", "smooth"], ascending=[False, False, True, True]).iloc[0]
+    assert fit["detected"] == table.detected.max() == best.detected
+    assert (stream["hop"], stream["smooth"], stream["patience"]) == (
+        best.hop, best.smooth, best.patience) and stream["refractory"] == 0.5
+    row = table.set_index(["hop", "smooth", "patience"]).loc[
+        (stream["hop"], stream["smooth"], stream["patience"])]
+    assert row.threshold == stream["threshold"] and row.per_hour == stream["fitted_per_hour"]
+    assert (table.per_hour <= 30).all() and stream["fitted_per_hour"] <= 30
+    bench = rule["keyword_stream"]
+    assert bench["rule"] == {k: stream[k] for k in ("threshold", "smooth", "patience",
+                                                    "refractory", "hop")}
+    from results import html_per_hour  # report.html's section on it
+
+    html = html_per_hour(rule)
+    assert "Chosen on keywords.wav" in html and f"windows every {stream['hop']:g} s" in html
+    assert html.count("<tr>") >= 18 + 3  # every candidate, and the per-hour table
 
 
 def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_path):
@@ -600,6 +683,16 @@ def test_the_graph_and_predict_reject_the_rows_inference_rejected(open_run, tmp_
     onnx.save(proto, str(tmp_path / "bad.onnx"))
     assert "its reject rule is out of range (threshold 7.0" in refusal(
         "predict.py", tmp_path / "bad.onnx", files[0])
+    proto = onnx.load(str(out))  # a rule fitted at a hop of 0.5 s: predict.py reads at it
+    for prop in proto.metadata_props:
+        if prop.key == "stream_rule":
+            prop.value = json.dumps(dict(json.loads(prop.value), hop=0.5))
+    onnx.save(proto, str(tmp_path / "half.onnx"))
+    for model, hop in ((out, 0.25), (tmp_path / "half.onnx", 0.5)):
+        run_script("predict.py", model, open_run["talk"], "--window", 1,
+                   "--csv", tmp_path / "w.csv")
+        ends = pd.read_csv(tmp_path / "w.csv").end.to_numpy()
+        assert np.allclose(np.diff(ends)[:-1], hop) and len(ends) > 8
     csv = tmp_path / "p.csv"
     run_script("predict.py", out, *files, "--csv", csv)
     got = pd.read_csv(csv)
@@ -645,6 +738,25 @@ def test_the_rule_is_refused_where_it_does_not_fit(open_run, tmp_path):
                                             "--out", tmp_path / "a.onnx")
     assert "nowhere.wav: file not found" in refused(
         "inference.py", *base, "-g", -1, "-f", 2, "--other-speech", tmp_path / "nowhere.wav")
+    talk, keys = ["--other-speech", open_run["talk"]], open_run["keyword"]
+    (tmp_path / "bare.wav").write_bytes(keys.read_bytes())  # no .csv beside it
+    (tmp_path / "odd.wav").write_bytes(keys.read_bytes())
+    pd.read_csv(keys.with_suffix(".csv")).assign(word="zebra").to_csv(tmp_path / "odd.csv")
+    for flags, said in (
+            ([*talk, "--fit-keywords", keys], "--fit-keywords chooses the rule fitted for "
+                                              "--false-accepts-per-hour: give a rate"),
+            ([*talk, "--false-accepts-per-hour", 5, "--fit-keywords", keys, "--patience", 2],
+             "--fit-keywords chooses --patience: drop it"),
+            ([*talk, "--false-accepts-per-hour", 5, "--fit-keywords", keys, "--smooth", 2,
+              "--patience", 2], "--fit-keywords chooses --smooth and --patience: drop them"),
+            ([*talk, "--false-accepts-per-hour", 5, "--fit-keywords", tmp_path / "no.wav"],
+             f"--fit-keywords {tmp_path / 'no.wav'}: no such file"),
+            ([*talk, "--false-accepts-per-hour", 5, "--fit-keywords", tmp_path / "bare.wav"],
+             f"its keywords {tmp_path / 'bare.csv'} cannot be read"),
+            ([*talk, "--false-accepts-per-hour", 5, "--fit-keywords", tmp_path / "odd.wav",
+              "--out", tmp_path / "odd"], "zebra not among the run's words")):
+        assert said in refused("inference.py", *base, "-g", -1, "-f", 2, *flags)
+    assert not (tmp_path / "odd" / "reject.json").exists()
     shut = tmp_path / "closed"  # the same runs, where the classes hold no _unknown_/_silence_
     shutil.copytree(work, shut)
     (shut / "classes.json").write_text(json.dumps(open_run["words"]))

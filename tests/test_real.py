@@ -472,6 +472,16 @@ def test_the_real_stream_holds_each_keyword_where_its_table_says(stream_sources,
         assert row.end == pytest.approx(row.start + len(clip) / sr)
     fit = sf.info(tmp_path / "stream_fit.wav").duration
     assert 0.3 * 5 * 2 * 2 + 1.0 * 1 < fit < 0.3 * 20 + 1.0 + 0.8 * 21  # others + a prompt
+    # the held-out keywords the rule's windows are chosen on: the fit speakers' only
+    held = pd.read_csv(tmp_path / "stream_fit_keys.csv")
+    assert len(held) == 5 * 2 * 2 and set(held.word) == set(DIGITS[:5])
+    assert set(held.speaker) == {"ann", "bob"} and not set(held.file_name) & set(truth.file_name)
+    y, sr = sf.read(tmp_path / "stream_fit_keys.wav", dtype="float32")
+    for row in held.itertuples():
+        clip = read_audio(s["fsdd"] / row.file_name, 8000)
+        at = round(row.start * sr)
+        assert np.abs(y[at:at + len(clip)] - clip).max() < 1e-3
+    assert "20 keywords of the fit speakers (stream_fit_keys.csv)" in proc.stdout
 
 
 @pytest.mark.parametrize("args,said", [
