@@ -270,15 +270,18 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
         probs = with_temperature(probs, blend["temperature"])
     truth = table.label.to_numpy()
     rule = fit_threshold(probs, truth, classes, target)
+    fit = None  # (the --fit-keywords recording read, its words)
     if args.fit_keywords:
-        odd = sorted(set(keyword_truth(args.fit_keywords, "--fit-keywords").word) - set(classes))
+        words = keyword_truth(args.fit_keywords, "--fit-keywords")
+        odd = sorted(set(words.word) - set(classes))
         if odd:
             raise UsageError(f"--fit-keywords {args.fit_keywords}: {', '.join(odd)} not among the "
                              f"run's words ({', '.join(c for c in classes if c not in OPEN)})")
     if args.other_speech:
-        keys = read([args.fit_keywords], "--fit-keywords") if args.fit_keywords else None
+        if args.fit_keywords:
+            fit = read([args.fit_keywords], "--fit-keywords"), words
         rule.update(other_speech(read(args.other_speech, "--other-speech"), probs, truth,
-                                 classes, rule["threshold"], args, keys))
+                                 classes, rule["threshold"], args, fit))
     if args.keyword_stream:
         rule["keyword_stream"] = keyword_benchmark(
             read([args.keyword_stream], "--keyword-stream"), classes, rule, args)
@@ -292,13 +295,13 @@ def reject_rule(work: Path, runs: list[str], folds: list[int], tta: bool, classe
 
 
 def other_speech(got: dict, probs: np.ndarray, truth: np.ndarray, classes: list[str],
-                 threshold: float, args, keys: dict | None = None) -> dict:
+                 threshold: float, args, fit: tuple | None = None) -> dict:
     """What the --other-speech recordings (other_windows) say of the rule over time (the flags'
     smoothing, patience and refractory time): its detections per hour at the clip rule's
     threshold, detection at PER_HOUR per hour, and with --false-accepts-per-hour the stream
     rule fitted there (reject.json's `stream`, which export.py puts in the model): its
-    threshold for the flags' rule, or with `keys` (the --fit-keywords recording read) its
-    smoothing, patience, hop and threshold chosen (reject.choose_rule)."""
+    threshold for the flags' rule, or with `fit` (the --fit-keywords recording read, and its
+    words) its smoothing, patience, hop and threshold chosen (reject.choose_rule)."""
     over_time = rule_from(args, Rule(threshold))
     gated = gates(got, classes, over_time)
     n = detections(gated, classes, over_time, threshold)
@@ -312,11 +315,9 @@ def other_speech(got: dict, probs: np.ndarray, truth: np.ndarray, classes: list[
     if args.mine is not None:
         out["other_speech"]["mined"] = mine(got, gated, classes, threshold, Path(args.mine))
     rate = args.false_accepts_per_hour
-    if rate is not None and keys is not None:
-        words = keyword_truth(args.fit_keywords, "--fit-keywords")
-        chosen, table = choose_rule(got, keys, words, classes, over_time, rate)
-        row = next(r for r in table if (r["hop"], r["smooth"], r["patience"]) == (
-            chosen.hop, chosen.smooth, chosen.patience))
+    if rate is not None and fit is not None:
+        keys, words = fit
+        chosen, row, table = choose_rule(got, keys, words, classes, over_time, rate)
         out["stream"] = dict(asdict(chosen), target_per_hour=rate,
                              fitted_per_hour=row["per_hour"], fit_keywords=dict(
                                  file=str(args.fit_keywords), keywords=len(words),

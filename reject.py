@@ -151,15 +151,15 @@ WINDOWS = (1, 2, 3)  # the smoothing and the patience it is chosen from, in wind
 
 
 def choose_rule(other: dict, keys: dict, truth: pd.DataFrame, classes: list[str], base: Rule,
-                rate: float) -> tuple[Rule, list[dict]]:
+                rate: float) -> tuple[Rule, dict, list[dict]]:
     """The rule over time for at most `rate` false accepts per hour, chosen on held-out
     recordings: for each hop of HOPS and each smoothing and patience of WINDOWS, the lowest
     threshold (of GRID) whose false accepts per hour of `other` (speech without the words) and
     `keys` (a recording of the words, `truth`: word, start, end) together stay at or under
     `rate`, and the share of those keywords it detects there. The rule that detects the most
     (on a tie: the longer hop, which reads fewer windows; then the fewer windows to wait for),
-    `base`'s refractory time kept; and every candidate's row."""
-    rows, rules = [], []
+    `base`'s refractory time kept; its row; and every candidate's row."""
+    rows = []
     hours = other["hours"] + keys["hours"]
     for step in HOPS:
         o, k = every(other, step), every(keys, step)
@@ -175,13 +175,12 @@ def choose_rule(other: dict, keys: dict, truth: pd.DataFrame, classes: list[str]
                 t, at = lowest_under(per_hour_at, rate)
                 t = min(t, NEVER)
                 hit = keyword_outcomes(gated_k, truth, classes, rule, t, k["window"])[0]
-                rules.append(replace(rule, threshold=t))
                 rows.append(dict(hop=rule.hop, smooth=smooth, patience=patience, threshold=t,
                                  per_hour=at, detected=hit / len(truth)))
-    best = max(range(len(rows)), key=lambda i: (rows[i]["detected"], rows[i]["hop"],
-                                                -rows[i]["smooth"] - rows[i]["patience"],
-                                                -rows[i]["smooth"]))
-    return rules[best], rows
+    best = max(rows, key=lambda r: (r["detected"], r["hop"], -r["smooth"] - r["patience"],
+                                    -r["smooth"]))
+    return replace(base, **{k: best[k] for k in ("threshold", "smooth", "patience", "hop")}), \
+        best, rows
 
 
 # ----------------------------------------------------------------------------- keywords in a stream

@@ -202,7 +202,7 @@ def test_the_rule_over_time_is_chosen_where_it_hears_the_most_keywords_at_the_ra
         at = 1.0 + first / 4  # the end of its first window
         spans.append(dict(word="ab"[j % 2], start=at - 0.6, end=at - 0.3))
     keys, truth = held_out(said), pd.DataFrame(spans)
-    chosen, table = choose_rule(other, keys, truth, WORDS, Rule(0.5, refractory=0), 1.0)
+    chosen, row, table = choose_rule(other, keys, truth, WORDS, Rule(0.5, refractory=0), 1.0)
     rows = pd.DataFrame(table).set_index(["hop", "smooth", "patience"])
     assert len(rows) == 18 and (rows.per_hour <= 1.0).all()
     assert rows.loc[(0.25, 1, 1)].detected == 0 and rows.loc[(0.25, 1, 1)].threshold > 0.95
@@ -211,7 +211,7 @@ def test_the_rule_over_time_is_chosen_where_it_hears_the_most_keywords_at_the_ra
     # the most detected; among those the fewest windows, then the least smoothing
     assert (chosen.hop, chosen.smooth, chosen.patience, chosen.refractory) == (0.25, 1, 2, 0)
     t = chosen.threshold
-    assert t == rows.loc[(0.25, 1, 2)].threshold
+    assert t == rows.loc[(0.25, 1, 2)].threshold == row["threshold"] and row["detected"] == 1.0
 
     def per_hour_at(x):  # what the fit counts: both recordings' false accepts over their hours
         wrong = keyword_outcomes(gates(keys, WORDS, chosen)[0], truth, WORDS, chosen, x, 1.0)[1]
